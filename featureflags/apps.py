@@ -1,0 +1,6 @@
+from django.apps import AppConfig
+
+
+class FeatureFlagsConfig(AppConfig):
+    name = "featureflags"
+    verbose_name = "Feature flags"

@@ -1,0 +1,68 @@
+"""Admin: projects and sessions with filters, events inline, and a kill action."""
+
+from __future__ import annotations
+
+from asgiref.sync import async_to_sync
+from django.contrib import admin, messages
+from django.db.models import QuerySet
+from django.http import HttpRequest
+
+from sessions_app import services
+from sessions_app.errors import TermsysError
+from sessions_app.models import Project, SessionEvent, TerminalSession
+from sessions_app.states import LIVE_STATES
+
+
+@admin.register(Project)
+class ProjectAdmin(admin.ModelAdmin):
+    list_display = ("name", "owner", "path", "created_at")
+    list_filter = ("owner",)
+    search_fields = ("name", "path", "owner__username")
+
+
+class SessionEventInline(admin.TabularInline):
+    model = SessionEvent
+    extra = 0
+    can_delete = False
+    fields = ("at", "kind", "data")
+    readonly_fields = fields
+    ordering = ("-at", "-id")
+
+    def has_add_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return False
+
+
+@admin.register(TerminalSession)
+class TerminalSessionAdmin(admin.ModelAdmin):
+    list_display = (
+        "id",
+        "tab_name",
+        "project",
+        "user",
+        "state",
+        "storage_mode",
+        "pid",
+        "last_activity",
+    )
+    list_filter = ("state", "storage_mode", "project", "user")
+    search_fields = ("id", "tab_name", "title", "project__name", "user__username")
+    readonly_fields = [f.name for f in TerminalSession._meta.fields]
+    inlines = [SessionEventInline]
+    actions = ["kill_sessions"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    @admin.action(description="Kill selected sessions (end their processes, keep history)")
+    def kill_sessions(self, request: HttpRequest, queryset: QuerySet[TerminalSession]) -> None:
+        killed = 0
+        for session in queryset.filter(state__in=LIVE_STATES):
+            try:
+                async_to_sync(services.session_kill)(
+                    session_id=session.pk, actor=request.user.get_username()
+                )
+            except TermsysError as exc:
+                self.message_user(request, exc.message, messages.WARNING)
+            else:
+                killed += 1
+        self.message_user(request, f"Killed {killed} session(s).", messages.SUCCESS)

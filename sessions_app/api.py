@@ -1,0 +1,244 @@
+"""The JSON HTTP API. Views translate requests to service calls and results to JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import uuid
+from collections.abc import Awaitable, Callable
+from functools import wraps
+from typing import Any
+
+from asgiref.sync import sync_to_async
+from channels.db import database_sync_to_async
+from django.core.exceptions import RequestDataTooBig
+from django.http import HttpRequest, JsonResponse
+from django.utils import timezone
+
+from sessions_app import selectors, services, terminals
+from sessions_app.errors import (
+    MethodNotAllowed,
+    NotAuthenticated,
+    NotFound,
+    PayloadTooLarge,
+    TermsysError,
+    ValidationFailed,
+)
+from sessions_app.health import health_checks
+from sessions_app.models import Project
+from sessions_app.storage import SessionRecord
+
+View = Callable[..., Awaitable[JsonResponse]]
+
+
+def _iso(value: Any) -> str | None:
+    return value.isoformat() if value else None
+
+
+def session_json(record: SessionRecord) -> dict[str, Any]:
+    return {
+        "id": record.id,
+        "projectId": record.project_id,
+        "type": record.profile,
+        "tabName": record.tab_name,
+        "title": record.title or record.tab_name,
+        "state": record.state,
+        "cwd": record.cwd,
+        "pid": record.pid,
+        "mode": record.storage_mode,
+        "exitCode": record.exit_code,
+        "createdAt": _iso(record.created_at),
+        "lastActivity": _iso(record.last_activity),
+    }
+
+
+def project_json(project: Project) -> dict[str, Any]:
+    return {
+        "id": project.pk,
+        "name": project.name,
+        "path": project.path,
+        "createdAt": _iso(project.created_at),
+    }
+
+
+def request_id(request: HttpRequest) -> str:
+    if not hasattr(request, "termsys_request_id"):
+        request.termsys_request_id = uuid.uuid4().hex  # type: ignore[attr-defined]
+    return request.termsys_request_id  # type: ignore[attr-defined]
+
+
+def error_response(request: HttpRequest, error: TermsysError) -> JsonResponse:
+    body = {
+        "success": False,
+        "error": {
+            "code": error.code,
+            "message": error.message,
+            "details": error.details,
+            "timestamp": timezone.now().isoformat(),
+        },
+        "requestId": request_id(request),
+    }
+    response = JsonResponse(body, status=error.status)
+    response["X-Request-ID"] = request_id(request)
+    return response
+
+
+def ok(request: HttpRequest, body: dict[str, Any], status: int = 200) -> JsonResponse:
+    response = JsonResponse({"success": True, **body}, status=status)
+    response["X-Request-ID"] = request_id(request)
+    return response
+
+
+def json_body(request: HttpRequest) -> dict[str, Any]:
+    """Return the request's JSON object body, or raise a 400/413 that says what is wrong."""
+    try:
+        raw = request.body
+    except RequestDataTooBig:
+        raise PayloadTooLarge("Request body is too large.") from None
+    if not raw:
+        return {}
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise ValidationFailed(f"Request body is not valid JSON: {exc}.") from None
+    if not isinstance(data, dict):
+        raise ValidationFailed("Request body must be a JSON object.")
+    return data
+
+
+def api(*methods: str) -> Callable[[View], View]:
+    """Require a logged-in user and one of ``methods``; turn errors into the JSON error shape."""
+
+    def decorate(view: View) -> View:
+        @wraps(view)
+        async def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> JsonResponse:
+            try:
+                if request.method not in methods:
+                    raise MethodNotAllowed(
+                        f"{request.method} is not allowed here; use {', '.join(methods)}."
+                    )
+                user = await request.auser()
+                if not user.is_authenticated:
+                    raise NotAuthenticated("Log in first.")
+                request.user = user
+                response = await view(request, *args, **kwargs)
+            except TermsysError as error:
+                response = error_response(request, error)
+            if response.status_code == 405:
+                response["Allow"] = ", ".join(methods)
+            return response
+
+        wrapper.csrf_exempt = False  # type: ignore[attr-defined]
+        return wrapper
+
+    return decorate
+
+
+@api("GET", "POST")
+async def projects(request: HttpRequest) -> JsonResponse:
+    if request.method == "POST":
+        data = await sync_to_async(json_body)(request)
+        project = await database_sync_to_async(services.project_create)(
+            owner=request.user, name=data.get("name"), path=data.get("path")
+        )
+        return ok(request, {"project": project_json(project)}, status=201)
+    rows = await database_sync_to_async(selectors.project_list)(user=request.user)
+    return ok(request, {"projects": [project_json(p) for p in rows]})
+
+
+@api("POST")
+async def terminal_create(request: HttpRequest) -> JsonResponse:
+    data = await sync_to_async(json_body)(request)
+    record = await services.session_create(
+        user=request.user,
+        project_id=data.get("projectId"),
+        profile=data.get("type"),
+        tab_name=data.get("tabName"),
+    )
+    return ok(
+        request,
+        {"session": session_json(record), "connectionUrl": f"/ws/terminals/{record.id}/"},
+        status=201,
+    )
+
+
+def _memory_usage() -> dict[str, int]:
+    rss_pages = 0
+    try:
+        with open("/proc/self/statm") as fh:
+            rss_pages = int(fh.read().split()[1])
+    except (OSError, IndexError, ValueError):
+        pass
+    return {
+        "rss": rss_pages * os.sysconf("SC_PAGE_SIZE"),
+        "heap": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "sessionCount": len(terminals.all_terminals()),
+    }
+
+
+def _list_sessions(user: Any) -> list[SessionRecord]:
+    services.sessions_reconcile(user=user)
+    return selectors.session_list(user=user)
+
+
+@api("GET")
+async def terminal_list(request: HttpRequest) -> JsonResponse:
+    records = await database_sync_to_async(_list_sessions)(request.user)
+    return ok(
+        request, {"sessions": [session_json(r) for r in records], "memoryUsage": _memory_usage()}
+    )
+
+
+def _project_terminals(user: Any, project_id: int) -> list[SessionRecord]:
+    services.sessions_reconcile(user=user)
+    return selectors.project_sessions(user=user, project_id=project_id)
+
+
+@api("GET")
+async def project_terminals(request: HttpRequest, project_id: int) -> JsonResponse:
+    records = await database_sync_to_async(_project_terminals)(request.user, project_id)
+    active = sum(1 for r in records if r.state in ("creating", "active", "detached"))
+    return ok(
+        request,
+        {
+            "projectId": project_id,
+            "terminals": [session_json(r) for r in records],
+            "activeCount": active,
+        },
+    )
+
+
+@api("POST")
+async def terminal_close(request: HttpRequest, session_id: str) -> JsonResponse:
+    record = await services.session_close(user=request.user, session_id=session_id)
+    return ok(request, {"session": session_json(record)})
+
+
+@api("POST")
+async def terminal_rename(request: HttpRequest, session_id: str) -> JsonResponse:
+    data = await sync_to_async(json_body)(request)
+    record = await database_sync_to_async(services.session_rename)(
+        user=request.user, session_id=session_id, tab_name=data.get("tabName")
+    )
+    return ok(request, {"session": session_json(record)})
+
+
+async def health(request: HttpRequest) -> JsonResponse:
+    """Report whether the database, the channel layer and the cache answer (no login needed)."""
+    if request.method != "GET":
+        return error_response(request, MethodNotAllowed("Use GET."))
+    checks = await health_checks()
+    healthy = all(check["ok"] for check in checks.values())
+    body = {
+        "status": "ok" if healthy else "unavailable",
+        "checks": {name: "ok" if c["ok"] else c["error"] for name, c in checks.items()},
+    }
+    if not healthy:
+        failing = [name for name, c in checks.items() if not c["ok"]]
+        body["failing"] = failing
+    return JsonResponse(body, status=200 if healthy else 503)
+
+
+def not_found(request: HttpRequest) -> JsonResponse:
+    return error_response(request, NotFound(f"No API endpoint {request.path}."))

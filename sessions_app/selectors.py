@@ -1,0 +1,38 @@
+"""Reads used by several callers. A user only ever sees their own projects and sessions."""
+
+from __future__ import annotations
+
+from django.contrib.auth.models import AbstractBaseUser
+
+from sessions_app.errors import NotFound
+from sessions_app.models import Project
+from sessions_app.storage import SessionRecord, get_storage
+
+
+def project_list(*, user: AbstractBaseUser) -> list[Project]:
+    return list(Project.objects.filter(owner=user))
+
+
+def project_get(*, user: AbstractBaseUser, project_id: int | str) -> Project:
+    """Return the user's project, or raise NotFound (also for another user's project)."""
+    try:
+        return Project.objects.get(pk=int(project_id), owner=user)
+    except (Project.DoesNotExist, ValueError, TypeError):
+        raise NotFound(f"No project {project_id}.", details={"projectId": project_id}) from None
+
+
+def session_get(*, user: AbstractBaseUser, session_id: str) -> SessionRecord:
+    """Return the user's session, or raise NotFound (also for another user's session)."""
+    record = get_storage().get(session_id) if isinstance(session_id, str) else None
+    if record is None or record.user_id != user.pk:
+        raise NotFound(f"No session {session_id}.", details={"sessionId": session_id})
+    return record
+
+
+def session_list(*, user: AbstractBaseUser) -> list[SessionRecord]:
+    return get_storage().list_by_user(user.pk)
+
+
+def project_sessions(*, user: AbstractBaseUser, project_id: int | str) -> list[SessionRecord]:
+    project = project_get(user=user, project_id=project_id)
+    return get_storage().list_by_project(project.pk)

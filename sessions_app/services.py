@@ -1,0 +1,352 @@
+"""Actions that change projects and terminal sessions. Views, consumers, admin and commands call
+these; the decisions live here, once.
+
+Synchronous functions touch the database; the ``async`` ones also drive live PTYs and must run
+on the server's event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from channels.db import database_sync_to_async
+from django.contrib.auth.models import AbstractBaseUser
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from sessions_app import conf, selectors, terminals
+from sessions_app.dbthread import db_call
+from sessions_app.errors import (
+    Conflict,
+    NotFound,
+    SessionLimitReached,
+    SpawnFailed,
+    ValidationFailed,
+    VersionConflict,
+)
+from sessions_app.models import Project, SessionEvent, TerminalSession, new_session_id
+from sessions_app.pty import PtyProcess, shell_environment
+from sessions_app.states import LIVE_STATES, SessionState, check_transition
+from sessions_app.storage import SessionRecord, get_storage, mode_for_user
+
+logger = logging.getLogger(__name__)
+
+Kind = SessionEvent.Kind
+NAME_MAX = 100
+PROJECT_NAME_RE = re.compile(r"^[^\x00-\x1f/\\]{1,100}$")
+
+
+# --- projects ---------------------------------------------------------------------------------
+
+
+def _default_project_path(owner: AbstractBaseUser, name: str) -> Path:
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "project"
+    owner_dir = re.sub(r"[^A-Za-z0-9._-]+", "-", owner.get_username()) or f"user-{owner.pk}"
+    return conf.projects_root() / owner_dir / slug
+
+
+def project_create(*, owner: AbstractBaseUser, name: Any, path: Any = None) -> Project:
+    """Create a project; its path must be an existing directory, or defaults to one we create."""
+    if not isinstance(name, str) or not name.strip():
+        raise ValidationFailed("Project name is required.", details={"field": "name"})
+    name = name.strip()
+    if not PROJECT_NAME_RE.match(name):
+        raise ValidationFailed(
+            "Project name must be 1-100 characters without slashes or control characters.",
+            details={"field": "name"},
+        )
+    if path in (None, ""):
+        directory = _default_project_path(owner, name)
+        directory.mkdir(parents=True, exist_ok=True)
+    else:
+        if not isinstance(path, str):
+            raise ValidationFailed("Project path must be a string.", details={"field": "path"})
+        directory = Path(path).expanduser()
+        if not directory.is_absolute():
+            raise ValidationFailed(
+                f"Project path {path!r} must be absolute.", details={"field": "path"}
+            )
+        if not directory.is_dir():
+            raise ValidationFailed(
+                f"Project path {path!r} does not exist or is not a directory.",
+                details={"field": "path"},
+            )
+    try:
+        with transaction.atomic():
+            return Project.objects.create(owner=owner, name=name, path=str(directory.resolve()))
+    except IntegrityError:
+        raise Conflict(
+            f"You already have a project named {name!r}.", details={"field": "name"}
+        ) from None
+
+
+# --- session state ----------------------------------------------------------------------------
+
+
+def session_transition(
+    *, session_id: str, target: str, event: str, data: dict[str, Any] | None = None, **changes: Any
+) -> SessionRecord:
+    """Move a session to ``target`` (checked by the state machine) and record ``event``."""
+    storage = get_storage()
+    for _ in range(5):
+        record = storage.get(session_id)
+        if record is None:
+            raise NotFound(f"No session {session_id}.")
+        if record.state != target:
+            check_transition(session_id, record.state, target)
+        try:
+            with transaction.atomic():
+                updated = storage.update(
+                    session_id, expected_version=record.version, state=target, **changes
+                )
+                storage.add_event(session_id, event, {"from": record.state, **(data or {})})
+            return updated
+        except VersionConflict:
+            continue
+    raise Conflict(f"Session {session_id} is changing too fast; try again.")
+
+
+def session_rename(*, user: AbstractBaseUser, session_id: str, tab_name: Any) -> SessionRecord:
+    if not isinstance(tab_name, str) or not tab_name.strip() or len(tab_name.strip()) > NAME_MAX:
+        raise ValidationFailed("tabName must be 1-100 characters.", details={"field": "tabName"})
+    record = selectors.session_get(user=user, session_id=session_id)
+    storage = get_storage()
+    with transaction.atomic():
+        updated = storage.update(record.id, tab_name=tab_name.strip())
+        storage.add_event(
+            record.id, Kind.RENAMED, {"from": record.tab_name, "to": updated.tab_name}
+        )
+    return updated
+
+
+def sessions_reconcile(*, user: AbstractBaseUser | None = None) -> int:
+    """Mark live sessions whose server process is gone as exited; return how many.
+
+    A PTY dies with the process that owns it; its history stays.
+    """
+    query = TerminalSession.objects.filter(state__in=LIVE_STATES)
+    if user is not None:
+        query = query.filter(user=user)
+    count = 0
+    for session_id, node in query.values_list("id", "node"):
+        if terminals.get(session_id) is not None or (node and terminals.node_is_alive(node)):
+            continue
+        if not node and terminals.get(session_id) is None:
+            continue  # still being created by a request in flight
+        try:
+            session_transition(
+                session_id=session_id,
+                target=SessionState.EXITED,
+                event=Kind.EXITED,
+                data={"reason": "server restarted"},
+                pid=None,
+            )
+            count += 1
+        except Exception:
+            logger.exception("could not mark orphaned session %s exited", session_id)
+    return count
+
+
+# --- live sessions ----------------------------------------------------------------------------
+
+
+def _session_insert(
+    *, user: AbstractBaseUser, project_id: Any, profile: Any, tab_name: Any
+) -> tuple[SessionRecord, Project]:
+    profiles = conf.profiles()
+    if profile in (None, ""):
+        profile = conf.SYSTEM_PROFILE
+    if not isinstance(profile, str) or profile not in profiles:
+        raise ValidationFailed(
+            f"Unknown terminal type {profile!r}; available: {', '.join(sorted(profiles))}.",
+            details={"field": "type", "allowed": sorted(profiles)},
+        )
+    if tab_name is not None and (not isinstance(tab_name, str) or len(tab_name) > NAME_MAX):
+        raise ValidationFailed(
+            "tabName must be a string of at most 100 characters.", details={"field": "tabName"}
+        )
+    if project_id in (None, ""):
+        raise ValidationFailed("projectId is required.", details={"field": "projectId"})
+    with transaction.atomic():
+        project = selectors.project_get(user=user, project_id=project_id)
+        Project.objects.select_for_update().filter(
+            pk=project.pk
+        ).first()  # serialise the limit check
+        live = TerminalSession.objects.filter(project=project, state__in=LIVE_STATES).count()
+        limit = conf.max_sessions_per_project()
+        if live >= limit:
+            raise SessionLimitReached(
+                f"Project {project.name!r} already has {live} live terminals "
+                f"(TERMSYS_MAX_SESSIONS_PER_PROJECT={limit}); close one first.",
+                details={"limit": limit, "live": live},
+            )
+        count = TerminalSession.objects.filter(project=project).count()
+        storage = get_storage(mode_for_user(user.pk))
+        record = storage.create(
+            SessionRecord(
+                id=new_session_id(),
+                project_id=project.pk,
+                user_id=user.pk,
+                profile=profile,
+                tab_name=(tab_name or "").strip() or f"Terminal {count + 1}",
+                state=SessionState.CREATING,
+                storage_mode=storage.mode,
+                cwd=project.path,
+            )
+        )
+        storage.add_event(record.id, Kind.CREATED, {"profile": profile})
+    return record, project
+
+
+async def session_create(
+    *,
+    user: AbstractBaseUser,
+    project_id: Any,
+    profile: Any = None,
+    tab_name: Any = None,
+    cols: int = 80,
+    rows: int = 24,
+) -> SessionRecord:
+    """Create a session in the user's project and start its shell on a PTY."""
+    record, project = await database_sync_to_async(_session_insert)(
+        user=user, project_id=project_id, profile=profile, tab_name=tab_name
+    )
+    argv = conf.profiles()[record.profile]
+    try:
+        pty = PtyProcess.spawn(
+            argv,
+            cwd=project.path,
+            env=shell_environment(cwd=project.path, session_id=record.id),
+            cols=cols,
+            rows=rows,
+        )
+    except SpawnFailed as exc:
+        await database_sync_to_async(session_transition)(
+            session_id=record.id,
+            target=SessionState.ERROR,
+            event=Kind.ERROR,
+            data={"message": exc.message},
+        )
+        raise
+    terminal = terminals.LiveTerminal(
+        session_id=record.id,
+        pty=pty,
+        storage_mode=record.storage_mode,
+        start_offset=0,
+        on_exit=_on_terminal_exit,
+    )
+    terminal.cols, terminal.rows = cols, rows
+    terminals.register(terminal)
+    terminal.start()
+    return await database_sync_to_async(session_transition)(
+        session_id=record.id,
+        target=SessionState.ACTIVE,
+        event=Kind.STARTED,
+        data={"pid": pty.pid},
+        pid=pty.pid,
+        node=terminals.NODE_ID,
+        cols=cols,
+        rows=rows,
+    )
+
+
+async def _on_terminal_exit(terminal: terminals.LiveTerminal, exit_code: int | None) -> None:
+    """Record how a terminal ended and tell its clients."""
+    killed = terminal.killed
+    target = SessionState.KILLED if killed else SessionState.EXITED
+    try:
+        await db_call(
+            session_transition,
+            session_id=terminal.session_id,
+            target=target,
+            event=Kind.KILLED if killed else Kind.EXITED,
+            data={"exitCode": exit_code},
+            exit_code=exit_code,
+            pid=None,
+            cols=terminal.cols,
+            rows=terminal.rows,
+        )
+    except Exception:
+        logger.exception("could not record the end of session %s", terminal.session_id)
+    terminals.unregister(terminal)
+    terminal.broadcast({"type": "exit", "exitCode": exit_code, "state": str(target)})
+
+
+async def session_kill(*, session_id: str, actor: str = "") -> SessionRecord:
+    """End a live session's whole process tree and record it as killed; keep its history."""
+    terminal = terminals.get(session_id)
+    if terminal is not None:
+        await terminals.call_on_owner_loop(terminal, terminal.kill)
+    else:
+        record = await database_sync_to_async(get_storage().get)(session_id)
+        if record is None:
+            raise NotFound(f"No session {session_id}.")
+        if record.state in LIVE_STATES:
+            if record.node and terminals.node_is_alive(record.node):
+                raise Conflict(
+                    f"Session {session_id} runs in another server process ({record.node}); "
+                    "kill it there.",
+                    details={"node": record.node},
+                )
+            await database_sync_to_async(session_transition)(
+                session_id=session_id,
+                target=SessionState.KILLED,
+                event=Kind.KILLED,
+                data={"actor": actor, "orphan": True},
+                pid=None,
+            )
+    record = await database_sync_to_async(get_storage().get)(session_id)
+    assert record is not None
+    return record
+
+
+async def session_close(*, user: AbstractBaseUser, session_id: str) -> SessionRecord:
+    """End a session's process tree (if it runs) and hide it from the tab list; keep history."""
+    record = await database_sync_to_async(selectors.session_get)(user=user, session_id=session_id)
+    await session_kill(session_id=record.id, actor=user.get_username())
+    return await database_sync_to_async(_mark_closed)(session_id=record.id)
+
+
+def _mark_closed(*, session_id: str) -> SessionRecord:
+    storage = get_storage()
+    with transaction.atomic():
+        record = storage.update(session_id, closed_at=timezone.now())
+        storage.add_event(session_id, Kind.CLOSED, {})
+    return record
+
+
+def session_attached(*, session_id: str, clients: int) -> None:
+    """Record that a client attached; a detached session becomes active."""
+    record = get_storage().get(session_id)
+    if record is not None and record.state == SessionState.DETACHED:
+        session_transition(
+            session_id=session_id,
+            target=SessionState.ACTIVE,
+            event=Kind.ATTACHED,
+            data={"clients": clients},
+        )
+
+
+def session_detached(*, session_id: str, cols: int, rows: int) -> None:
+    """Record that the last client left; an active session becomes detached."""
+    record = get_storage().get(session_id)
+    if record is not None and record.state == SessionState.ACTIVE:
+        session_transition(
+            session_id=session_id,
+            target=SessionState.DETACHED,
+            event=Kind.DETACHED,
+            cols=cols,
+            rows=rows,
+        )
+
+
+async def terminals_shutdown() -> None:
+    """Kill every live terminal of this process (server shutdown, test teardown)."""
+    for terminal in terminals.all_terminals():
+        try:
+            await terminals.call_on_owner_loop(terminal, terminal.kill)
+        except Exception:
+            logger.exception("could not end session %s", terminal.session_id)

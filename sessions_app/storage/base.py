@@ -1,0 +1,111 @@
+"""The storage provider contract and the frozen records that cross it."""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+ANSI_RE = re.compile(
+    rb"\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)"  # OSC ... BEL / ST
+    rb"|\x1b\[[0-?]*[ -/]*[@-~]"  # CSI
+    rb"|\x1b[PX^_][^\x1b]*\x1b\\"  # DCS / SOS / PM / APC
+    rb"|\x1b[@-Z\\-_]"  # two-byte escapes
+    rb"|[\x00-\x08\x0b-\x0c\x0e-\x1f\x7f]"  # other control bytes (keep \t \n \r)
+)
+
+
+def plain_text(data: bytes) -> str:
+    """Return ``data`` as text with escape sequences and control bytes removed."""
+    return ANSI_RE.sub(b"", data).replace(b"\r\n", b"\n").decode("utf-8", "replace")
+
+
+@dataclass(frozen=True)
+class SessionRecord:
+    """A terminal session as storage knows it."""
+
+    id: str
+    project_id: int
+    user_id: int
+    profile: str
+    tab_name: str
+    state: str
+    storage_mode: str
+    title: str = ""
+    cwd: str = ""
+    pid: int | None = None
+    node: str = ""
+    version: int = 1
+    cols: int = 80
+    rows: int = 24
+    output_bytes: int = 0
+    created_at: datetime | None = None
+    last_activity: datetime | None = None
+    exit_code: int | None = None
+    closed_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Scrollback:
+    """Stored output from byte offset ``start`` (inclusive) to ``end`` (exclusive)."""
+
+    data: bytes
+    start: int
+    end: int
+    pruned: bool = field(default=False)  # True when output before ``start`` is gone
+
+
+class StorageProvider(ABC):
+    """Persistence for sessions, their events and their output. Methods are synchronous."""
+
+    mode: str
+
+    @abstractmethod
+    def create(self, record: SessionRecord) -> SessionRecord: ...
+
+    @abstractmethod
+    def get(self, session_id: str) -> SessionRecord | None: ...
+
+    @abstractmethod
+    def update(
+        self, session_id: str, *, expected_version: int | None = None, **changes: Any
+    ) -> SessionRecord:
+        """Apply ``changes`` and bump the version; raise VersionConflict on a stale version."""
+
+    @abstractmethod
+    def delete(self, session_id: str) -> None: ...
+
+    @abstractmethod
+    def list_by_project(
+        self, project_id: int, *, include_closed: bool = False
+    ) -> list[SessionRecord]: ...
+
+    @abstractmethod
+    def list_by_user(
+        self, user_id: int, *, include_closed: bool = False
+    ) -> list[SessionRecord]: ...
+
+    @abstractmethod
+    def add_event(self, session_id: str, kind: str, data: dict[str, Any] | None = None) -> None: ...
+
+    @abstractmethod
+    def append_output(self, session_id: str, offset: int, data: bytes) -> int:
+        """Store ``data`` starting at byte ``offset``; return the new end offset.
+
+        Idempotent: bytes before the stored end are skipped, so a retried batch changes nothing.
+        """
+
+    @abstractmethod
+    def read_scrollback(self, session_id: str, *, max_bytes: int) -> Scrollback: ...
+
+    @abstractmethod
+    def cleanup(self, before: datetime) -> int:
+        """Delete ended sessions last active before ``before``; return how many."""
+
+    def prefetch(self, project_ids: list[int]) -> None:  # noqa: B027 - optional hook
+        """Warm whatever cache the provider has for these projects."""
+
+    def flush(self) -> None:  # noqa: B027 - optional hook
+        """Write out anything pending."""

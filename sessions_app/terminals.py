@@ -1,0 +1,345 @@
+"""Live terminals of this server process: PTY output fan-out, flow control, batched storage.
+
+Everything here runs on the event loop that spawned the terminal. The PTY is read with
+``loop.add_reader``; each read (up to 64 KiB) is sent at once, in order, to every attached
+client through one pump task, so a keystroke's echo never waits on a timer. Output reaches
+storage in batches off that path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import os
+import secrets
+import socket
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Protocol
+
+from sessions_app import conf
+from sessions_app.dbthread import db_call
+from sessions_app.pty import PtyProcess
+from sessions_app.storage import get_storage
+
+logger = logging.getLogger(__name__)
+
+NODE_ID = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
+def node_is_alive(node: str) -> bool:
+    """Return whether the server process named ``node`` may still own its PTYs."""
+    if node == NODE_ID:
+        return True
+    host, _, rest = node.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return True  # another machine's process: not ours to judge
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return False  # our pid, another token: an earlier life of this process id
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Client(Protocol):
+    """One attached WebSocket, as the terminal sees it."""
+
+    unacked: int
+    interactive: bool
+
+    async def send_output(self, data: bytes) -> None: ...
+
+    async def send_control(self, message: dict[str, Any]) -> None: ...
+
+
+Send = Callable[[], Awaitable[None]]
+
+
+class LiveTerminal:
+    """A running PTY and the clients attached to it."""
+
+    def __init__(
+        self,
+        *,
+        session_id: str,
+        pty: PtyProcess,
+        storage_mode: str,
+        start_offset: int,
+        on_exit: Callable[[LiveTerminal, int | None], Awaitable[None]],
+    ) -> None:
+        self.session_id = session_id
+        self.pty = pty
+        self.storage_mode = storage_mode
+        self.loop = asyncio.get_running_loop()
+        self.clients: set[Client] = set()
+        self.cols, self.rows = 80, 24
+        self.exit_code: int | None = None
+        self.ended = False
+        self.killed = False  # ended by a user or the server, not by itself
+        self._on_exit = on_exit
+        # The newest output, kept in memory for replay: [self._tail_start, self.end_offset).
+        self._tail = bytearray()
+        self._tail_start = start_offset
+        self.end_offset = start_offset
+        # Output not yet in storage: [self._stored_offset, self.end_offset).
+        self._unstored = bytearray()
+        self._stored_offset = start_offset
+        self._flush_handle: asyncio.TimerHandle | None = None
+        self._flush_task: asyncio.Task | None = None
+        self._outbox: deque[tuple[Client | None, bytes | dict[str, Any]]] = deque()
+        self._pump_task: asyncio.Task | None = None
+        self._pending_input = bytearray()
+        self._reading = False
+        self._tasks: set[asyncio.Task] = set()
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._resume_reading()
+        # Reader callbacks run in an empty context too (see _spawn).
+        contextvars.Context().run(self.loop.add_reader, self.pty.pidfd, self._on_process_exit)
+
+    def _resume_reading(self) -> None:
+        if not self._reading and not self.ended:
+            contextvars.Context().run(self.loop.add_reader, self.pty.fd, self._on_readable)
+            self._reading = True
+
+    def _pause_reading(self) -> None:
+        if self._reading:
+            self.loop.remove_reader(self.pty.fd)
+            self._reading = False
+
+    def _on_readable(self) -> None:
+        data = self.pty.read()
+        if data is None:
+            return
+        if data == b"":  # every writer of the PTY is gone; the pidfd reports the exit
+            self._pause_reading()
+            return
+        self._emit(data)
+
+    def _on_process_exit(self) -> None:
+        self.loop.remove_reader(self.pty.pidfd)
+        self._spawn(self._finish(self.pty.poll()))
+
+    async def _finish(self, exit_code: int | None) -> None:
+        """Drain what the process wrote, store it, tell the clients, release the PTY."""
+        if self.ended:
+            return
+        self._drain()
+        self.ended = True
+        self._pause_reading()
+        self.exit_code = exit_code
+        await self.flush()
+        await self._on_exit(self, exit_code)
+        self.pty.close()
+
+    def _drain(self, max_reads: int = 16) -> None:
+        """Read what the PTY still holds (bounded: an escaped child may write forever)."""
+        for _ in range(max_reads):
+            data = self.pty.read()
+            if not data:
+                break
+            self._emit(data)
+
+    async def kill(self) -> int | None:
+        """End the process tree (escalating signals) and wait for the output to be stored."""
+        if self.ended:
+            return self.exit_code
+        self.killed = True
+        self.loop.remove_reader(self.pty.pidfd)
+        self._drain()
+        code = await asyncio.to_thread(self.pty.terminate)
+        await self._finish(code)
+        return code
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task:
+        """Run ``coro`` as a task of the terminal, outside the context of whoever started it.
+
+        A terminal outlives the HTTP request that created it; a task inheriting that request's
+        context would send its database work to the request's thread after it has finished.
+        """
+        task = self.loop.create_task(coro, context=contextvars.Context())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # --- output ---------------------------------------------------------------------------
+
+    def _emit(self, data: bytes) -> None:
+        self._tail += data
+        self.end_offset += len(data)
+        overflow = len(self._tail) - conf.scrollback_bytes()
+        if overflow > 0:
+            del self._tail[:overflow]
+            self._tail_start += overflow
+        self._unstored += data
+        if len(self._unstored) >= conf.OUTPUT_FLUSH_BYTES:
+            self._schedule_flush(0)
+        else:
+            self._schedule_flush(conf.OUTPUT_FLUSH_SECONDS)
+        if self.clients:
+            self._outbox.append((None, data))
+            self._kick_pump()
+
+    def _schedule_flush(self, delay: float) -> None:
+        if self._flush_handle is not None:
+            if delay > 0:
+                return
+            self._flush_handle.cancel()
+        self._flush_handle = self.loop.call_later(
+            delay, self._start_flush, context=contextvars.Context()
+        )
+
+    def _start_flush(self) -> None:
+        self._flush_handle = None
+        if self._flush_task is None or self._flush_task.done():
+            self._flush_task = self._spawn(self._flush_pending())
+
+    async def _flush_pending(self) -> None:
+        while self._unstored:
+            data = bytes(self._unstored)
+            offset = self._stored_offset
+            try:
+                await db_call(
+                    get_storage(self.storage_mode).append_output, self.session_id, offset, data
+                )
+            except Exception:
+                logger.exception("storing output of %s failed; retrying", self.session_id)
+                await asyncio.sleep(1)
+                continue
+            del self._unstored[: len(data)]
+            self._stored_offset = offset + len(data)
+
+    async def flush(self) -> None:
+        """Store every byte emitted so far."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        if self._flush_task is not None and not self._flush_task.done():
+            await self._flush_task
+        await self._flush_pending()
+
+    def _kick_pump(self) -> None:
+        if self._pump_task is None or self._pump_task.done():
+            self._pump_task = self._spawn(self._pump())
+
+    async def _pump(self) -> None:
+        """Send queued output and control messages, in order, to their clients."""
+        while self._outbox:
+            target, payload = self._outbox.popleft()
+            for client in [target] if target is not None else list(self.clients):
+                if client not in self.clients:
+                    continue
+                try:
+                    if isinstance(payload, bytes):
+                        client.unacked += len(payload)
+                        await client.send_output(payload)
+                    else:
+                        await client.send_control(payload)
+                except Exception:  # a socket that went away; its disconnect detaches it
+                    logger.debug("send to a client of %s failed", self.session_id, exc_info=True)
+            self._apply_flow_control()
+
+    def _apply_flow_control(self) -> None:
+        backlog = max((c.unacked for c in self.clients if c.interactive), default=0)
+        if backlog > conf.FLOW_HIGH_WATER:
+            self._pause_reading()
+        elif backlog <= conf.FLOW_LOW_WATER:
+            self._resume_reading()
+
+    def acknowledge(self, client: Client, count: int) -> None:
+        client.unacked = max(0, client.unacked - count)
+        if not self._reading:
+            self._apply_flow_control()
+
+    # --- clients --------------------------------------------------------------------------
+
+    def attach(self, client: Client, hello: dict[str, Any]) -> None:
+        """Queue hello and the in-memory scrollback for ``client``, then live output."""
+        replay = bytes(self._tail)
+        self.clients.add(client)
+        self._outbox.append((client, {**hello, "offset": self._tail_start, "end": self.end_offset}))
+        for start in range(0, len(replay), conf.READ_BYTES):
+            self._outbox.append((client, replay[start : start + conf.READ_BYTES]))
+        self._kick_pump()
+
+    def detach(self, client: Client) -> None:
+        self.clients.discard(client)
+        if not self._reading:
+            self._apply_flow_control()
+
+    def broadcast(self, message: dict[str, Any]) -> None:
+        self._outbox.append((None, message))
+        self._kick_pump()
+
+    # --- input ----------------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        """Write input to the PTY; what it cannot take now is written when it can."""
+        if self.ended:
+            return
+        if self._pending_input:
+            self._pending_input += data
+            return
+        written = self.pty.write(data)
+        if written < len(data):
+            self._pending_input += data[written:]
+            self.loop.add_writer(self.pty.fd, self._on_writable)
+
+    def _on_writable(self) -> None:
+        try:
+            written = self.pty.write(bytes(self._pending_input))
+        except OSError:
+            written = len(self._pending_input)
+        del self._pending_input[:written]
+        if not self._pending_input or self.ended:
+            self.loop.remove_writer(self.pty.fd)
+
+    def resize(self, cols: int, rows: int) -> None:
+        self.cols, self.rows = cols, rows
+        if not self.ended:
+            self.pty.resize(cols, rows)
+
+
+_terminals: dict[str, LiveTerminal] = {}
+
+
+def get(session_id: str) -> LiveTerminal | None:
+    return _terminals.get(session_id)
+
+
+def register(terminal: LiveTerminal) -> None:
+    _terminals[terminal.session_id] = terminal
+
+
+def unregister(terminal: LiveTerminal) -> None:
+    if _terminals.get(terminal.session_id) is terminal:
+        del _terminals[terminal.session_id]
+
+
+def all_terminals() -> list[LiveTerminal]:
+    return list(_terminals.values())
+
+
+async def call_on_owner_loop(terminal: LiveTerminal, method: Callable[[], Awaitable[Any]]) -> Any:
+    """Await ``method()`` on the event loop that owns ``terminal``, from whichever loop we are on.
+
+    A sync view (the admin) reaches async code through a loop of its own; the PTY's readers
+    live on the server's loop and may only be touched there.
+    """
+    if asyncio.get_running_loop() is terminal.loop:
+        return await method()
+    if terminal.loop.is_closed() or not terminal.loop.is_running():
+        unregister(terminal)  # its loop is gone: end the processes directly
+        await asyncio.to_thread(terminal.pty.terminate)
+        terminal.pty.close()
+        return terminal.pty.poll()
+    return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(method(), terminal.loop))

@@ -1,0 +1,139 @@
+// DOM for the sidebar's project list and the tab bar; no state lives here.
+
+/** Rebuild the project list; `onSelect(projectId)` runs on click or Enter/Space. */
+export function renderProjectList(list, projects, currentId, onSelect) {
+  list.replaceChildren(
+    ...projects.map((project) => {
+      const item = document.createElement("li");
+      item.className = "project-item";
+      item.dataset.projectId = String(project.id);
+      item.setAttribute("role", "option");
+      item.tabIndex = 0;
+      const active = String(project.id) === String(currentId);
+      item.classList.toggle("active", active);
+      item.setAttribute("aria-selected", String(active));
+      item.title = project.path || project.name;
+      const name = document.createElement("span");
+      name.className = "project-name";
+      name.textContent = project.name;
+      const path = document.createElement("span");
+      path.className = "project-path";
+      path.textContent = project.path || "";
+      item.append(name, path);
+      item.addEventListener("click", () => onSelect(project.id));
+      item.addEventListener("keydown", (event) => {
+        if (event.key === "Enter" || event.key === " ") {
+          event.preventDefault();
+          onSelect(project.id);
+        }
+      });
+      return item;
+    }),
+  );
+}
+
+/**
+ * Build one tab. `info` is {tabName, title, cwd, status}; handlers are
+ * onActivate(), onClose() and onRename(tab).
+ */
+export function buildTab(sessionId, info, active, { onActivate, onClose, onRename }) {
+  const tab = document.createElement("div");
+  tab.className = "tab";
+  tab.dataset.sessionId = sessionId;
+  tab.setAttribute("role", "tab");
+  tab.classList.toggle("active", active);
+  tab.setAttribute("aria-selected", String(active));
+
+  const dot = document.createElement("span");
+  dot.className = "tab-dot";
+  dot.setAttribute("aria-hidden", "true");
+  const label = document.createElement("span");
+  label.className = "tab-label";
+  const close = document.createElement("button");
+  close.type = "button";
+  close.className = "tab-close";
+  close.textContent = "×";
+  close.setAttribute("aria-label", "Close terminal");
+  close.title = "Close terminal";
+  tab.append(dot, label, close);
+  updateTab(tab, info);
+
+  tab.addEventListener("mousedown", (event) => {
+    if (event.button === 1) event.preventDefault(); // no autoscroll on middle click
+  });
+  tab.addEventListener("auxclick", (event) => {
+    if (event.button === 1) onClose();
+  });
+  tab.addEventListener("click", (event) => {
+    if (event.target.closest(".tab-close, .tab-rename")) return;
+    onActivate();
+  });
+  label.addEventListener("dblclick", (event) => {
+    event.preventDefault();
+    onRename(tab);
+  });
+  close.addEventListener("click", (event) => {
+    event.stopPropagation();
+    onClose();
+  });
+  return tab;
+}
+
+/** Refresh a tab's label, status dot (data-state) and tooltip. */
+export function updateTab(tab, { tabName, title, cwd, status }) {
+  const label = tab.querySelector(".tab-label");
+  if (label && !label.hidden) label.textContent = tabName;
+  tab.dataset.state = status;
+  const details = [title !== tabName ? title : "", cwd].filter(Boolean).join(" — ");
+  tab.title = details ? `${tabName}: ${details}` : tabName;
+}
+
+/**
+ * Swap the tab's label for a text input. Enter or blur saves through
+ * `save(newName)` (a promise); Escape cancels. The label shows the new name at
+ * once and goes back to the old one if saving fails.
+ */
+export function editTabLabel(tab, original, save, done) {
+  const label = tab.querySelector(".tab-label");
+  if (!label || tab.querySelector(".tab-rename")) return;
+  const input = document.createElement("input");
+  input.className = "tab-rename";
+  input.value = original;
+  input.maxLength = 100;
+  input.setAttribute("aria-label", "Terminal name");
+  label.hidden = true;
+  label.after(input);
+  input.focus();
+  input.select();
+
+  let finished = false;
+  const finish = async (commit) => {
+    if (finished) return;
+    finished = true;
+    const name = input.value.trim();
+    input.remove();
+    label.hidden = false;
+    if (commit && name && name !== original) {
+      label.textContent = name;
+      try {
+        await save(name);
+      } catch (err) {
+        label.textContent = original;
+      }
+    }
+    done();
+  };
+  input.addEventListener("keydown", (event) => {
+    event.stopPropagation();
+    if (event.key === "Enter") {
+      event.preventDefault();
+      finish(true);
+    } else if (event.key === "Escape") {
+      event.preventDefault();
+      finish(false);
+    }
+  });
+  input.addEventListener("blur", () => finish(true));
+  input.addEventListener("click", (event) => event.stopPropagation());
+  input.addEventListener("dblclick", (event) => event.stopPropagation());
+}

@@ -1,0 +1,396 @@
+// One terminal tab: an xterm.js instance, its pane, and the WebSocket that feeds it.
+
+import { redirectToLogin, toast } from "./api.js";
+
+const ACK_BYTES = 32 * 1024;
+const ACK_IDLE_MS = 50;
+const PING_MS = 25_000;
+// No frame at all (not even a pong) for this long means the connection is dead.
+const STALE_MS = 2 * PING_MS + 10_000;
+const MAX_FRAME = 64 * 1024;
+const BACKOFF_START_MS = 500;
+const BACKOFF_MAX_MS = 10_000;
+const THROTTLED_MIN_MS = 5_000;
+const ERROR_GRACE_MS = 150;
+
+const THEME = {
+  background: "#0f1117",
+  foreground: "#d4d9e3",
+  cursor: "#e6e9ef",
+  cursorAccent: "#0f1117",
+  selectionBackground: "rgba(110, 145, 210, 0.35)",
+  black: "#1b1f2a",
+  red: "#e06c75",
+  green: "#98c379",
+  yellow: "#e5c07b",
+  blue: "#61afef",
+  magenta: "#c678dd",
+  cyan: "#56b6c2",
+  white: "#c8cdd8",
+  brightBlack: "#5c6370",
+  brightRed: "#ef8891",
+  brightGreen: "#b5e08f",
+  brightYellow: "#f0d394",
+  brightBlue: "#82c2f7",
+  brightMagenta: "#d79af0",
+  brightCyan: "#77cdd8",
+  brightWhite: "#f2f4f8",
+};
+
+const FONT_FAMILY = [
+  '"JetBrains Mono"', '"Fira Code"', '"Cascadia Mono"', '"SF Mono"', "Menlo", "Monaco",
+  "Consolas", '"DejaVu Sans Mono"', '"Liberation Mono"', '"Ubuntu Mono"', "monospace",
+].join(", ");
+
+/** Messages for close codes after which reconnecting cannot help. */
+const FINAL_CLOSE = {
+  4403: "You are not allowed to open this terminal.",
+  4404: "This terminal no longer exists.",
+  4409: "Too many connections to this terminal; close another tab and try again.",
+};
+
+const encoder = new TextEncoder();
+
+function latin1Bytes(s) {
+  const bytes = new Uint8Array(s.length);
+  for (let i = 0; i < s.length; i++) bytes[i] = s.charCodeAt(i) & 0xff;
+  return bytes;
+}
+
+function socketUrl(path) {
+  const scheme = window.location.protocol === "https:" ? "wss:" : "ws:";
+  return `${scheme}//${window.location.host}${path}`;
+}
+
+/**
+ * A terminal tab's view and connection.
+ *
+ * `status` is one of: idle (never opened), connecting, connected, reconnecting,
+ * exited, error. `onChange(view)` fires whenever status, title or exit code changes.
+ */
+export class TerminalView {
+  constructor({ session, connectionUrl, container, onChange }) {
+    this.session = { ...session };
+    this.connectionPath = connectionUrl || `/ws/terminals/${encodeURIComponent(session.id)}/`;
+    this.onChange = onChange || (() => {});
+    this.status = "idle";
+    this.errorMessage = "";
+    this.exitCode = session.exitCode ?? null;
+    this.ended = session.state === "exited" || session.state === "killed";
+    this.lastUsed = 0;
+    this.disposed = false;
+
+    this.ws = null;
+    this.generation = 0;
+    this.attempt = 0;
+    this.retryTimer = null;
+    this.pingTimer = null;
+    this.serverError = "";
+    this.errorTimer = null;
+    this.lastFrameAt = 0;
+    this.ackPending = 0;
+    this.ackTimer = null;
+    this.sentSize = "";
+
+    this.pane = document.createElement("div");
+    this.pane.className = "terminal-pane";
+    this.pane.dataset.sessionId = session.id;
+    container.append(this.pane);
+
+    this.term = new window.Terminal({
+      allowProposedApi: false,
+      cursorBlink: true,
+      fontFamily: FONT_FAMILY,
+      fontSize: 14,
+      lineHeight: 1.15,
+      scrollback: 10000,
+      theme: THEME,
+    });
+    this.fitAddon = new window.FitAddon.FitAddon();
+    this.term.loadAddon(this.fitAddon);
+    this.term.onData((s) => this.sendInput(encoder.encode(s)));
+    this.term.onBinary((s) => this.sendInput(latin1Bytes(s)));
+    this.term.onResize(() => this.sendResize());
+  }
+
+  get isLive() {
+    return this.ws !== null || this.retryTimer !== null;
+  }
+
+  /** Make this pane visible, open the terminal if needed, fit and focus it. */
+  show() {
+    this.lastUsed = Date.now();
+    this.pane.classList.add("active");
+    if (!this.term.element) this.term.open(this.pane);
+    this.fit();
+    if (this.status === "idle" || this.status === "error") this.connect();
+    this.term.focus();
+  }
+
+  hide() {
+    this.pane.classList.remove("active");
+  }
+
+  /** Fit the terminal to its pane (only while visible) and tell the server. */
+  fit() {
+    if (!this.term.element || !this.pane.classList.contains("active")) return;
+    try {
+      this.fitAddon.fit();
+    } catch (err) {
+      // A pane without layout (e.g. mid-transition) has no size to fit to.
+    }
+    this.sendResize();
+  }
+
+  /** Reconnect right away if waiting to retry (e.g. the browser came back online). */
+  retryNow() {
+    if (this.retryTimer !== null) this.connect();
+  }
+
+  connect() {
+    if (this.disposed) return;
+    this.clearRetry();
+    this.dropSocket();
+    const generation = ++this.generation;
+    const ws = new WebSocket(socketUrl(this.connectionPath));
+    ws.binaryType = "arraybuffer";
+    this.ws = ws;
+    this.ackPending = 0;
+    this.sentSize = "";
+    this.errorMessage = "";
+    this.setStatus(this.attempt > 0 ? "reconnecting" : "connecting");
+
+    ws.onopen = () => {
+      if (generation !== this.generation) return;
+      this.lastFrameAt = Date.now();
+      this.sendResize();
+      this.pingTimer = setInterval(() => this.ping(), PING_MS);
+    };
+    ws.onmessage = (event) => {
+      if (generation !== this.generation) return;
+      this.lastFrameAt = Date.now();
+      if (typeof event.data === "string") this.handleControl(event.data);
+      else this.handleOutput(event.data, generation);
+    };
+    ws.onclose = (event) => {
+      if (generation !== this.generation) return;
+      this.ws = null;
+      this.stopTimers();
+      this.handleClose(event.code);
+    };
+  }
+
+  handleControl(text) {
+    let msg;
+    try {
+      msg = JSON.parse(text);
+    } catch (err) {
+      return;
+    }
+    switch (msg.type) {
+      case "hello":
+        this.attempt = 0;
+        if (msg.state) this.session.state = msg.state;
+        if (msg.mode) this.session.mode = msg.mode;
+        // Reset in stream order, so output still queued from a previous connection is
+        // wiped too and the replay that follows repaints the screen exactly once.
+        this.term.write("", () => this.term.reset());
+        if (msg.state === "exited" || msg.state === "killed") {
+          this.ended = true;
+          this.setStatus("exited");
+        } else {
+          this.ended = false;
+          this.exitCode = null;
+          this.setStatus("connected");
+        }
+        break;
+      case "exit":
+        this.ended = true;
+        this.exitCode = msg.exitCode ?? null;
+        this.session.state = msg.state || "exited";
+        this.session.exitCode = this.exitCode;
+        // Dim notice, and hide the cursor: nothing typed here goes anywhere now.
+        this.term.write(`\r\n\x1b[2m[${this.describeExit()}]\x1b[0m\r\n\x1b[?25l`);
+        this.setStatus("exited");
+        break;
+      case "title":
+        this.session.title = msg.title;
+        this.onChange(this);
+        break;
+      case "mode":
+        if (msg.mode) this.session.mode = msg.mode;
+        break;
+      case "error":
+        // A refusal is an error frame followed by a close: report it once, with the close.
+        this.serverError = msg.message || msg.code || "terminal error";
+        clearTimeout(this.errorTimer);
+        this.errorTimer = setTimeout(() => this.reportServerError(), ERROR_GRACE_MS);
+        break;
+      default:
+        break; // pong, and anything newer than this page
+    }
+  }
+
+  handleOutput(buffer, generation) {
+    const bytes = new Uint8Array(buffer);
+    const n = bytes.length;
+    this.term.write(bytes, () => {
+      if (generation !== this.generation) return;
+      this.ackPending += n;
+      if (this.ackPending >= ACK_BYTES) this.flushAck();
+      else if (this.ackTimer === null) this.ackTimer = setTimeout(() => this.flushAck(), ACK_IDLE_MS);
+    });
+  }
+
+  flushAck() {
+    clearTimeout(this.ackTimer);
+    this.ackTimer = null;
+    if (this.ackPending > 0 && this.sendJson({ type: "ack", bytes: this.ackPending })) {
+      this.ackPending = 0;
+    }
+  }
+
+  reportServerError(fallback = "") {
+    clearTimeout(this.errorTimer);
+    this.errorTimer = null;
+    const message = this.serverError || fallback;
+    this.serverError = "";
+    if (message) toast(`${this.session.tabName}: ${message}`);
+    return message;
+  }
+
+  handleClose(code) {
+    if (this.disposed) return;
+    if (code === 4401) {
+      this.serverError = "";
+      this.fail("Signed out.");
+      redirectToLogin();
+      return;
+    }
+    if (code in FINAL_CLOSE) {
+      this.fail(this.reportServerError(FINAL_CLOSE[code]));
+      return;
+    }
+    if (this.ended) {
+      this.setStatus("exited");
+      return;
+    }
+    let minDelay = 0;
+    if (code === 4413) this.reportServerError("input too large; the connection was reset.");
+    else this.reportServerError();
+    if (code === 4429) minDelay = THROTTLED_MIN_MS;
+    this.scheduleReconnect(minDelay);
+  }
+
+  scheduleReconnect(minDelay = 0) {
+    const base = Math.min(BACKOFF_MAX_MS, BACKOFF_START_MS * 2 ** this.attempt);
+    this.attempt += 1;
+    const delay = Math.max(minDelay, base / 2 + Math.random() * (base / 2));
+    this.setStatus("reconnecting");
+    this.retryTimer = setTimeout(() => {
+      this.retryTimer = null;
+      this.connect();
+    }, delay);
+  }
+
+  ping() {
+    if (Date.now() - this.lastFrameAt > STALE_MS) {
+      // A silently dead connection (sleep, NAT timeout) may never fire close.
+      this.dropSocket();
+      this.scheduleReconnect();
+      return;
+    }
+    this.sendJson({ type: "ping" });
+  }
+
+  sendInput(bytes) {
+    if (!this.ws || this.ws.readyState !== WebSocket.OPEN || this.ended) return;
+    for (let i = 0; i < bytes.length; i += MAX_FRAME) {
+      this.ws.send(bytes.subarray(i, i + MAX_FRAME));
+    }
+  }
+
+  sendResize() {
+    const { cols, rows } = this.term;
+    const size = `${cols}x${rows}`;
+    if (size === this.sentSize) return;
+    if (this.sendJson({ type: "resize", cols, rows })) this.sentSize = size;
+  }
+
+  sendJson(message) {
+    if (!this.ws || this.ws.readyState !== WebSocket.OPEN) return false;
+    this.ws.send(JSON.stringify(message));
+    return true;
+  }
+
+  describeExit() {
+    if (this.session.state === "killed") return "terminal closed";
+    return this.exitCode === null ? "process exited" : `process exited with code ${this.exitCode}`;
+  }
+
+  /** Text for the status indicator. */
+  statusText() {
+    switch (this.status) {
+      case "connected":
+        return "connected";
+      case "connecting":
+        return "connecting…";
+      case "reconnecting":
+        return "reconnecting…";
+      case "exited":
+        if (this.session.state === "killed") return "killed";
+        return this.exitCode === null ? "exited" : `exited (code ${this.exitCode})`;
+      case "error":
+        return this.errorMessage || "disconnected";
+      default:
+        return "";
+    }
+  }
+
+  fail(message) {
+    this.errorMessage = message;
+    this.setStatus("error");
+  }
+
+  setStatus(status) {
+    this.status = status;
+    this.onChange(this);
+  }
+
+  clearRetry() {
+    clearTimeout(this.retryTimer);
+    this.retryTimer = null;
+  }
+
+  stopTimers() {
+    clearInterval(this.pingTimer);
+    this.pingTimer = null;
+    clearTimeout(this.ackTimer);
+    this.ackTimer = null;
+  }
+
+  /** Forget the current socket without reacting to its close. */
+  dropSocket() {
+    this.stopTimers();
+    if (!this.ws) return;
+    this.generation += 1;
+    const ws = this.ws;
+    this.ws = null;
+    try {
+      ws.close(1000);
+    } catch (err) {
+      // Already closing.
+    }
+  }
+
+  /** Close the connection and free the terminal; the server-side session keeps running. */
+  dispose() {
+    if (this.disposed) return;
+    this.disposed = true;
+    this.clearRetry();
+    clearTimeout(this.errorTimer);
+    this.dropSocket();
+    this.term.dispose();
+    this.pane.remove();
+  }
+}

@@ -1,0 +1,477 @@
+// The workspace page: projects in the sidebar, terminal tabs for the selected project.
+
+import { api, ApiError, showError } from "./api.js";
+import { buildTab, editTabLabel, renderProjectList, updateTab } from "./render.js";
+import { TerminalView } from "./terminal-view.js";
+
+// Connections kept open across tabs and projects; past this the least recently used closes.
+const MAX_LIVE_VIEWS = 24;
+const LAST_PROJECT_KEY = "termsys.lastProject";
+const LAST_TAB_KEY = (projectId) => `termsys.lastTab.${projectId}`;
+const ENDED_STATES = new Set(["exited", "killed"]);
+
+const $ = (id) => document.getElementById(id);
+const el = {
+  projectList: $("project-list"),
+  projectListEmpty: $("project-list-empty"),
+  projectForm: $("new-project-form"),
+  projectError: $("new-project-error"),
+  currentProjectName: $("current-project-name"),
+  tabbar: $("tabbar"),
+  tabs: $("tabs"),
+  newTerminal: $("new-terminal"),
+  emptyNewTerminal: $("empty-new-terminal"),
+  profileSelect: $("new-terminal-profile"),
+  status: $("connection-status"),
+  area: $("terminal-area"),
+  emptyNoProjects: $("empty-no-projects"),
+  emptyNoTerminals: $("empty-no-terminals"),
+  emptyLoading: $("empty-loading"),
+};
+
+const profiles = JSON.parse($("termsys-profiles")?.textContent || "[]");
+
+const state = {
+  projects: [],
+  currentProjectId: null,
+  sessionsByProject: new Map(), // projectId -> [session], in tab order
+  views: new Map(), // sessionId -> TerminalView
+  activeView: null,
+  loadedProjects: new Set(),
+  creating: false,
+};
+
+const storage = {
+  get(key) {
+    try {
+      return window.localStorage.getItem(key);
+    } catch (err) {
+      return null;
+    }
+  },
+  set(key, value) {
+    try {
+      window.localStorage.setItem(key, value);
+    } catch (err) {
+      // Private mode or quota: remembering is a convenience only.
+    }
+  },
+};
+
+// ---------------------------------------------------------------- projects
+
+function currentSessions() {
+  return state.sessionsByProject.get(state.currentProjectId) || [];
+}
+
+function findSession(sessionId) {
+  for (const sessions of state.sessionsByProject.values()) {
+    const session = sessions.find((s) => s.id === sessionId);
+    if (session) return session;
+  }
+  return null;
+}
+
+function renderProjects() {
+  renderProjectList(el.projectList, state.projects, state.currentProjectId, selectProject);
+  el.projectListEmpty.hidden = state.projects.length > 0;
+}
+
+async function loadProjects() {
+  const data = await api("GET", "/api/projects");
+  state.projects = data.projects || [];
+  renderProjects();
+}
+
+async function selectProject(projectId) {
+  const project = state.projects.find((p) => String(p.id) === String(projectId));
+  if (!project) return;
+  state.currentProjectId = project.id;
+  storage.set(LAST_PROJECT_KEY, String(project.id));
+  renderProjects();
+  el.currentProjectName.textContent = project.name;
+  el.currentProjectName.title = project.path || "";
+
+  // Show what we already have at once, then refresh from the server.
+  if (state.loadedProjects.has(project.id)) showProjectTabs();
+  else {
+    hideActiveView();
+    renderTabs();
+    renderEmptyStates(true);
+  }
+  try {
+    const data = await api("GET", `/api/workspace/projects/${encodeURIComponent(project.id)}/terminals`);
+    mergeSessions(project.id, data.terminals || []);
+  } catch (err) {
+    showError(err);
+  }
+  state.loadedProjects.add(project.id);
+  if (state.currentProjectId === project.id) showProjectTabs();
+}
+
+/** Replace a project's session list with the server's, keeping views of sessions that remain. */
+function mergeSessions(projectId, sessions) {
+  const keep = new Set(sessions.map((s) => s.id));
+  for (const old of state.sessionsByProject.get(projectId) || []) {
+    if (!keep.has(old.id)) disposeView(old.id);
+  }
+  for (const session of sessions) {
+    const view = state.views.get(session.id);
+    // The live connection knows better than a list fetched a moment ago.
+    if (view) Object.assign(view.session, { tabName: session.tabName, cwd: session.cwd });
+  }
+  state.sessionsByProject.set(projectId, sessions);
+}
+
+/** Render the current project's tabs and activate the remembered (or first) one. */
+function showProjectTabs() {
+  const sessions = currentSessions();
+  const activeId = state.activeView?.session.id;
+  if (activeId && sessions.some((s) => s.id === activeId)) {
+    renderTabs();
+    renderEmptyStates(false);
+    return;
+  }
+  const remembered = storage.get(LAST_TAB_KEY(state.currentProjectId));
+  const target = sessions.find((s) => s.id === remembered) || sessions[0];
+  if (target) activateTab(target.id);
+  else {
+    hideActiveView();
+    renderTabs();
+  }
+  renderEmptyStates(false);
+}
+
+async function createProject(event) {
+  event.preventDefault();
+  const form = el.projectForm;
+  const name = form.elements.name.value.trim();
+  const path = form.elements.path.value.trim();
+  el.projectError.hidden = true;
+  if (!name) {
+    showProjectError("Give the project a name.");
+    return;
+  }
+  const button = form.querySelector("button[type=submit]");
+  button.disabled = true;
+  try {
+    const body = path ? { name, path } : { name };
+    const data = await api("POST", "/api/projects", body);
+    state.projects.push(data.project);
+    form.reset();
+    await selectProject(data.project.id);
+  } catch (err) {
+    if (err instanceof ApiError && err.status === 401) return;
+    showProjectError(err.message);
+  } finally {
+    button.disabled = false;
+  }
+}
+
+function showProjectError(message) {
+  el.projectError.textContent = message;
+  el.projectError.hidden = false;
+}
+
+// ---------------------------------------------------------------- tabs
+
+function tabStatus(session) {
+  const view = state.views.get(session.id);
+  if (view) return view.status;
+  return ENDED_STATES.has(session.state) ? "exited" : "idle";
+}
+
+function tabInfo(session) {
+  const view = state.views.get(session.id);
+  const current = view ? view.session : session;
+  return { tabName: current.tabName, title: current.title, cwd: current.cwd, status: tabStatus(session) };
+}
+
+function renderTabs() {
+  const activeId = state.activeView?.session.id;
+  el.tabbar.hidden = state.currentProjectId === null;
+  el.tabs.replaceChildren(
+    ...currentSessions().map((session) =>
+      buildTab(session.id, tabInfo(session), session.id === activeId, {
+        onActivate: () => activateTab(session.id),
+        onClose: () => closeTab(session.id),
+        onRename: (tab) => startRename(session.id, tab),
+      }),
+    ),
+  );
+  updateStatusIndicator();
+}
+
+/** Move the active mark in place; false when the tab bar is not showing these sessions. */
+function markActiveTab(sessionId) {
+  const tabs = [...el.tabs.querySelectorAll(".tab")];
+  const ids = currentSessions().map((s) => s.id);
+  if (tabs.length !== ids.length || tabs.some((tab, i) => tab.dataset.sessionId !== ids[i])) {
+    return false;
+  }
+  for (const tab of tabs) {
+    const active = tab.dataset.sessionId === sessionId;
+    tab.classList.toggle("active", active);
+    tab.setAttribute("aria-selected", String(active));
+  }
+  updateStatusIndicator();
+  return true;
+}
+
+function refreshTab(session) {
+  const tab = tabElement(session.id);
+  if (tab) updateTab(tab, tabInfo(session));
+}
+
+function tabElement(sessionId) {
+  return el.tabs.querySelector(`.tab[data-session-id="${CSS.escape(sessionId)}"]`);
+}
+
+function onViewChange(view) {
+  const session = findSession(view.session.id);
+  if (session) {
+    session.state = view.session.state;
+    session.title = view.session.title;
+    session.exitCode = view.session.exitCode;
+    refreshTab(session);
+  }
+  if (view === state.activeView) updateStatusIndicator();
+}
+
+function updateStatusIndicator() {
+  const view = state.activeView;
+  if (!view) {
+    el.status.hidden = true;
+    el.status.dataset.state = "none";
+    return;
+  }
+  el.status.hidden = false;
+  el.status.dataset.state = view.status === "idle" ? "connecting" : view.status;
+  el.status.querySelector(".status-text").textContent = view.statusText() || "connecting…";
+  el.status.title = view.status === "error" ? view.errorMessage : "";
+}
+
+function hideActiveView() {
+  if (state.activeView) state.activeView.hide();
+  state.activeView = null;
+}
+
+function activateTab(sessionId) {
+  const session = findSession(sessionId);
+  if (!session) return;
+  let view = state.views.get(sessionId);
+  if (view && view === state.activeView) {
+    view.show();
+    return;
+  }
+  hideActiveView();
+  if (!view) {
+    view = new TerminalView({ session, container: el.area, onChange: onViewChange });
+    state.views.set(sessionId, view);
+  }
+  state.activeView = view;
+  view.show();
+  storage.set(LAST_TAB_KEY(session.projectId ?? state.currentProjectId), sessionId);
+  // Rebuilding the tabs under a double-click would swallow the rename gesture.
+  if (!markActiveTab(sessionId)) renderTabs();
+  renderEmptyStates(false);
+  tabElement(sessionId)?.scrollIntoView({ block: "nearest", inline: "nearest" });
+  evictLeastRecentlyUsed();
+}
+
+function evictLeastRecentlyUsed() {
+  if (state.views.size <= MAX_LIVE_VIEWS) return;
+  const candidates = [...state.views.values()]
+    .filter((v) => v !== state.activeView)
+    .sort((a, b) => a.lastUsed - b.lastUsed);
+  while (state.views.size > MAX_LIVE_VIEWS && candidates.length) {
+    disposeView(candidates.shift().session.id);
+  }
+}
+
+function disposeView(sessionId) {
+  const view = state.views.get(sessionId);
+  if (!view) return;
+  if (view === state.activeView) state.activeView = null;
+  view.dispose();
+  state.views.delete(sessionId);
+  const session = findSession(sessionId);
+  if (session) refreshTab(session);
+}
+
+function nextTabName() {
+  const taken = new Set(currentSessions().map((s) => s.tabName));
+  let n = currentSessions().length + 1;
+  while (taken.has(`Terminal ${n}`)) n += 1;
+  return `Terminal ${n}`;
+}
+
+async function createTerminal() {
+  const projectId = state.currentProjectId;
+  if (projectId === null || state.creating) return;
+  state.creating = true;
+  el.newTerminal.disabled = true;
+  el.emptyNewTerminal.disabled = true;
+  try {
+    const type = el.profileSelect.hidden ? profiles[0] || "system" : el.profileSelect.value;
+    const data = await api("POST", "/api/terminal/create", {
+      projectId,
+      type,
+      tabName: nextTabName(),
+    });
+    const session = data.session;
+    const sessions = state.sessionsByProject.get(projectId) || [];
+    sessions.push(session);
+    state.sessionsByProject.set(projectId, sessions);
+    const view = new TerminalView({
+      session,
+      connectionUrl: data.connectionUrl,
+      container: el.area,
+      onChange: onViewChange,
+    });
+    state.views.set(session.id, view);
+    if (state.currentProjectId === projectId) activateTab(session.id);
+  } catch (err) {
+    showError(err);
+  } finally {
+    state.creating = false;
+    el.newTerminal.disabled = false;
+    el.emptyNewTerminal.disabled = false;
+  }
+}
+
+async function closeTab(sessionId) {
+  const session = findSession(sessionId);
+  if (!session) return;
+  const view = state.views.get(sessionId);
+  const ended = view ? view.ended || view.status === "exited" : ENDED_STATES.has(session.state);
+  const name = view ? view.session.tabName : session.tabName;
+  if (!ended && !window.confirm(`Close "${name}"? Everything running in it will be stopped.`)) {
+    return;
+  }
+  try {
+    await api("POST", `/api/terminal/${encodeURIComponent(sessionId)}/close`);
+  } catch (err) {
+    if (!(err instanceof ApiError && err.status === 404)) {
+      showError(err);
+      return;
+    }
+  }
+  removeTab(sessionId);
+}
+
+function removeTab(sessionId) {
+  const session = findSession(sessionId);
+  if (!session) return;
+  const projectId = session.projectId ?? state.currentProjectId;
+  const sessions = state.sessionsByProject.get(projectId) || currentSessions();
+  const index = sessions.findIndex((s) => s.id === sessionId);
+  const wasActive = state.activeView?.session.id === sessionId;
+  if (index >= 0) sessions.splice(index, 1);
+  disposeView(sessionId);
+  if (wasActive && sessions.length) {
+    activateTab(sessions[Math.min(index, sessions.length - 1)].id);
+  } else {
+    renderTabs();
+    renderEmptyStates(false);
+  }
+}
+
+function startRename(sessionId, tab) {
+  const session = findSession(sessionId);
+  if (!session) return;
+  const save = async (tabName) => {
+    try {
+      const path = `/api/terminal/${encodeURIComponent(sessionId)}/rename`;
+      const data = await api("POST", path, { tabName });
+      applyTabName(sessionId, data.session?.tabName ?? tabName);
+    } catch (err) {
+      showError(err);
+      throw err;
+    }
+  };
+  const done = () => {
+    if (state.activeView?.session.id === sessionId) state.activeView.term.focus();
+  };
+  editTabLabel(tab, tabInfo(session).tabName, save, done);
+}
+
+function applyTabName(sessionId, tabName) {
+  const session = findSession(sessionId);
+  if (session) session.tabName = tabName;
+  const view = state.views.get(sessionId);
+  if (view) view.session.tabName = tabName;
+  if (session) refreshTab(session);
+}
+
+// ---------------------------------------------------------------- page
+
+function renderEmptyStates(loading) {
+  const noProjects = state.projects.length === 0;
+  const noTerminals = !noProjects && state.currentProjectId !== null && !currentSessions().length;
+  el.emptyNoProjects.hidden = !noProjects;
+  el.emptyLoading.hidden = !(loading && !noProjects);
+  el.emptyNoTerminals.hidden = loading || !noTerminals;
+  el.tabbar.hidden = noProjects || state.currentProjectId === null;
+}
+
+function setupProfiles() {
+  if (profiles.length <= 1) return;
+  for (const name of profiles) {
+    const option = document.createElement("option");
+    option.value = name;
+    option.textContent = name;
+    el.profileSelect.append(option);
+  }
+  // Sorted names would put e.g. "claude" first; the plain shell is the expected default.
+  if (profiles.includes("system")) el.profileSelect.value = "system";
+  el.profileSelect.hidden = false;
+}
+
+function setupResizing() {
+  let frame = 0;
+  const refit = () => {
+    cancelAnimationFrame(frame);
+    frame = requestAnimationFrame(() => state.activeView?.fit());
+  };
+  new ResizeObserver(refit).observe(el.area);
+  window.addEventListener("resize", refit);
+}
+
+function setupReconnectTriggers() {
+  const retryAll = () => state.views.forEach((view) => view.retryNow());
+  window.addEventListener("online", retryAll);
+  document.addEventListener("visibilitychange", () => {
+    if (document.visibilityState === "visible") retryAll();
+  });
+}
+
+async function init() {
+  setupProfiles();
+  setupResizing();
+  setupReconnectTriggers();
+  el.projectForm.addEventListener("submit", createProject);
+  el.newTerminal.addEventListener("click", createTerminal);
+  el.emptyNewTerminal.addEventListener("click", createTerminal);
+
+  window.termsys = {
+    activeTerminal: () => state.activeView?.term ?? null,
+    activeSessionId: () => state.activeView?.session.id ?? null,
+  };
+
+  try {
+    await loadProjects();
+  } catch (err) {
+    showError(err);
+  }
+  renderEmptyStates(false);
+  if (!state.projects.length) {
+    el.projectForm.elements.name.focus();
+    return;
+  }
+  const remembered = storage.get(LAST_PROJECT_KEY);
+  const project = state.projects.find((p) => String(p.id) === remembered) || state.projects[0];
+  await selectProject(project.id);
+}
+
+init();

@@ -1,0 +1,28 @@
+from django.contrib import admin
+from django.contrib.auth import views as auth_views
+from django.urls import path, re_path
+
+from sessions_app import api, views
+
+urlpatterns = [
+    path("", views.workspace, name="workspace"),
+    path(
+        "accounts/login/",
+        auth_views.LoginView.as_view(redirect_authenticated_user=True),
+        name="login",
+    ),
+    path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
+    path("admin/", admin.site.urls),
+    path("api/health", api.health, name="api-health"),
+    path("api/projects", api.projects, name="api-projects"),
+    path("api/terminal/list", api.terminal_list, name="api-terminal-list"),
+    path("api/terminal/create", api.terminal_create, name="api-terminal-create"),
+    path("api/terminal/<str:session_id>/close", api.terminal_close, name="api-terminal-close"),
+    path("api/terminal/<str:session_id>/rename", api.terminal_rename, name="api-terminal-rename"),
+    path(
+        "api/workspace/projects/<int:project_id>/terminals",
+        api.project_terminals,
+        name="api-project-terminals",
+    ),
+    re_path(r"^api/", api.not_found),
+]

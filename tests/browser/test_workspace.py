@@ -1,0 +1,75 @@
+"""A user in real Chromium: log in, create a project, type in a real shell, reload, see it again."""
+
+from __future__ import annotations
+
+import secrets
+import time
+
+import pytest
+from playwright.sync_api import expect
+
+from tests.live import LIVE_PASSWORD, LIVE_USER
+
+pytestmark = pytest.mark.browser
+
+
+def screen_text(page) -> str:
+    return page.evaluate(
+        """() => { const t = window.termsys.activeTerminal(); if (!t) return '';
+           const b = t.buffer.active; const lines = [];
+           for (let i = 0; i < b.length; i++) lines.push(b.getLine(i).translateToString(true));
+           return lines.join('\\n'); }"""
+    )
+
+
+def wait_for_text(page, text: str, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if text in screen_text(page):
+            return
+        page.wait_for_timeout(100)
+    raise AssertionError(f"{text!r} not on screen:\n{screen_text(page)[-1500:]}")
+
+
+def log_in(page, server) -> None:
+    page.goto(server.url + "/")
+    expect(page).to_have_url(server.url + "/accounts/login/?next=/")
+    page.fill("input[name=username]", LIVE_USER)
+    page.fill("input[name=password]", LIVE_PASSWORD)
+    page.click("button[type=submit]")
+    page.wait_for_url(server.url + "/")
+
+
+def test_type_in_a_real_shell_and_find_it_after_reload(page, daphne_server):
+    log_in(page, daphne_server)
+    name = f"web-{secrets.token_hex(3)}"
+    page.fill("#new-project-form input[name=name]", name)
+    page.click("#new-project-form button[type=submit]")
+    expect(page.locator(".project-item.active")).to_contain_text(name)
+
+    page.click("#new-terminal")
+    expect(page.locator(".tab.active")).to_have_count(1)
+    expect(page.locator("#connection-status")).to_have_attribute("data-state", "connected")
+    marker = f"hello-{secrets.token_hex(4)}"
+    page.locator(".terminal-pane.active").click()
+    page.keyboard.type(f"echo {marker}-$((40+2))\n")
+    wait_for_text(page, f"{marker}-42")
+
+    page.reload()
+    expect(page.locator("#connection-status")).to_have_attribute("data-state", "connected")
+    expect(page.locator(".project-item.active")).to_contain_text(name)
+    wait_for_text(page, f"{marker}-42")
+    # and the shell is still the same live shell
+    page.locator(".terminal-pane.active").click()
+    page.keyboard.type("echo again-$((1+1))\n")
+    wait_for_text(page, "again-2")
+    assert page.console_errors == []
+
+
+def test_wrong_password_is_refused_with_a_message(page, daphne_server):
+    page.goto(daphne_server.url + "/accounts/login/")
+    page.fill("input[name=username]", LIVE_USER)
+    page.fill("input[name=password]", "not-the-password")
+    page.click("button[type=submit]")
+    expect(page).to_have_url(daphne_server.url + "/accounts/login/")
+    expect(page.locator("body")).to_contain_text("correct username and password")

@@ -1,0 +1,266 @@
+"""The JSON HTTP API: every endpoint, every error shape."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+
+import pytest
+from django.test import AsyncClient
+
+from sessions_app import terminals
+from sessions_app.models import Project, TerminalSession
+from sessions_app.pty import descendants, processes_with_env
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+SESSION_ID_RE = r"^session_\d{13}_[a-z0-9]{8}$"
+
+
+@pytest.fixture
+async def client(user):
+    client = AsyncClient()
+    await client.aforce_login(user)
+    return client
+
+
+async def post(client, url, body=None, **extra):
+    return await client.post(
+        url, data=json.dumps(body or {}), content_type="application/json", **extra
+    )
+
+
+def assert_error(response, status, code=None):
+    assert response.status_code == status, response.content
+    assert response["Content-Type"] == "application/json"
+    body = response.json()
+    assert body["success"] is False
+    assert set(body["error"]) == {"code", "message", "details", "timestamp"}
+    assert body["error"]["message"]
+    assert body["requestId"]
+    if code:
+        assert body["error"]["code"] == code
+    return body["error"]
+
+
+async def test_create_and_list_projects(client, tmp_path):
+    response = await post(client, "/api/projects", {"name": "api"})
+    assert response.status_code == 201
+    project = response.json()["project"]
+    assert project["name"] == "api"
+    assert project["path"].endswith("/api")
+    explicit = await post(client, "/api/projects", {"name": "explicit", "path": str(tmp_path)})
+    assert explicit.json()["project"]["path"] == str(tmp_path)
+    listed = (await client.get("/api/projects")).json()
+    assert [p["name"] for p in listed["projects"]] == ["api", "explicit"]
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({}, "name"),
+        ({"name": "  "}, "name"),
+        ({"name": "a/b"}, "name"),
+        ({"name": "x", "path": "/nonexistent/dir"}, "path"),
+        ({"name": "x", "path": "relative"}, "path"),
+        ({"name": "x", "path": "/etc/hostname"}, "path"),
+    ],
+)
+async def test_project_validation(client, body, field):
+    error = assert_error(await post(client, "/api/projects", body), 400, "validation_failed")
+    assert error["details"]["field"] == field
+
+
+async def test_duplicate_project_name_is_409(client):
+    await post(client, "/api/projects", {"name": "twice"})
+    assert_error(await post(client, "/api/projects", {"name": "twice"}), 409)
+
+
+async def test_malformed_json_is_400(client):
+    response = await client.post("/api/projects", data="{nope", content_type="application/json")
+    assert "not valid JSON" in assert_error(response, 400)["message"]
+    response = await client.post("/api/projects", data="[1]", content_type="application/json")
+    assert assert_error(response, 400)["message"] == "Request body must be a JSON object."
+
+
+async def test_oversized_body_is_413(client):
+    response = await post(client, "/api/projects", {"name": "x" * (2 * 1024 * 1024)})
+    assert_error(response, 413, "payload_too_large")
+
+
+async def test_terminal_lifecycle(client, user, project, live_terminals):
+    response = await post(
+        client,
+        "/api/terminal/create",
+        {"projectId": project.pk, "type": "system", "tabName": "build"},
+    )
+    assert response.status_code == 201
+    body = response.json()
+    session = body["session"]
+    assert re.match(SESSION_ID_RE, session["id"])
+    assert body["connectionUrl"] == f"/ws/terminals/{session['id']}/"
+    assert {k: session[k] for k in ("projectId", "type", "tabName", "state", "cwd")} == {
+        "projectId": project.pk,
+        "type": "system",
+        "tabName": "build",
+        "state": "active",
+        "cwd": project.path,
+    }
+    assert session["pid"] > 0 and session["createdAt"] and session["lastActivity"]
+
+    listed = (await client.get("/api/terminal/list")).json()
+    assert [s["id"] for s in listed["sessions"]] == [session["id"]]
+    assert listed["memoryUsage"]["rss"] > 0 and listed["memoryUsage"]["sessionCount"] >= 1
+
+    in_project = (await client.get(f"/api/workspace/projects/{project.pk}/terminals")).json()
+    assert in_project["projectId"] == project.pk and in_project["activeCount"] == 1
+    assert in_project["terminals"][0]["tabName"] == "build"
+
+    renamed = await post(client, f"/api/terminal/{session['id']}/rename", {"tabName": "deploy"})
+    assert renamed.json()["session"]["tabName"] == "deploy"
+
+    shell_pid = session["pid"]
+    closed = await post(client, f"/api/terminal/{session['id']}/close")
+    assert closed.status_code == 200
+    assert closed.json()["session"]["state"] == "killed"
+    assert terminals.get(session["id"]) is None
+    assert not descendants(shell_pid) and not _alive(shell_pid)
+    # history kept, tab gone
+    assert await TerminalSession.objects.filter(pk=session["id"], state="killed").aexists()
+    assert (await client.get(f"/api/workspace/projects/{project.pk}/terminals")).json()[
+        "terminals"
+    ] == []
+
+
+def _sleeps_of(session_id: str) -> set[int]:
+    found = set()
+    for pid in processes_with_env(f"TERMSYS_SESSION_ID={session_id}".encode()):
+        try:
+            if open(f"/proc/{pid}/cmdline", "rb").read().startswith(b"sleep\0"):
+                found.add(pid)
+        except OSError:
+            pass
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+async def test_close_ends_every_process_the_shell_started(
+    client, user, project, live_terminals, connect
+):
+    response = await post(client, "/api/terminal/create", {"projectId": project.pk})
+    session = response.json()["session"]
+    term = await connect(user, session["id"])
+    await term.type(
+        "sleep 1000 & (sleep 1001 &) ; setsid sleep 1002 & "
+        "nohup sleep 1003 >/dev/null 2>&1 & echo BG-$((1))-OK\r"
+    )
+    await term.read_until(b"BG-1-OK")
+    sleeps: set[int] = set()
+    for _ in range(100):  # background jobs exec their sleep a moment after the echo
+        sleeps = _sleeps_of(session["id"])
+        if len(sleeps) == 4:
+            break
+        await asyncio.sleep(0.05)
+    assert len(sleeps) == 4, "all four sleeps run, some of them outside the shell's process tree"
+    assert not sleeps <= descendants(session["pid"])
+    await post(client, f"/api/terminal/{session['id']}/close")
+    assert [pid for pid in sleeps | {session["pid"]} if _alive(pid)] == []
+
+
+async def test_session_limit_is_409(client, project, settings, live_terminals):
+    settings.TERMSYS_MAX_SESSIONS_PER_PROJECT = 2
+    for _ in range(2):
+        assert (
+            await post(client, "/api/terminal/create", {"projectId": project.pk})
+        ).status_code == 201
+    error = assert_error(
+        await post(client, "/api/terminal/create", {"projectId": project.pk}),
+        409,
+        "session_limit_reached",
+    )
+    assert "TERMSYS_MAX_SESSIONS_PER_PROJECT=2" in error["message"]
+
+
+async def test_unknown_profile_is_400(client, project):
+    error = assert_error(
+        await post(client, "/api/terminal/create", {"projectId": project.pk, "type": "nope"}), 400
+    )
+    assert "system" in error["details"]["allowed"]
+
+
+async def test_another_users_ids_are_404_and_nothing_spawns(
+    client, other_user, tmp_path, live_terminals
+):
+    theirs = await Project.objects.acreate(owner=other_user, name="theirs", path=str(tmp_path))
+    before = len(terminals.all_terminals())
+    assert_error(
+        await post(client, "/api/terminal/create", {"projectId": theirs.pk}), 404, "not_found"
+    )
+    assert len(terminals.all_terminals()) == before
+    assert_error(await client.get(f"/api/workspace/projects/{theirs.pk}/terminals"), 404)
+    other_client = AsyncClient()
+    await other_client.aforce_login(other_user)
+    created = (await post(other_client, "/api/terminal/create", {"projectId": theirs.pk})).json()[
+        "session"
+    ]
+    assert_error(await post(client, f"/api/terminal/{created['id']}/close"), 404)
+    assert_error(await post(client, f"/api/terminal/{created['id']}/rename", {"tabName": "x"}), 404)
+    assert terminals.get(created["id"]) is not None
+    assert (await client.get("/api/terminal/list")).json()["sessions"] == []
+
+
+async def test_login_required_everywhere(db):
+    anonymous = AsyncClient()
+    for method, url in [
+        ("get", "/api/projects"),
+        ("get", "/api/terminal/list"),
+        ("post", "/api/terminal/create"),
+        ("get", "/api/workspace/projects/1/terminals"),
+        ("post", "/api/terminal/x/close"),
+    ]:
+        assert_error(await getattr(anonymous, method)(url), 401, "not_authenticated")
+    page = await anonymous.get("/")
+    assert page.status_code == 302 and page["Location"].startswith("/accounts/login/")
+
+
+async def test_wrong_method_is_405_and_unknown_path_404(client):
+    response = await client.delete("/api/projects")
+    assert_error(response, 405, "method_not_allowed")
+    assert "POST" in response["Allow"]
+    assert_error(await client.get("/api/terminal/create"), 405)
+    assert_error(await client.get("/api/nope"), 404, "not_found")
+
+
+async def test_csrf_is_enforced_on_posts(user):
+    strict = AsyncClient(enforce_csrf_checks=True)
+    await strict.aforce_login(user)
+    error = assert_error(await post(strict, "/api/projects", {"name": "x"}), 403, "forbidden")
+    assert "X-CSRFToken" in error["message"]
+    page = await strict.get("/")
+    token = page.cookies["csrftoken"].value
+    ok = await post(strict, "/api/projects", {"name": "x"}, headers={"X-CSRFToken": token})
+    assert ok.status_code == 201
+
+
+async def test_health(db):
+    response = await AsyncClient().get("/api/health")
+    assert response.status_code == 200
+    assert response.json() == {
+        "status": "ok",
+        "checks": {"database": "ok", "channelLayer": "ok", "cache": "ok"},
+    }
+
+
+async def test_post_with_an_ended_login_is_401_not_a_csrf_error(db):
+    strict = AsyncClient(enforce_csrf_checks=True)
+    assert_error(
+        await post(strict, "/api/terminal/create", {"projectId": 1}), 401, "not_authenticated"
+    )

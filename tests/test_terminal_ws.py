@@ -1,0 +1,192 @@
+"""The terminal WebSocket with a real PTY running a real shell."""
+
+from __future__ import annotations
+
+import os
+import secrets
+
+import pytest
+from channels.db import database_sync_to_async
+
+from sessions_app import conf, consumers, services
+from sessions_app.models import SessionEvent, TerminalSession
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+async def test_echo_round_trip(user, session, connect):
+    term = await connect(user, session.id)
+    hello = await term.control("hello")
+    assert hello["session"] == session.id
+    assert hello["state"] == "active"
+    marker = f"hi-{secrets.token_hex(4)}"
+    await term.type(f"echo {marker}-$((6*7))\r")
+    await term.read_until(f"{marker}-42".encode())
+
+
+async def test_shell_runs_in_project_dir_with_xterm_term(user, project, session, connect):
+    term = await connect(user, session.id)
+    await term.type('printf "[%s|%s]\\n" "$PWD" "$TERM"\r')
+    await term.read_until(f"[{project.path}|xterm-256color]".encode())
+
+
+async def test_server_secrets_do_not_reach_the_shell(
+    user, project, live_terminals, connect, monkeypatch
+):
+    monkeypatch.setenv("SECRET_KEY", "server-secret-key-value")
+    monkeypatch.setenv("DATABASE_URL", "postgres://leak@127.0.0.1/leak")
+    monkeypatch.setenv("REDIS_URL", "redis://leak")
+    monkeypatch.setenv("DJANGO_SETTINGS_MODULE", "termsys.settings")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "aws-leak")
+    record = await services.session_create(user=user, project_id=project.pk)
+    term = await connect(user, record.id)
+    await term.type("env; echo END-OF-$((1+1))-ENV\r")
+    out = (await term.read_until(b"END-OF-2-ENV\r\n")).decode(errors="replace")
+    for leaked in (
+        "server-secret-key-value",
+        "leak@127.0.0.1",
+        "redis://leak",
+        "DJANGO_SETTINGS_MODULE",
+        "aws-leak",
+    ):
+        assert leaked not in out
+    assert "TERM=xterm-256color" in out
+
+
+async def test_resize_reaches_the_pty_and_is_clamped(user, session, connect):
+    term = await connect(user, session.id)
+    await term.send_json({"type": "resize", "cols": 132, "rows": 43})
+    await term.type("stty size\r")
+    await term.read_until(b"43 132")
+    await term.send_json({"type": "resize", "cols": 100000, "rows": -5})
+    await term.type("stty size; echo SIZE-$((0))-DONE\r")
+    out = await term.read_until(b"SIZE-0-DONE\r\n")
+    assert f"{conf.MIN_ROWS} {conf.MAX_COLS}".encode() in out
+
+
+async def test_replay_after_reconnect(user, session, connect):
+    term = await connect(user, session.id)
+    marker = f"kept-{secrets.token_hex(4)}"
+    await term.type(f"echo {marker}-$((5*5))\r")
+    await term.read_until(f"{marker}-25\r\n".encode())
+    await term.close()
+
+    again = await connect(user, session.id)
+    hello = await again.control("hello")
+    assert hello["offset"] == 0 and hello["end"] > 0
+    await again.read_until(f"{marker}-25\r\n".encode())
+    # and the session is live again: typing still works
+    await again.type("echo still-$((1+1))\r")
+    await again.read_until(b"still-2")
+
+
+async def test_two_clients_see_the_same_stream(user, session, connect):
+    first = await connect(user, session.id)
+    second = await connect(user, session.id)
+    await first.type("echo shared-$((3*3))\r")
+    await first.read_until(b"shared-9")
+    await second.read_until(b"shared-9")
+
+
+async def test_detach_and_attach_are_recorded(user, session, connect):
+    term = await connect(user, session.id)
+    await term.control("hello")
+    await term.close()
+    state = await database_sync_to_async(lambda: TerminalSession.objects.get(pk=session.id).state)()
+    assert state == "detached"
+    again = await connect(user, session.id)
+    await again.control("hello")
+    kinds = await database_sync_to_async(
+        lambda: list(
+            SessionEvent.objects.filter(session_id=session.id).values_list("kind", flat=True)
+        )
+    )()
+    assert kinds[:2] == ["created", "started"]
+    assert "detached" in kinds and kinds[-1] == "attached"
+
+
+async def test_other_users_session_is_refused_and_nothing_spawned(
+    user, other_user, session, connect
+):
+    before = len(os.listdir("/proc"))
+    term = await connect(other_user, session.id)
+    assert await term.closed() == 4404
+    error = await term.control("error")
+    assert error["code"] == "not_found"
+    assert abs(len(os.listdir("/proc")) - before) < 3
+
+
+async def test_unknown_session_closes_4404(user, connect, db):
+    term = await connect(user, "session_0000000000000_nosuchxx")
+    assert await term.closed() == 4404
+
+
+async def test_anonymous_is_refused_with_4401(session, connect):
+    from django.contrib.auth.models import AnonymousUser
+
+    term = await connect(AnonymousUser(), session.id)
+    assert await term.closed() == 4401
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        ("{not json", "malformed_json"),
+        ("[" * 5000 + "]" * 5000, "malformed_json"),
+        ('"just a string"', "malformed_message"),
+        ('{"type": 7}', "malformed_message"),
+        ('{"type": "launch_missiles"}', "unknown_type"),
+        ('{"type": "resize", "cols": "wide", "rows": 10}', "invalid_resize"),
+        ('{"type": "resize", "cols": true, "rows": 10}', "invalid_resize"),
+        ('{"type": "ack", "bytes": -1}', "invalid_ack"),
+    ],
+)
+async def test_bad_control_frames_get_an_error_and_the_terminal_keeps_working(
+    user, session, connect, frame, code
+):
+    term = await connect(user, session.id)
+    await term.ws.send_to(text_data=frame)
+    error = await term.control("error")
+    assert error["code"] == code
+    assert error["message"]
+    await term.type("echo alive-$((2+3))\r")
+    await term.read_until(b"alive-5")
+
+
+async def test_ping_pong(user, session, connect):
+    term = await connect(user, session.id)
+    await term.send_json({"type": "ping"})
+    assert await term.control("pong") == {"type": "pong"}
+
+
+async def test_oversized_frames_close_4413_and_the_session_survives(user, session, connect):
+    term = await connect(user, session.id)
+    await term.ws.send_to(
+        text_data='{"type":"ping","pad":"' + "x" * conf.MAX_CONTROL_FRAME_BYTES + '"}'
+    )
+    assert await term.closed() == 4413
+    assert any(c.get("code") == "payload_too_large" for c in term.controls)
+
+    big = await connect(user, session.id)
+    await big.ws.send_to(bytes_data=b"a" * (conf.MAX_INPUT_FRAME_BYTES + 1))
+    assert await big.closed() == 4413
+
+    fine = await connect(user, session.id)
+    await fine.type("echo survived-$((4+4))\r")
+    await fine.read_until(b"survived-8")
+
+
+async def test_exit_is_reported_and_history_replayed_after(user, session, connect):
+    term = await connect(user, session.id)
+    await term.type("echo last-$((1+1))-words; exit 3\r")
+    exit_message = await term.control("exit")
+    assert exit_message["exitCode"] == 3
+    assert exit_message["state"] == "exited"
+    await term.ws.send_to(bytes_data=b"ls\r")
+    assert (await term.control("error"))["message"] == consumers.MSG_ENDED
+
+    later = await connect(user, session.id)
+    hello = await later.control("hello")
+    assert hello["state"] == "exited"
+    await later.read_until(b"last-2-words")
+    assert (await later.control("exit"))["exitCode"] == 3
