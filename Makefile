@@ -5,9 +5,6 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8000
-# WebSockets stay open as long as the peer answers pings (every 20 s, 30 s to answer); the page
-# reconnects and replays after any drop, so no upper bound on a connection's age is needed.
-DAPHNE_OPTS ?= --websocket_timeout -1 --ping-interval 20 --ping-timeout 30 --websocket_max_message_size 1048576
 
 .PHONY: run test install lint format lock clean
 
@@ -32,8 +29,7 @@ install: $(VENV)/.base-installed node_modules/.installed
 run: install
 	$(PY) manage.py migrate --noinput
 	$(PY) manage.py bootstrap_admin
-	@echo "termsys is serving on http://$(HOST):$(PORT)/"
-	exec $(PY) -m daphne -b $(HOST) -p $(PORT) $(DAPHNE_OPTS) termsys.asgi:application
+	exec $(PY) manage.py serve --host $(HOST) --port $(PORT)
 
 test: install $(VENV)/.dev-installed
 	$(PY) -m pytest $(PYTEST_ARGS)
