@@ -174,6 +174,18 @@ class Browserless:
         except urllib.error.HTTPError as error:
             return error.code, json.loads(error.read())
 
+    def page(self, path: str, form: dict[str, str] | None = None) -> str:
+        """GET a page, or POST ``form`` to it with the CSRF token; return the HTML."""
+        data = None
+        if form is not None:
+            data = urllib.parse.urlencode({"csrfmiddlewaretoken": self.cookie("csrftoken"), **form})
+            data = data.encode()
+        request = urllib.request.Request(
+            self.server.url + path, data=data, headers={"Referer": self.server.url + path}
+        )
+        with self.opener.open(request) as response:
+            return response.read().decode()
+
     def ws_headers(self) -> dict[str, str]:
         cookies = "; ".join(f"{c.name}={c.value}" for c in self.jar)
         return {"Cookie": cookies}

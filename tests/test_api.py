@@ -264,3 +264,18 @@ async def test_post_with_an_ended_login_is_401_not_a_csrf_error(db):
     assert_error(
         await post(strict, "/api/terminal/create", {"projectId": 1}), 401, "not_authenticated"
     )
+
+
+async def test_health_names_the_failing_check(db, settings):
+    settings.CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": "redis://127.0.0.1:1/0",  # nothing listens on port 1
+            "OPTIONS": {"socket_connect_timeout": 0.5},
+        }
+    }
+    response = await AsyncClient().get("/api/health")
+    assert response.status_code == 503
+    body = response.json()
+    assert body["status"] == "unavailable" and body["failing"] == ["cache"]
+    assert body["checks"]["database"] == "ok" and body["checks"]["cache"] != "ok"

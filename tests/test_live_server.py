@@ -93,3 +93,29 @@ def test_history_and_exited_state_survive_a_server_restart(daphne_server, live_c
     ) as ws:
         _, controls = read_until(ws, f"{marker}-42".encode())
         assert controls[0]["type"] == "hello" and controls[0]["state"] == "exited"
+
+
+def test_admin_filters_sessions_shows_events_and_kills(daphne_server, live_client):
+    body = open_terminal(live_client, "admin-kill")
+    session_id, pid = body["session"]["id"], body["session"]["pid"]
+    base = "/admin/sessions_app/terminalsession/"
+    assert session_id in live_client.page(base + "?state__exact=active")
+    assert session_id not in live_client.page(base + "?state__exact=exited")
+    detail = live_client.page(f"{base}{session_id}/change/")
+    assert "started" in detail and "created" in detail  # events inline
+
+    result = live_client.page(
+        base, {"action": "kill_sessions", "_selected_action": session_id, "index": "0"}
+    )
+    assert "Killed 1 session(s)." in result
+    _, listed = live_client.api("GET", "/api/terminal/list")
+    assert next(s for s in listed["sessions"] if s["id"] == session_id)["state"] == "killed"
+    assert not _running(pid)
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
