@@ -15,7 +15,8 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 
 from sessions_app import conf, selectors, services, terminals
-from sessions_app.errors import NotAuthenticated, PayloadTooLarge, TermsysError
+from sessions_app.errors import Conflict, NotAuthenticated, PayloadTooLarge, TermsysError
+from sessions_app.states import LIVE_STATES
 from sessions_app.storage import SessionRecord, get_storage
 
 logger = logging.getLogger(__name__)
@@ -26,6 +27,7 @@ MSG_UNKNOWN_TYPE = "Unknown message type {type!r}; expected one of: {allowed}."
 MSG_BAD_RESIZE = "resize needs integer 'cols' and 'rows'."
 MSG_BAD_ACK = "ack needs a non-negative integer 'bytes'."
 MSG_ENDED = "The session has ended; input is not delivered."
+MSG_OTHER_PROCESS = "The session's shell runs in another server process ({node}); connect there."
 MSG_TOO_LARGE = "{kind} frame of {size} bytes is over the limit of {limit} bytes."
 
 
@@ -66,6 +68,10 @@ class TerminalConsumer(AsyncWebsocketConsumer):
         except TermsysError as exc:
             await self._refuse(exc)
             return
+        terminal = terminals.get(record.id)
+        if terminal is None and record.state in LIVE_STATES:
+            await self._refuse(Conflict(MSG_OTHER_PROCESS.format(node=record.node)))
+            return
         await self.accept()
         hello = {
             "type": "hello",
@@ -73,7 +79,6 @@ class TerminalConsumer(AsyncWebsocketConsumer):
             "mode": record.storage_mode,
             "state": record.state,
         }
-        terminal = terminals.get(record.id)
         if terminal is None or terminal.ended:
             await self._replay_ended(record, hello)
             return
@@ -86,7 +91,7 @@ class TerminalConsumer(AsyncWebsocketConsumer):
     @staticmethod
     def _load(user: Any, session_id: str) -> SessionRecord:
         record = selectors.session_get(user=user, session_id=session_id)
-        if record.state in ("creating", "active", "detached") and terminals.get(record.id) is None:
+        if record.state in LIVE_STATES and terminals.get(record.id) is None:
             services.sessions_reconcile(user=user)
             record = selectors.session_get(user=user, session_id=session_id)
         return record

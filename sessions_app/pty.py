@@ -147,12 +147,17 @@ class PtyProcess:
             deadline = time.monotonic() + grace
             while time.monotonic() < deadline:
                 self.poll()
-                targets = {pid for pid in targets if _alive(pid)}
+                targets = {pid for pid in targets if is_running(pid)}
                 if not targets:
                     return self.poll()
                 time.sleep(0.02)
         self.process.wait(timeout=5)
         return self.poll()
+
+    def hangup(self) -> None:
+        """Send SIGHUP to the process group without waiting (server shutdown)."""
+        _signal_all(self.pid, set(), signal.SIGHUP)
+        _signal_all(self.pid, set(), signal.SIGCONT)
 
     def processes(self) -> set[int]:
         """Return every process this PTY's shell started, including ones that left its tree.
@@ -201,7 +206,7 @@ def _signal_all(pgid: int, pids: set[int], sig: int) -> None:
             pass
 
 
-def _alive(pid: int) -> bool:
+def is_running(pid: int) -> bool:
     """Return True while ``pid`` runs (a zombie counts as gone)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as fh:

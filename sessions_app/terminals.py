@@ -9,6 +9,7 @@ storage in batches off that path.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextvars
 import logging
 import os
@@ -218,6 +219,15 @@ class LiveTerminal:
             del self._unstored[: len(data)]
             self._stored_offset = offset + len(data)
 
+    def flush_now(self) -> None:
+        """Store pending output synchronously: for process exit, when no event loop runs."""
+        if self._unstored:
+            get_storage(self.storage_mode).append_output(
+                self.session_id, self._stored_offset, bytes(self._unstored)
+            )
+            self._stored_offset += len(self._unstored)
+            self._unstored.clear()
+
     async def flush(self) -> None:
         """Store every byte emitted so far."""
         if self._flush_handle is not None:
@@ -310,6 +320,17 @@ class LiveTerminal:
 
 
 _terminals: dict[str, LiveTerminal] = {}
+
+
+@atexit.register
+def _at_exit() -> None:
+    """On server shutdown store what the shells printed last, and hang up on them."""
+    for terminal in list(_terminals.values()):
+        try:
+            terminal.flush_now()
+        except Exception:
+            logger.exception("could not store the last output of %s", terminal.session_id)
+        terminal.pty.hangup()
 
 
 def get(session_id: str) -> LiveTerminal | None:

@@ -11,7 +11,7 @@ from django.test import AsyncClient
 
 from sessions_app import terminals
 from sessions_app.models import Project, TerminalSession
-from sessions_app.pty import descendants, processes_with_env
+from sessions_app.pty import descendants, is_running, processes_with_env
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -125,7 +125,7 @@ async def test_terminal_lifecycle(client, user, project, live_terminals):
     assert closed.status_code == 200
     assert closed.json()["session"]["state"] == "killed"
     assert terminals.get(session["id"]) is None
-    assert not descendants(shell_pid) and not _alive(shell_pid)
+    assert not descendants(shell_pid) and not is_running(shell_pid)
     # history kept, tab gone
     assert await TerminalSession.objects.filter(pk=session["id"], state="killed").aexists()
     assert (await client.get(f"/api/workspace/projects/{project.pk}/terminals")).json()[
@@ -142,14 +142,6 @@ def _sleeps_of(session_id: str) -> set[int]:
         except OSError:
             pass
     return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 async def test_close_ends_every_process_the_shell_started(
@@ -172,7 +164,7 @@ async def test_close_ends_every_process_the_shell_started(
     assert len(sleeps) == 4, "all four sleeps run, some of them outside the shell's process tree"
     assert not sleeps <= descendants(session["pid"])
     await post(client, f"/api/terminal/{session['id']}/close")
-    assert [pid for pid in sleeps | {session["pid"]} if _alive(pid)] == []
+    assert [pid for pid in sleeps | {session["pid"]} if is_running(pid)] == []
 
 
 async def test_session_limit_is_409(client, project, settings, live_terminals):

@@ -190,3 +190,30 @@ async def test_exit_is_reported_and_history_replayed_after(user, session, connec
     assert hello["state"] == "exited"
     await later.read_until(b"last-2-words")
     assert (await later.control("exit"))["exitCode"] == 3
+
+
+async def test_session_owned_by_another_live_server_process_is_refused_4409(user, project, connect):
+    import socket
+
+    other_node = f"{socket.gethostname()}:{os.getppid()}:feedbeef"  # a process that is alive
+    session = await database_sync_to_async(TerminalSession.objects.create)(
+        project=project, user=user, state="active", node=other_node
+    )
+    term = await connect(user, session.id)
+    assert await term.closed() == 4409
+    assert "another server process" in (await term.control("error"))["message"]
+
+
+async def test_session_of_a_dead_server_process_is_shown_exited(user, project, connect):
+    import socket
+
+    dead_node = f"{socket.gethostname()}:999999999:feedbeef"
+    session = await database_sync_to_async(TerminalSession.objects.create)(
+        project=project, user=user, state="detached", node=dead_node
+    )
+    term = await connect(user, session.id)
+    assert (await term.control("hello"))["state"] == "exited"
+    event = await database_sync_to_async(
+        lambda: SessionEvent.objects.filter(session_id=session.id).latest("id")
+    )()
+    assert (event.kind, event.data["reason"]) == ("exited", "server restarted")
