@@ -79,5 +79,21 @@ def idle_timeout() -> int:
     return settings.TERMSYS_IDLE_TIMEOUT
 
 
+def local_max_bytes() -> int:
+    return settings.TERMSYS_LOCAL_MAX_BYTES
+
+
+def journal_dir() -> Path:
+    return Path(settings.TERMSYS_JOURNAL_DIR)
+
+
+def journal_max_bytes() -> int:
+    return settings.TERMSYS_JOURNAL_MAX_BYTES
+
+
+def journal_fsync() -> str:
+    return settings.TERMSYS_JOURNAL_FSYNC
+
+
 def projects_root() -> Path:
     return Path(settings.TERMSYS_PROJECTS_ROOT)

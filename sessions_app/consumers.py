@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 from typing import Any
+from urllib.parse import parse_qs
 
 from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
@@ -83,7 +84,7 @@ class TerminalConsumer(AsyncWebsocketConsumer):
             await self._replay_ended(record, hello)
             return
         self.terminal = terminal
-        terminal.attach(self, {**hello, "state": "active"})
+        terminal.attach(self, {**hello, "state": "active"}, since=self._resume_offset())
         await database_sync_to_async(services.session_attached)(
             session_id=record.id, clients=len(terminal.clients)
         )
@@ -96,12 +97,29 @@ class TerminalConsumer(AsyncWebsocketConsumer):
             record = selectors.session_get(user=user, session_id=session_id)
         return record
 
+    def _resume_offset(self) -> int | None:
+        """Return the ``offset`` query parameter: the client has every byte before it."""
+        values = parse_qs(self.scope.get("query_string", b"").decode("latin-1")).get("offset")
+        if not values or not values[0].isdigit() or len(values[0]) > 18:
+            return None
+        return int(values[0])
+
     async def _replay_ended(self, record: SessionRecord, hello: dict[str, Any]) -> None:
         """Send an ended session's stored history, then its exit."""
+        since = self._resume_offset()
+        if since is not None:
+            since = min(since, record.output_bytes)
         scrollback = await database_sync_to_async(get_storage(record.storage_mode).read_scrollback)(
-            record.id, max_bytes=conf.scrollback_bytes()
+            record.id, max_bytes=conf.scrollback_bytes(), since=since
         )
-        await self.send_control({**hello, "offset": scrollback.start, "end": scrollback.end})
+        await self.send_control(
+            {
+                **hello,
+                "offset": scrollback.start,
+                "end": scrollback.end,
+                "pruned": scrollback.pruned,
+            }
+        )
         for start in range(0, len(scrollback.data), conf.READ_BYTES):
             await self.send(bytes_data=scrollback.data[start : start + conf.READ_BYTES])
         await self.send_control(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from django.db import InterfaceError, OperationalError
 from django.http import HttpRequest, HttpResponse
 from django.utils.deprecation import MiddlewareMixin
 from django.views.csrf import csrf_failure as django_csrf_failure
@@ -19,6 +20,13 @@ class InternalError(TermsysError):
     status, code = 500, "internal_error"
 
 
+class DatabaseUnavailable(TermsysError):
+    status, code = 503, "database_unavailable"
+
+
+MSG_DATABASE_DOWN = "The database is unavailable; try again shortly."
+
+
 class ApiErrorMiddleware(MiddlewareMixin):
     def process_exception(self, request: HttpRequest, exception: Exception) -> HttpResponse | None:
         if not request.path.startswith(API_PREFIX):
@@ -27,6 +35,11 @@ class ApiErrorMiddleware(MiddlewareMixin):
 
         if isinstance(exception, TermsysError):
             return error_response(request, exception)
+        if isinstance(exception, (OperationalError, InterfaceError)):
+            logger.warning(
+                "database unavailable in %s %s: %s", request.method, request.path, exception
+            )
+            return error_response(request, DatabaseUnavailable(MSG_DATABASE_DOWN))
         logger.exception(
             "unhandled error in %s %s", request.method, request.path, exc_info=exception
         )

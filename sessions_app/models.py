@@ -124,6 +124,13 @@ class SessionEvent(models.Model):
     kind = models.CharField(max_length=32, choices=Kind.choices)
     at = models.DateTimeField(auto_now_add=True)
     data = models.JSONField(default=dict, blank=True)
+    key = models.CharField(
+        max_length=64,
+        null=True,
+        blank=True,
+        unique=True,
+        help_text="Idempotency key of an event written behind from a journal.",
+    )
 
     class Meta:
         ordering = ["at", "id"]

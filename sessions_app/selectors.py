@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from django.contrib.auth.models import AbstractBaseUser
 
+from sessions_app import storage
 from sessions_app.errors import NotFound
 from sessions_app.models import Project
-from sessions_app.storage import SessionRecord, get_storage
+from sessions_app.storage import SessionRecord
 
 
 def project_list(*, user: AbstractBaseUser) -> list[Project]:
@@ -23,16 +24,16 @@ def project_get(*, user: AbstractBaseUser, project_id: int | str) -> Project:
 
 def session_get(*, user: AbstractBaseUser, session_id: str) -> SessionRecord:
     """Return the user's session, or raise NotFound (also for another user's session)."""
-    record = get_storage().get(session_id) if isinstance(session_id, str) else None
+    record = storage.find(session_id) if isinstance(session_id, str) else None
     if record is None or record.user_id != user.pk:
         raise NotFound(f"No session {session_id}.", details={"sessionId": session_id})
     return record
 
 
 def session_list(*, user: AbstractBaseUser) -> list[SessionRecord]:
-    return get_storage().list_by_user(user.pk)
+    return storage.list_for_user(user.pk)
 
 
 def project_sessions(*, user: AbstractBaseUser, project_id: int | str) -> list[SessionRecord]:
     project = project_get(user=user, project_id=project_id)
-    return get_storage().list_by_project(project.pk)
+    return storage.list_for_project(project.pk)

@@ -7,6 +7,8 @@ on the server's event loop.
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import logging
 import re
 from pathlib import Path
@@ -17,7 +19,7 @@ from django.contrib.auth.models import AbstractBaseUser
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from sessions_app import conf, selectors, terminals
+from sessions_app import conf, selectors, storage, terminals
 from sessions_app.dbthread import db_call
 from sessions_app.errors import (
     Conflict,
@@ -30,7 +32,7 @@ from sessions_app.errors import (
 from sessions_app.models import Project, SessionEvent, TerminalSession, new_session_id
 from sessions_app.pty import PtyProcess, shell_environment
 from sessions_app.states import LIVE_STATES, SessionState, check_transition
-from sessions_app.storage import SessionRecord, get_storage, mode_for_user
+from sessions_app.storage import SessionRecord, get_storage
 
 logger = logging.getLogger(__name__)
 
@@ -86,23 +88,28 @@ def project_create(*, owner: AbstractBaseUser, name: Any, path: Any = None) -> P
 # --- session state ----------------------------------------------------------------------------
 
 
+def _find(session_id: str) -> SessionRecord:
+    record = storage.find(session_id)
+    if record is None:
+        raise NotFound(f"No session {session_id}.")
+    return record
+
+
 def session_transition(
     *, session_id: str, target: str, event: str, data: dict[str, Any] | None = None, **changes: Any
 ) -> SessionRecord:
     """Move a session to ``target`` (checked by the state machine) and record ``event``."""
-    storage = get_storage()
     for _ in range(5):
-        record = storage.get(session_id)
-        if record is None:
-            raise NotFound(f"No session {session_id}.")
+        record = _find(session_id)
+        provider = get_storage(record.storage_mode)
         if record.state != target:
             check_transition(session_id, record.state, target)
         try:
             with transaction.atomic():
-                updated = storage.update(
+                updated = provider.update(
                     session_id, expected_version=record.version, state=target, **changes
                 )
-                storage.add_event(session_id, event, {"from": record.state, **(data or {})})
+                provider.add_event(session_id, event, {"from": record.state, **(data or {})})
             return updated
         except VersionConflict:
             continue
@@ -113,10 +120,10 @@ def session_rename(*, user: AbstractBaseUser, session_id: str, tab_name: Any) ->
     if not isinstance(tab_name, str) or not tab_name.strip() or len(tab_name.strip()) > NAME_MAX:
         raise ValidationFailed("tabName must be 1-100 characters.", details={"field": "tabName"})
     record = selectors.session_get(user=user, session_id=session_id)
-    storage = get_storage()
+    provider = get_storage(record.storage_mode)
     with transaction.atomic():
-        updated = storage.update(record.id, tab_name=tab_name.strip())
-        storage.add_event(
+        updated = provider.update(record.id, tab_name=tab_name.strip())
+        provider.add_event(
             record.id, Kind.RENAMED, {"from": record.tab_name, "to": updated.tab_name}
         )
     return updated
@@ -127,15 +134,14 @@ def sessions_reconcile(*, user: AbstractBaseUser | None = None) -> int:
 
     A PTY dies with the process that owns it; its history stays.
     """
-    query = TerminalSession.objects.filter(state__in=LIVE_STATES)
     if user is not None:
-        query = query.filter(user=user)
+        live = [(r.id, r.node) for r in storage.list_for_user(user.pk) if r.state in LIVE_STATES]
+    else:
+        live = list(TerminalSession.objects.filter(state__in=LIVE_STATES).values_list("id", "node"))
     count = 0
-    for session_id, node in query.values_list("id", "node"):
-        if terminals.get(session_id) is not None or (node and terminals.node_is_alive(node)):
-            continue
-        if not node and terminals.get(session_id) is None:
-            continue  # still being created by a request in flight
+    for session_id, node in live:
+        if terminals.get(session_id) is not None or not node or terminals.node_is_alive(node):
+            continue  # ours, still being created by a request in flight, or another process's
         try:
             session_transition(
                 session_id=session_id,
@@ -175,7 +181,8 @@ def _session_insert(
         Project.objects.select_for_update().filter(
             pk=project.pk
         ).first()  # serialise the limit check
-        live = TerminalSession.objects.filter(project=project, state__in=LIVE_STATES).count()
+        sessions = storage.list_for_project(project.pk)
+        live = sum(1 for r in sessions if r.state in LIVE_STATES)
         limit = conf.max_sessions_per_project()
         if live >= limit:
             raise SessionLimitReached(
@@ -183,21 +190,20 @@ def _session_insert(
                 f"(TERMSYS_MAX_SESSIONS_PER_PROJECT={limit}); close one first.",
                 details={"limit": limit, "live": live},
             )
-        count = TerminalSession.objects.filter(project=project).count()
-        storage = get_storage(mode_for_user(user.pk))
-        record = storage.create(
+        provider = get_storage(storage.mode_for_user(user.pk))
+        record = provider.create(
             SessionRecord(
                 id=new_session_id(),
                 project_id=project.pk,
                 user_id=user.pk,
                 profile=profile,
-                tab_name=(tab_name or "").strip() or f"Terminal {count + 1}",
+                tab_name=(tab_name or "").strip() or f"Terminal {len(sessions) + 1}",
                 state=SessionState.CREATING,
-                storage_mode=storage.mode,
+                storage_mode=provider.mode,
                 cwd=project.path,
             )
         )
-        storage.add_event(record.id, Kind.CREATED, {"profile": profile})
+        provider.add_event(record.id, Kind.CREATED, {"profile": profile})
     return record, project
 
 
@@ -233,6 +239,7 @@ async def session_create(
         raise
     terminal = terminals.LiveTerminal(
         session_id=record.id,
+        user_id=user.pk,
         pty=pty,
         storage_mode=record.storage_mode,
         start_offset=0,
@@ -241,6 +248,7 @@ async def session_create(
     terminal.cols, terminal.rows = cols, rows
     terminals.register(terminal)
     terminal.start()
+    _ensure_mode_watcher()
     return await database_sync_to_async(session_transition)(
         session_id=record.id,
         target=SessionState.ACTIVE,
@@ -281,9 +289,7 @@ async def session_kill(*, session_id: str, actor: str = "") -> SessionRecord:
     if terminal is not None:
         await terminals.call_on_owner_loop(terminal, terminal.kill)
     else:
-        record = await database_sync_to_async(get_storage().get)(session_id)
-        if record is None:
-            raise NotFound(f"No session {session_id}.")
+        record = await database_sync_to_async(_find)(session_id)
         if record.state in LIVE_STATES:
             if record.node and terminals.node_is_alive(record.node):
                 raise Conflict(
@@ -298,9 +304,7 @@ async def session_kill(*, session_id: str, actor: str = "") -> SessionRecord:
                 data={"actor": actor, "orphan": True},
                 pid=None,
             )
-    record = await database_sync_to_async(get_storage().get)(session_id)
-    assert record is not None
-    return record
+    return await database_sync_to_async(_find)(session_id)
 
 
 async def session_close(*, user: AbstractBaseUser, session_id: str) -> SessionRecord:
@@ -311,16 +315,16 @@ async def session_close(*, user: AbstractBaseUser, session_id: str) -> SessionRe
 
 
 def _mark_closed(*, session_id: str) -> SessionRecord:
-    storage = get_storage()
+    provider = get_storage(_find(session_id).storage_mode)
     with transaction.atomic():
-        record = storage.update(session_id, closed_at=timezone.now())
-        storage.add_event(session_id, Kind.CLOSED, {})
+        record = provider.update(session_id, closed_at=timezone.now())
+        provider.add_event(session_id, Kind.CLOSED, {})
     return record
 
 
 def session_attached(*, session_id: str, clients: int) -> None:
     """Record that a client attached; a detached session becomes active."""
-    record = get_storage().get(session_id)
+    record = storage.find(session_id)
     if record is not None and record.state == SessionState.DETACHED:
         session_transition(
             session_id=session_id,
@@ -332,7 +336,7 @@ def session_attached(*, session_id: str, clients: int) -> None:
 
 def session_detached(*, session_id: str, cols: int, rows: int) -> None:
     """Record that the last client left; an active session becomes detached."""
-    record = get_storage().get(session_id)
+    record = storage.find(session_id)
     if record is not None and record.state == SessionState.ACTIVE:
         session_transition(
             session_id=session_id,
@@ -350,3 +354,88 @@ async def terminals_shutdown() -> None:
             await terminals.call_on_owner_loop(terminal, terminal.kill)
         except Exception:
             logger.exception("could not end session %s", terminal.session_id)
+
+
+# --- storage mode of live sessions ------------------------------------------------------------
+
+MODE_CHECK_SECONDS = 1.0
+# LOCAL keeps a session in this process's memory only; moving one in or out of it would need
+# its whole history copied, so only sessions backed by the database switch modes live.
+SWITCHABLE_MODES = frozenset({"DATABASE", "HYBRID"})
+_watchers: dict[asyncio.AbstractEventLoop, asyncio.Task] = {}
+
+
+def _record_mode_change(session_id: str, old_mode: str, new_mode: str) -> None:
+    provider = get_storage(new_mode)
+    with transaction.atomic():
+        provider.update(session_id, storage_mode=new_mode)
+        provider.add_event(session_id, Kind.MODE_CHANGED, {"from": old_mode, "to": new_mode})
+
+
+async def session_switch_mode(terminal: terminals.LiveTerminal, new_mode: str) -> bool:
+    """Move a live session to ``new_mode`` without its clients reconnecting; return whether it did.
+
+    Pending writes in the old mode are flushed first; output that arrives meanwhile waits in
+    memory and is written in the new mode afterwards, so nothing is lost or written twice.
+    """
+    old_mode = terminal.storage_mode
+    if (
+        new_mode == old_mode
+        or terminal.switching
+        or terminal.ended
+        or {old_mode, new_mode} - SWITCHABLE_MODES
+    ):
+        return False
+    terminal.switching = True
+    try:
+        await terminal.flush()
+        old = get_storage(old_mode)
+        await db_call(old.flush, terminal.session_id)
+        await db_call(_record_mode_change, terminal.session_id, old_mode, new_mode)
+        terminal.storage_mode = new_mode
+    except Exception:
+        logger.exception(
+            "switching %s from %s to %s failed; will retry", terminal.session_id, old_mode, new_mode
+        )
+        return False
+    finally:
+        terminal.switching = False
+    await terminal.flush()
+    terminal.broadcast({"type": "mode", "mode": new_mode})
+    release = getattr(old, "release", None)  # the old mode's memory of it is stale now
+    if release is not None:
+        try:
+            await db_call(release, terminal.session_id)
+        except Exception:
+            logger.exception("could not release %s from %s storage", terminal.session_id, old_mode)
+    logger.info(
+        "session %s switched storage mode %s -> %s", terminal.session_id, old_mode, new_mode
+    )
+    return True
+
+
+def _desired_modes(live: list[terminals.LiveTerminal]) -> dict[str, str]:
+    return {t.session_id: storage.mode_for_user(t.user_id) for t in live}
+
+
+async def _watch_modes(loop: asyncio.AbstractEventLoop) -> None:
+    """Re-evaluate each live session's storage mode about once a second and switch if needed."""
+    while not loop.is_closed():
+        await asyncio.sleep(MODE_CHECK_SECONDS)
+        live = [t for t in terminals.all_terminals() if t.loop is loop and not t.ended]
+        if not live:
+            continue
+        try:
+            desired = await db_call(_desired_modes, live)
+        except Exception:
+            logger.warning("could not evaluate storage modes", exc_info=True)
+            continue
+        for terminal in live:
+            if desired[terminal.session_id] != terminal.storage_mode:
+                await session_switch_mode(terminal, desired[terminal.session_id])
+
+
+def _ensure_mode_watcher() -> None:
+    loop = asyncio.get_running_loop()
+    if loop not in _watchers:
+        _watchers[loop] = loop.create_task(_watch_modes(loop), context=contextvars.Context())

@@ -22,11 +22,20 @@ from typing import Any, Protocol
 from sessions_app import conf
 from sessions_app.dbthread import db_call
 from sessions_app.pty import PtyProcess
-from sessions_app.storage import get_storage
+from sessions_app.storage import StorageProvider, get_storage
 
 logger = logging.getLogger(__name__)
 
 NODE_ID = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+# Output that storage has not taken yet (the database is down) is held in memory up to this
+# much per session; past it the PTY is not read, so the shell blocks instead of output being lost.
+UNSTORED_LIMIT = 8 * 1024 * 1024
+HOLD_BACK_SECONDS = 0.1
+MSG_STORAGE_DOWN = (
+    "Output is not being saved: the database is unavailable. It is kept in memory and saved "
+    "as soon as the database answers again."
+)
+MSG_STORAGE_BACK = "The database answers again; all output has been saved."
 
 
 def node_is_alive(node: str) -> bool:
@@ -70,12 +79,14 @@ class LiveTerminal:
         self,
         *,
         session_id: str,
+        user_id: int,
         pty: PtyProcess,
         storage_mode: str,
         start_offset: int,
         on_exit: Callable[[LiveTerminal, int | None], Awaitable[None]],
     ) -> None:
         self.session_id = session_id
+        self.user_id = user_id
         self.pty = pty
         self.storage_mode = storage_mode
         self.loop = asyncio.get_running_loop()
@@ -99,6 +110,13 @@ class LiveTerminal:
         self._pending_input = bytearray()
         self._reading = False
         self._tasks: set[asyncio.Task] = set()
+        self.switching = False  # a storage mode switch is in progress: output waits in memory
+        self._storage_failing = False
+        self._held_back: asyncio.TimerHandle | None = None
+
+    @property
+    def storage(self) -> StorageProvider:
+        return get_storage(self.storage_mode)
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -118,6 +136,15 @@ class LiveTerminal:
             self._reading = False
 
     def _on_readable(self) -> None:
+        if self.storage.backpressure() or len(self._unstored) > UNSTORED_LIMIT:
+            # Storage cannot take more now: leave the output in the PTY (the shell blocks on
+            # write) and look again shortly. Nothing is read that could not be stored.
+            self._pause_reading()
+            if self._held_back is None:
+                self._held_back = self.loop.call_later(
+                    HOLD_BACK_SECONDS, self._retry_reading, context=contextvars.Context()
+                )
+            return
         data = self.pty.read()
         if data is None:
             return
@@ -125,6 +152,10 @@ class LiveTerminal:
             self._pause_reading()
             return
         self._emit(data)
+
+    def _retry_reading(self) -> None:
+        self._held_back = None
+        self._apply_flow_control()
 
     def _on_process_exit(self) -> None:
         self.loop.remove_reader(self.pty.pidfd)
@@ -175,20 +206,50 @@ class LiveTerminal:
     # --- output ---------------------------------------------------------------------------
 
     def _emit(self, data: bytes) -> None:
+        offset = self.end_offset
         self._tail += data
         self.end_offset += len(data)
         overflow = len(self._tail) - conf.scrollback_bytes()
         if overflow > 0:
             del self._tail[:overflow]
             self._tail_start += overflow
-        self._unstored += data
-        if len(self._unstored) >= conf.OUTPUT_FLUSH_BYTES:
-            self._schedule_flush(0)
-        else:
-            self._schedule_flush(conf.OUTPUT_FLUSH_SECONDS)
+        if not self._store_inline(offset, data):
+            self._unstored += data
+            if len(self._unstored) >= conf.OUTPUT_FLUSH_BYTES:
+                self._schedule_flush(0)
+            else:
+                self._schedule_flush(conf.OUTPUT_FLUSH_SECONDS)
         if self.clients:
             self._outbox.append((None, data))
             self._kick_pump()
+
+    def _store_inline(self, offset: int, data: bytes) -> bool:
+        """Store output now when the provider allows it (before any client sees it)."""
+        storage = self.storage
+        if not storage.appends_inline or self._unstored or self.switching:
+            return False
+        try:
+            storage.append_output(self.session_id, offset, data)
+        except Exception as exc:
+            self._storage_failed(exc)
+            return False
+        self._stored_offset = offset + len(data)
+        return True
+
+    def _storage_failed(self, exc: Exception) -> None:
+        logger.warning("storing output of %s failed: %s", self.session_id, exc)
+        if not self._storage_failing:
+            self._storage_failing = True
+            self.broadcast(
+                {"type": "error", "code": "storage_unavailable", "message": MSG_STORAGE_DOWN}
+            )
+
+    def _storage_recovered(self) -> None:
+        if self._storage_failing:
+            self._storage_failing = False
+            self.broadcast(
+                {"type": "info", "code": "storage_recovered", "message": MSG_STORAGE_BACK}
+            )
 
     def _schedule_flush(self, delay: float) -> None:
         if self._flush_handle is not None:
@@ -204,38 +265,37 @@ class LiveTerminal:
         if self._flush_task is None or self._flush_task.done():
             self._flush_task = self._spawn(self._flush_pending())
 
-    async def _flush_pending(self) -> None:
-        while self._unstored:
+    async def _flush_pending(self, force: bool = False) -> None:
+        delay = 0.25
+        while self._unstored and (force or not self.switching):
             data = bytes(self._unstored)
             offset = self._stored_offset
             try:
-                await db_call(
-                    get_storage(self.storage_mode).append_output, self.session_id, offset, data
-                )
-            except Exception:
-                logger.exception("storing output of %s failed; retrying", self.session_id)
-                await asyncio.sleep(1)
+                await db_call(self.storage.append_output, self.session_id, offset, data)
+            except Exception as exc:
+                self._storage_failed(exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
                 continue
             del self._unstored[: len(data)]
             self._stored_offset = offset + len(data)
+            self._storage_recovered()
 
     def flush_now(self) -> None:
         """Store pending output synchronously: for process exit, when no event loop runs."""
         if self._unstored:
-            get_storage(self.storage_mode).append_output(
-                self.session_id, self._stored_offset, bytes(self._unstored)
-            )
+            self.storage.append_output(self.session_id, self._stored_offset, bytes(self._unstored))
             self._stored_offset += len(self._unstored)
             self._unstored.clear()
 
     async def flush(self) -> None:
-        """Store every byte emitted so far."""
+        """Store every byte emitted so far (also while a mode switch is in progress)."""
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
         if self._flush_task is not None and not self._flush_task.done():
             await self._flush_task
-        await self._flush_pending()
+        await self._flush_pending(force=True)
 
     def _kick_pump(self) -> None:
         if self._pump_task is None or self._pump_task.done():
@@ -272,11 +332,23 @@ class LiveTerminal:
 
     # --- clients --------------------------------------------------------------------------
 
-    def attach(self, client: Client, hello: dict[str, Any]) -> None:
-        """Queue hello and the in-memory scrollback for ``client``, then live output."""
-        replay = bytes(self._tail)
+    def attach(self, client: Client, hello: dict[str, Any], since: int | None = None) -> None:
+        """Queue hello and the in-memory scrollback for ``client``, then live output.
+
+        With ``since`` (a byte offset the client already has everything before), only what
+        follows it is replayed; ``pruned`` in hello says that part of it is gone.
+        """
+        start = (
+            self._tail_start
+            if since is None
+            else max(min(since, self.end_offset), self._tail_start)
+        )
+        replay = bytes(self._tail[start - self._tail_start :])
         self.clients.add(client)
-        self._outbox.append((client, {**hello, "offset": self._tail_start, "end": self.end_offset}))
+        pruned = since is not None and since < self._tail_start
+        self._outbox.append(
+            (client, {**hello, "offset": start, "end": self.end_offset, "pruned": pruned})
+        )
         for start in range(0, len(replay), conf.READ_BYTES):
             self._outbox.append((client, replay[start : start + conf.READ_BYTES]))
         self._kick_pump()

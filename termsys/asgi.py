@@ -12,6 +12,9 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 
 from sessions_app.routing import websocket_urlpatterns  # noqa: E402
+from sessions_app.storage import start_server  # noqa: E402
+
+start_server()
 
 application = ProtocolTypeRouter(
     {

@@ -102,12 +102,13 @@ if _database_url:
     DATABASES = {
         "default": dj_database_url.parse(_database_url, conn_max_age=60, conn_health_checks=True)
     }
-    if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql" and not DATABASES[
-        "default"
-    ].get("NAME"):
-        raise ImproperlyConfigured(
-            "DATABASE_URL names no database; expected postgres://user@host:5432/dbname."
-        )
+    if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+        if not DATABASES["default"].get("NAME"):
+            raise ImproperlyConfigured(
+                "DATABASE_URL names no database; expected postgres://user@host:5432/dbname."
+            )
+        # Fail fast when the database is unreachable instead of hanging requests.
+        DATABASES["default"].setdefault("OPTIONS", {}).setdefault("connect_timeout", 2)
 else:
     VAR_DIR.mkdir(parents=True, exist_ok=True)
     DATABASES = {
@@ -124,7 +125,8 @@ else:
 DATABASES["default"].setdefault("TEST", {})
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # A file, not shared-cache memory: threads then wait on SQLite's busy timeout, as in production.
-    DATABASES["default"]["TEST"]["NAME"] = str(VAR_DIR / "test.sqlite3")
+    # One per test process, so two test runs on one checkout do not share it.
+    DATABASES["default"]["TEST"]["NAME"] = str(VAR_DIR / f"test-{os.getpid()}.sqlite3")
 if os.environ.get("TERMSYS_TEST_DB_NAME"):
     DATABASES["default"]["TEST"]["NAME"] = os.environ["TERMSYS_TEST_DB_NAME"]
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
@@ -204,6 +206,16 @@ TERMSYS_SCROLLBACK_BYTES = env_int(
 TERMSYS_MAX_SESSIONS_PER_PROJECT = env_int("TERMSYS_MAX_SESSIONS_PER_PROJECT", 10, maximum=1000)
 TERMSYS_IDLE_TIMEOUT = env_int("TERMSYS_IDLE_TIMEOUT", 30 * 60, maximum=30 * 24 * 3600)
 TERMSYS_PROFILES = env_json_object("TERMSYS_PROFILES") or {}
+TERMSYS_LOCAL_MAX_BYTES = env_int(
+    "TERMSYS_LOCAL_MAX_BYTES", 256 * 1024 * 1024, minimum=1024 * 1024, maximum=64 * 1024**3
+)
+TERMSYS_JOURNAL_DIR = Path(os.environ.get("TERMSYS_JOURNAL_DIR") or VAR_DIR / "journal")
+TERMSYS_JOURNAL_MAX_BYTES = env_int(
+    "TERMSYS_JOURNAL_MAX_BYTES", 256 * 1024 * 1024, minimum=1024 * 1024, maximum=64 * 1024**3
+)
+TERMSYS_JOURNAL_FSYNC = env_choice(
+    "TERMSYS_JOURNAL_FSYNC", "INTERVAL", ("ALWAYS", "INTERVAL", "NEVER")
+)
 TERMSYS_PROJECTS_ROOT = Path(os.environ.get("TERMSYS_PROJECTS_ROOT") or VAR_DIR / "projects")
 
 # Validate what the environment gave us now, so a bad value stops start-up with its name.

@@ -32,9 +32,21 @@ def _close_thread_connections(django_db_setup, django_db_blocker):
 
 
 @pytest.fixture(autouse=True)
+def _fresh_cache():
+    """Start and end every test with an empty cache: waffle caches flags there, and a
+    transactional test's database flush does not reach a shared (Redis) cache."""
+    from django.core.cache import cache
+
+    cache.clear()
+    yield
+    cache.clear()
+
+
+@pytest.fixture(autouse=True)
 def _test_settings(settings, tmp_path):
     settings.TERMSYS_PROJECTS_ROOT = tmp_path / "projects"
     settings.TERMSYS_PROFILES = TEST_PROFILES
+    settings.TERMSYS_JOURNAL_DIR = tmp_path / "journal"
 
 
 @pytest.fixture
@@ -129,7 +141,8 @@ class Terminal:
         await self.ws.send_to(text_data=json.dumps(message))
 
     async def close(self) -> None:
-        await self.ws.disconnect()
+        # Wait for the consumer's disconnect handler (it records the detach) to finish.
+        await self.ws.disconnect(timeout=10)
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import http.cookiejar
 import json
 import os
@@ -31,7 +32,7 @@ def free_port() -> int:
 class LiveServer:
     """Start with ``start()``, stop with ``stop()``; ``restart()`` keeps the database."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, **extra_env: str) -> None:
         self.workdir = workdir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -44,7 +45,14 @@ class LiveServer:
             TERMSYS_PROJECTS_ROOT=str(workdir / "projects"),
             SECRET_KEY="live-test-" + secrets.token_hex(16),
             TERMSYS_PROFILES=json.dumps({"system": ["/bin/bash", "--noprofile", "--norc"]}),
+            **extra_env,
         )
+        redis = os.environ.get("REDIS_URL", "")
+        if redis:
+            # A Redis database of its own: the test process's cached flags are not the server's.
+            match = re.match(r"^(redis://[^/]+)/?(\d*)$", redis)
+            if match:
+                self.env["REDIS_URL"] = f"{match.group(1)}/{(int(match.group(2) or 0) + 1) % 16}"
         self._pg_name: str | None = None
         base = os.environ.get("DATABASE_URL", "")
         if base.startswith(("postgres://", "postgresql://")):
@@ -120,6 +128,20 @@ class LiveServer:
                 self.process.kill()
                 self.process.wait()
         self.process = None
+
+    def kill(self) -> None:
+        """End the server with SIGKILL: no shutdown code runs (a crash)."""
+        self.stop(signal.SIGKILL)
+
+    def stored_output(self, session_id: str) -> bytes:
+        """Return the session's output as the database holds it (read in a separate process)."""
+        code = (
+            "import base64, sys; from sessions_app.models import OutputChunk as C; "
+            f"rows = C.objects.filter(session_id={session_id!r}).order_by('seq'); "
+            "blob = base64.b64encode(b''.join(bytes(r.data) for r in rows)).decode(); "
+            "sys.stdout.write('<<' + blob + '>>')"
+        )
+        return base64.b64decode(re.search(r"<<(.*?)>>", self.manage("shell", "-c", code)).group(1))
 
     def restart(self) -> None:
         self.stop()

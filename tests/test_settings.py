@@ -117,12 +117,3 @@ def test_service_urls_select_postgres_and_redis(tmp_path):
         "channels_redis.core.RedisChannelLayer",
         "django.core.cache.backends.redis.RedisCache",
     ]
-
-
-def test_a_storage_mode_this_version_lacks_stops_startup(tmp_path):
-    result = start({"TERMSYS_STORAGE_MODE": "hybrid"}, tmp_path)
-    assert result.returncode != 0
-    assert (
-        "TERMSYS_STORAGE_MODE='HYBRID' is not available in this version; use DATABASE."
-        in result.stderr
-    )

@@ -217,3 +217,37 @@ async def test_session_of_a_dead_server_process_is_shown_exited(user, project, c
         lambda: SessionEvent.objects.filter(session_id=session.id).latest("id")
     )()
     assert (event.kind, event.data["reason"]) == ("exited", "server restarted")
+
+
+async def test_resume_from_an_offset_sends_only_the_missing_bytes(user, session, connect):
+    from channels.routing import URLRouter
+    from channels.testing import WebsocketCommunicator
+
+    from sessions_app.routing import websocket_urlpatterns
+    from tests.conftest import Terminal
+
+    term = await connect(user, session.id)
+    await term.type("echo part-$((1))-one\r")
+    seen = await term.read_until(b"part-1-one\r\n")
+    have = len(seen)
+    await term.close()
+
+    communicator = WebsocketCommunicator(
+        URLRouter(websocket_urlpatterns), f"/ws/terminals/{session.id}/?offset={have}"
+    )
+    communicator.scope["user"] = user
+    assert (await communicator.connect(timeout=10))[0]
+    again = Terminal(communicator)
+    hello = await again.control("hello")
+    assert hello["offset"] == have and hello["pruned"] is False
+    await again.type("echo part-$((2))-two\r")
+    rest = await again.read_until(b"part-2-two\r\n")
+    assert b"part-1-one" not in rest  # nothing repeated
+    full = await connect(user, session.id)
+    everything = await full.read_until(b"part-2-two\r\n")
+    # what the resumed client got continues exactly where the first left off
+    joined = seen + rest
+    common = min(len(everything), len(joined))
+    assert everything[:common] == joined[:common]
+    assert common >= joined.index(b"part-2-two\r\n")
+    await again.close()

@@ -61,6 +61,14 @@ class StorageProvider(ABC):
     """Persistence for sessions, their events and their output. Methods are synchronous."""
 
     mode: str
+    # True when append_output is cheap enough for the event loop (memory, a journal write):
+    # a live terminal then stores each read before any client sees it. Otherwise the
+    # terminal batches output and stores it from a worker thread.
+    appends_inline: bool = False
+
+    def backpressure(self) -> bool:
+        """Return True while writers should hold back (a write-behind queue is nearly full)."""
+        return False
 
     @abstractmethod
     def create(self, record: SessionRecord) -> SessionRecord: ...
@@ -98,7 +106,12 @@ class StorageProvider(ABC):
         """
 
     @abstractmethod
-    def read_scrollback(self, session_id: str, *, max_bytes: int) -> Scrollback: ...
+    def read_scrollback(
+        self, session_id: str, *, max_bytes: int, since: int | None = None
+    ) -> Scrollback:
+        """Return the retained output tail: at most ``max_bytes``, starting no earlier than
+        byte offset ``since`` when given (``pruned`` says whether bytes after ``since``, or
+        before the tail, are gone). Raise NotFound for an unknown session."""
 
     @abstractmethod
     def cleanup(self, before: datetime) -> int:
@@ -107,5 +120,16 @@ class StorageProvider(ABC):
     def prefetch(self, project_ids: list[int]) -> None:  # noqa: B027 - optional hook
         """Warm whatever cache the provider has for these projects."""
 
+    def suspend_project(self, project_id: int) -> None:  # noqa: B027 - optional hook
+        """The project is no longer on screen: its memory may be released (shells keep running)."""
+
+    def resume_project(self, project_id: int) -> None:
+        """The project is on screen again: make its reads fast."""
+        self.prefetch([project_id])
+
     def flush(self) -> None:  # noqa: B027 - optional hook
-        """Write out anything pending."""
+        """Write out anything pending; return when it is durable in the provider's store."""
+
+    def pending(self) -> dict[str, float]:
+        """Return write-behind figures: ``count`` of pending writes, ``oldest_age`` in seconds."""
+        return {"count": 0, "oldest_age": 0.0}

@@ -15,9 +15,13 @@ from sessions_app.models import OutputChunk, SessionEvent, StorageMode, Terminal
 from sessions_app.states import LIVE_STATES
 from sessions_app.storage.base import Scrollback, SessionRecord, StorageProvider, plain_text
 
+# Output is stored in chunks of 64-256 KiB: small batches grow the last chunk until it is big
+# enough, so an interactive session does not write a row per keystroke echo.
+CHUNK_MIN_BYTES = 64 * 1024
+CHUNK_MAX_BYTES = 256 * 1024
 RECORD_FIELDS = tuple(f.name for f in fields(SessionRecord))
-# Model fields named differently from the record's.
-_MODEL_NAMES = {"project_id": "project_id", "user_id": "user_id"}
+# Fields ``update`` may change: the id is the key and the version is the provider's to bump.
+UPDATABLE_FIELDS = frozenset(RECORD_FIELDS) - {"id", "version"}
 
 
 def _record(row: TerminalSession) -> SessionRecord:
@@ -48,7 +52,7 @@ class DatabaseStorage(StorageProvider):
     def update(
         self, session_id: str, *, expected_version: int | None = None, **changes: Any
     ) -> SessionRecord:
-        unknown = set(changes) - set(RECORD_FIELDS)
+        unknown = set(changes) - UPDATABLE_FIELDS
         if unknown:
             raise TypeError(f"unknown session fields: {', '.join(sorted(unknown))}")
         query = TerminalSession.objects.filter(pk=session_id)
@@ -84,41 +88,60 @@ class DatabaseStorage(StorageProvider):
     @transaction.atomic
     def append_output(self, session_id: str, offset: int, data: bytes) -> int:
         session = (
-            TerminalSession.objects.select_for_update().only("output_bytes").get(pk=session_id)
-        )
+            TerminalSession.objects.select_for_update().only("output_bytes").filter(pk=session_id)
+        ).first()
+        if session is None:
+            raise NotFound(f"No session {session_id}.")
         end = session.output_bytes
         if offset + len(data) <= end:
             return end  # already stored: a retried batch
-        if offset < end:
-            data = data[end - offset :]
-            offset = end
-        last_seq = OutputChunk.objects.filter(session_id=session_id).aggregate(m=Max("seq"))["m"]
-        OutputChunk.objects.create(
-            session_id=session_id,
-            seq=(last_seq or 0) + 1,
-            offset=offset,
-            data=data,
-            text=plain_text(data),
-        )
-        end = offset + len(data)
+        if offset > end:
+            raise ValueError(f"output of {session_id} has a gap: stored up to {end}, got {offset}")
+        data = data[end - offset :]
+        last = OutputChunk.objects.filter(session_id=session_id).order_by("-seq").first()
+        if last is not None and len(last.data) < CHUNK_MIN_BYTES:
+            # Small batches (keystroke echoes) grow the last chunk instead of adding rows.
+            room = CHUNK_MAX_BYTES - len(last.data)
+            merged = bytes(last.data) + data[:room]
+            OutputChunk.objects.filter(pk=last.pk).update(data=merged, text=plain_text(merged))
+            consumed = min(room, len(data))
+            seq = last.seq
+        else:
+            consumed, seq = 0, last.seq if last else 0
+        position = end + consumed
+        for start in range(consumed, len(data), CHUNK_MAX_BYTES):
+            piece = data[start : start + CHUNK_MAX_BYTES]
+            seq += 1
+            OutputChunk.objects.create(
+                session_id=session_id, seq=seq, offset=position, data=piece, text=plain_text(piece)
+            )
+            position += len(piece)
         TerminalSession.objects.filter(pk=session_id).update(
-            output_bytes=end, last_activity=timezone.now()
+            output_bytes=position, last_activity=timezone.now()
         )
-        self._prune(session_id, end)
-        return end
+        self._prune(session_id, position)
+        return position
 
     def _prune(self, session_id: str, end: int) -> None:
         """Delete chunks wholly before the retained scrollback window."""
         cutoff = end - self.scrollback_bytes
         if cutoff <= 0:
             return
-        first_kept = OutputChunk.objects.filter(
-            session_id=session_id, offset__lte=cutoff
-        ).aggregate(m=Max("offset"))["m"]
+        first_kept = self._chunk_offset_at(session_id, cutoff)
         if first_kept:
             OutputChunk.objects.filter(session_id=session_id, offset__lt=first_kept).delete()
 
-    def read_scrollback(self, session_id: str, *, max_bytes: int) -> Scrollback:
+    @staticmethod
+    def _chunk_offset_at(session_id: str, position: int) -> int:
+        """Return the offset of the chunk holding byte ``position`` (0 if none starts before)."""
+        found = OutputChunk.objects.filter(session_id=session_id, offset__lte=position).aggregate(
+            m=Max("offset")
+        )["m"]
+        return found or 0
+
+    def read_scrollback(
+        self, session_id: str, *, max_bytes: int, since: int | None = None
+    ) -> Scrollback:
         end = (
             TerminalSession.objects.filter(pk=session_id)
             .values_list("output_bytes", flat=True)
@@ -126,34 +149,26 @@ class DatabaseStorage(StorageProvider):
         )
         if end is None:
             raise NotFound(f"No session {session_id}.")
-        cutoff = max(0, end - min(max_bytes, self.scrollback_bytes))
-        first = (
-            (
-                OutputChunk.objects.filter(session_id=session_id, offset__lte=cutoff).aggregate(
-                    m=Max("offset")
-                )["m"]
-            )
-            or 0
+        wanted = max(since or 0, end - min(max_bytes, self.scrollback_bytes), 0)
+        first = self._chunk_offset_at(session_id, wanted)
+        rows = (
+            OutputChunk.objects.filter(session_id=session_id, offset__gte=first)
+            .order_by("seq")
+            .values_list("offset", "data")
         )
-        chunks = OutputChunk.objects.filter(session_id=session_id, offset__gte=first).order_by(
-            "seq"
+        parts = [(offset, bytes(data)) for offset, data in rows]
+        start = parts[0][0] if parts else end
+        blob = b"".join(data for _, data in parts)
+        if start < wanted:
+            blob = blob[wanted - start :]
+            start = wanted
+        return Scrollback(
+            data=blob, start=start, end=start + len(blob), pruned=start > (since or 0)
         )
-        parts = []
-        start = None
-        for offset, data in chunks.values_list("offset", "data"):
-            if start is None:
-                start = offset
-            parts.append(bytes(data))
-        blob = b"".join(parts)
-        start = end - len(blob) if start is None else start
-        if start < cutoff:
-            blob = blob[cutoff - start :]
-            start = cutoff
-        return Scrollback(data=blob, start=start, end=start + len(blob), pruned=start > 0)
 
     def cleanup(self, before: datetime) -> int:
         query = TerminalSession.objects.exclude(state__in=LIVE_STATES).filter(
             last_activity__lt=before
         )
-        count, _ = query.delete()
-        return count
+        _, per_model = query.delete()
+        return per_model.get(TerminalSession._meta.label, 0)

@@ -1,0 +1,461 @@
+"""One contract suite run against every storage provider, on whichever database is configured.
+
+Like Django's ``SessionTestsMixin``: each test here runs once per entry of ``PROVIDERS``, so a
+user sees the same sessions and the same scrollback whichever mode their sessions are stored in.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from django.utils import timezone
+
+from sessions_app.errors import NotFound, VersionConflict
+from sessions_app.models import SessionEvent, new_session_id
+from sessions_app.storage.base import SessionRecord, StorageProvider
+from sessions_app.storage.database import DatabaseStorage
+from sessions_app.storage.hybrid import HybridStorage
+from sessions_app.storage.local import LocalStorage
+from tests.factories import ProjectFactory
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+SCROLLBACK_BYTES = 1000
+ALL_BYTES = bytes(range(256))
+
+
+def make_local(scrollback_bytes: int) -> StorageProvider:
+    return LocalStorage(scrollback_bytes=scrollback_bytes, max_bytes=64 * 1024 * 1024)
+
+
+def make_database(scrollback_bytes: int) -> StorageProvider:
+    return DatabaseStorage(scrollback_bytes=scrollback_bytes)
+
+
+def make_hybrid(scrollback_bytes: int) -> StorageProvider:
+    return HybridStorage(
+        scrollback_bytes=scrollback_bytes,
+        memory_max_bytes=64 * 1024 * 1024,
+        journal_dir=Path(tempfile.mkdtemp(prefix="termsys-journal-")),
+        journal_max_bytes=64 * 1024 * 1024,
+        fsync="NEVER",
+    )
+
+
+PROVIDERS: dict[str, Callable[[int], StorageProvider]] = {
+    "LOCAL": make_local,
+    "DATABASE": make_database,
+    "HYBRID": make_hybrid,
+}
+
+
+@pytest.fixture(params=list(PROVIDERS))
+def provider(request):
+    provider = PROVIDERS[request.param](SCROLLBACK_BYTES)
+    yield provider
+    if isinstance(provider, HybridStorage):
+        provider.close()
+        shutil.rmtree(provider.journal.directory, ignore_errors=True)
+
+
+@pytest.fixture
+def new(provider, project, user):
+    """Return ``new(**fields)`` -> a session created through the provider."""
+
+    def _new(**fields) -> SessionRecord:
+        values = {
+            "id": new_session_id(),
+            "project_id": project.pk,
+            "user_id": user.pk,
+            "profile": "system",
+            "tab_name": "main",
+            "state": "active",
+            "storage_mode": provider.mode,
+        }
+        return provider.create(SessionRecord(**{**values, **fields}))
+
+    return _new
+
+
+def pieces(data: bytes, size: int) -> list[tuple[int, bytes]]:
+    return [(offset, data[offset : offset + size]) for offset in range(0, len(data), size)]
+
+
+def printed(provider: StorageProvider, session_id: str, data: bytes, size: int = 7) -> int:
+    """Append ``data`` in small pieces, the way a PTY's output arrives; return the end."""
+    end = 0
+    for offset, piece in pieces(data, size):
+        end = provider.append_output(session_id, offset, piece)
+    return end
+
+
+def recorded_events(provider: StorageProvider, session_id: str) -> list[tuple[str, dict]]:
+    provider.flush()
+    if hasattr(provider, "events"):
+        return provider.events(session_id)
+    rows = SessionEvent.objects.filter(session_id=session_id).order_by("at", "id")
+    return [(row.kind, row.data) for row in rows]
+
+
+# --- records -----------------------------------------------------------------------------
+
+
+def test_created_session_reads_back_with_every_field(provider, new):
+    before = timezone.now()
+    created = new(
+        tab_name="build",
+        title="make -j8",
+        cwd="/srv/app",
+        pid=4242,
+        node="web-1:123",
+        cols=132,
+        rows=43,
+        state="detached",
+        exit_code=None,
+    )
+    after = timezone.now()
+
+    assert provider.get(created.id) == created
+    assert (created.tab_name, created.title, created.cwd, created.pid, created.node) == (
+        "build",
+        "make -j8",
+        "/srv/app",
+        4242,
+        "web-1:123",
+    )
+    assert (created.cols, created.rows, created.state) == (132, 43, "detached")
+    assert (created.version, created.output_bytes, created.closed_at) == (1, 0, None)
+    assert before <= created.created_at <= after
+    assert before <= created.last_activity <= after
+
+
+def test_unknown_session_is_absent_everywhere(provider, new):
+    new()
+    missing = new_session_id()
+    assert provider.get(missing) is None
+    with pytest.raises(NotFound):
+        provider.update(missing, title="x")
+    with pytest.raises(NotFound):
+        provider.append_output(missing, 0, b"x")
+    with pytest.raises(NotFound):
+        provider.read_scrollback(missing, max_bytes=100)
+    provider.delete(missing)  # deleting what is not there is not an error
+
+
+def test_update_bumps_version_and_last_activity(provider, new):
+    created = new()
+    before = timezone.now()
+    renamed = provider.update(created.id, expected_version=1, tab_name="logs", cols=100)
+    assert (renamed.tab_name, renamed.cols, renamed.version) == ("logs", 100, 2)
+    assert renamed.last_activity >= before
+    again = provider.update(created.id, title="tail -f")
+    assert again.version == 3
+    assert provider.get(created.id) == again
+
+
+def test_stale_version_is_rejected_and_changes_nothing(provider, new):
+    created = new()
+    current = provider.update(created.id, expected_version=1, tab_name="mine")
+    with pytest.raises(VersionConflict):
+        provider.update(created.id, expected_version=1, tab_name="theirs")
+    assert provider.get(created.id) == current
+
+
+def test_update_rejects_unknown_fields(provider, new):
+    created = new()
+    with pytest.raises(TypeError):
+        provider.update(created.id, colour="red")
+    assert provider.get(created.id) == created
+
+
+def test_deleted_session_is_gone(provider, new):
+    kept, gone = new(), new()
+    provider.append_output(gone.id, 0, b"bye")
+    provider.delete(gone.id)
+    assert provider.get(gone.id) is None
+    assert [r.id for r in provider.list_by_project(kept.project_id)] == [kept.id]
+    with pytest.raises(NotFound):
+        provider.read_scrollback(gone.id, max_bytes=100)
+
+
+def test_lists_show_only_that_users_and_projects_open_tabs(
+    provider, new, project, user, other_user
+):
+    other_project = ProjectFactory(owner=user)
+    theirs_project = ProjectFactory(owner=other_user)
+    first = new()
+    second = new(state="detached")
+    closed = new(state="exited", closed_at=timezone.now())
+    elsewhere = new(project_id=other_project.pk)
+    theirs = new(project_id=theirs_project.pk, user_id=other_user.pk)
+
+    assert [r.id for r in provider.list_by_project(project.pk)] == [first.id, second.id]
+    assert [r.id for r in provider.list_by_project(project.pk, include_closed=True)] == [
+        first.id,
+        second.id,
+        closed.id,
+    ]
+    assert [r.id for r in provider.list_by_user(user.pk)] == [first.id, second.id, elsewhere.id]
+    assert {r.id for r in provider.list_by_user(user.pk, include_closed=True)} == {
+        first.id,
+        second.id,
+        closed.id,
+        elsewhere.id,
+    }
+    assert [r.id for r in provider.list_by_user(other_user.pk)] == [theirs.id]
+    assert provider.list_by_project(theirs_project.pk) == [provider.get(theirs.id)]
+
+
+def test_events_are_kept_in_order(provider, new):
+    created = new()
+    provider.add_event(created.id, "created")
+    provider.add_event(created.id, "resized", {"cols": 120, "rows": 40})
+    provider.add_event(created.id, "title", {"title": "vim"})
+    assert recorded_events(provider, created.id) == [
+        ("created", {}),
+        ("resized", {"cols": 120, "rows": 40}),
+        ("title", {"title": "vim"}),
+    ]
+
+
+# --- output and scrollback -------------------------------------------------------------------
+
+
+def test_output_in_small_pieces_is_replayed_exactly(provider, new):
+    created = new()
+    output = ALL_BYTES * 3  # 768 bytes, under the scrollback size
+    assert printed(provider, created.id, output) == len(output)
+    back = provider.read_scrollback(created.id, max_bytes=10_000)
+    assert (back.data, back.start, back.end, back.pruned) == (output, 0, len(output), False)
+    assert provider.get(created.id).output_bytes == len(output)
+
+
+def test_retried_output_is_not_shown_twice(provider, new):
+    created = new()
+    output = ALL_BYTES * 2
+    printed(provider, created.id, output[:300], size=50)
+    # The same batch again, a batch overlapping the stored end, and an old piece again.
+    assert provider.append_output(created.id, 250, output[250:300]) == 300
+    assert provider.append_output(created.id, 200, output[200:400]) == 400
+    assert provider.append_output(created.id, 0, output[:10]) == 400
+    assert provider.append_output(created.id, 400, b"") == 400
+    assert provider.append_output(created.id, 400, output[400:]) == len(output)
+    back = provider.read_scrollback(created.id, max_bytes=10_000)
+    assert back.data == output
+    assert provider.get(created.id).output_bytes == len(output)
+
+
+def test_output_with_a_gap_is_refused(provider, new):
+    created = new()
+    provider.append_output(created.id, 0, b"hello ")
+    with pytest.raises(ValueError):
+        provider.append_output(created.id, 10, b"world")
+    assert provider.read_scrollback(created.id, max_bytes=100).data == b"hello "
+    assert provider.get(created.id).output_bytes == 6
+
+
+def test_scrollback_keeps_the_newest_output(provider, new):
+    created = new()
+    output = ALL_BYTES * 10  # 2560 bytes, well past SCROLLBACK_BYTES
+    printed(provider, created.id, output, size=37)
+
+    back = provider.read_scrollback(created.id, max_bytes=10_000)
+    assert back.data == output[-SCROLLBACK_BYTES:]
+    assert (back.start, back.end, back.pruned) == (
+        len(output) - SCROLLBACK_BYTES,
+        len(output),
+        True,
+    )
+
+    short = provider.read_scrollback(created.id, max_bytes=100)
+    assert short.data == output[-100:]
+    assert (short.start, short.end, short.pruned) == (len(output) - 100, len(output), True)
+
+
+def test_resume_since_an_offset_sends_exactly_what_followed(provider, new):
+    created = new()
+    output = ALL_BYTES * 3
+    printed(provider, created.id, output)
+
+    resumed = provider.read_scrollback(created.id, max_bytes=10_000, since=500)
+    assert (resumed.data, resumed.start, resumed.end, resumed.pruned) == (
+        output[500:],
+        500,
+        len(output),
+        False,
+    )
+    caught_up = provider.read_scrollback(created.id, max_bytes=10_000, since=len(output))
+    assert (caught_up.data, caught_up.start, caught_up.pruned) == (b"", len(output), False)
+
+
+def test_resume_from_before_the_retained_output_says_it_was_pruned(provider, new):
+    created = new()
+    output = ALL_BYTES * 10
+    printed(provider, created.id, output, size=64)
+
+    resumed = provider.read_scrollback(created.id, max_bytes=10_000, since=100)
+    assert resumed.pruned
+    assert resumed.start == len(output) - SCROLLBACK_BYTES
+    assert resumed.data == output[resumed.start :]
+
+    limited = provider.read_scrollback(created.id, max_bytes=50, since=len(output) - 80)
+    assert (limited.data, limited.start, limited.pruned) == (output[-50:], len(output) - 50, True)
+
+
+def test_scrollback_of_a_silent_session_is_empty(provider, new):
+    created = new()
+    back = provider.read_scrollback(created.id, max_bytes=100)
+    assert (back.data, back.start, back.end, back.pruned) == (b"", 0, 0, False)
+
+
+# --- cleanup ---------------------------------------------------------------------------------
+
+
+def test_cleanup_removes_only_ended_sessions_idle_before_the_cutoff(provider, new, request):
+    now = timezone.now()
+    old, recent = now - timedelta(hours=2), now - timedelta(minutes=5)
+    cutoff = now - timedelta(hours=1)
+    sessions = {}
+    for name, state, last in [
+        ("old_exited", "exited", old),
+        ("old_killed", "killed", old),
+        ("old_error", "error", old),
+        ("old_detached", "detached", old),
+        ("old_active", "active", old),
+        ("recent_exited", "exited", recent),
+    ]:
+        created = new(state=state)
+        provider.append_output(created.id, 0, b"$ ")
+        provider.add_event(created.id, "created")
+        sessions[name] = provider.update(created.id, last_activity=last)
+
+    assert provider.cleanup(cutoff) == 3
+    left = {r.id for r in provider.list_by_user(sessions["old_active"].user_id)}
+    assert left == {sessions[n].id for n in ("old_detached", "old_active", "recent_exited")}
+    assert provider.get(sessions["old_exited"].id) is None
+    assert provider.cleanup(cutoff) == 0
+
+
+def test_optional_hooks_are_safe_to_call(provider, new, project):
+    created = new()
+    provider.prefetch([project.pk])
+    provider.suspend_project(project.pk)
+    provider.resume_project(project.pk)
+    provider.flush()
+    assert provider.pending()["count"] == 0
+    assert provider.get(created.id) == created
+
+
+# --- LOCAL only ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def local() -> LocalStorage:
+    """A LOCAL provider whose total cap (250 bytes) is below one session's scrollback."""
+    return LocalStorage(scrollback_bytes=1000, max_bytes=250)
+
+
+@pytest.fixture
+def local_new(local, project, user):
+    """Return ``local_new(state)`` -> a session in that state created in ``local``."""
+
+    def _new(state: str) -> SessionRecord:
+        record = SessionRecord(
+            id=new_session_id(),
+            project_id=project.pk,
+            user_id=user.pk,
+            profile="system",
+            tab_name=state,
+            state=state,
+            storage_mode="LOCAL",
+        )
+        return local.create(record)
+
+    return _new
+
+
+def test_local_cap_evicts_the_longest_idle_detached_output_first(local, local_new, caplog):
+    watched, older, newer = local_new("active"), local_new("detached"), local_new("detached")
+    local.append_output(older.id, 0, b"o" * 100)
+    local.append_output(newer.id, 0, b"n" * 100)
+    now = timezone.now()
+    local.update(older.id, last_activity=now - timedelta(hours=2))
+    local.update(newer.id, last_activity=now - timedelta(hours=1))
+
+    local.append_output(watched.id, 0, b"a" * 100)  # 300 bytes > 250: one must go
+    gone = local.read_scrollback(older.id, max_bytes=1000)
+    assert (gone.data, gone.start, gone.end, gone.pruned) == (b"", 100, 100, True)
+    assert local.read_scrollback(newer.id, max_bytes=1000).data == b"n" * 100
+    assert local.read_scrollback(watched.id, max_bytes=1000).data == b"a" * 100
+    assert local.get(older.id).output_bytes == 100  # the offsets survive; resume still works
+
+    local.append_output(watched.id, 100, b"b" * 100)
+    assert local.read_scrollback(newer.id, max_bytes=1000).data == b""
+    assert local.stats()["bytes"] == 200
+
+    with caplog.at_level(logging.WARNING, logger="sessions_app.storage.local"):
+        local.append_output(watched.id, 200, b"c" * 100)
+        local.append_output(watched.id, 300, b"d" * 100)
+    assert local.read_scrollback(watched.id, max_bytes=1000).data == (
+        b"a" * 100 + b"b" * 100 + b"c" * 100 + b"d" * 100
+    )
+    assert [r.levelno for r in caplog.records] == [logging.WARNING]
+    assert "TERMSYS_LOCAL_MAX_BYTES" in caplog.records[0].getMessage()
+
+
+def test_local_session_that_detaches_becomes_evictable(local, local_new):
+    creating, leaving = local_new("creating"), local_new("active")
+    local.append_output(creating.id, 0, b"c" * 120)
+    local.append_output(leaving.id, 0, b"l" * 120)
+    local.update(leaving.id, state="detached")
+    local.append_output(creating.id, 120, b"c" * 20)  # 260 bytes > 250
+    assert local.read_scrollback(leaving.id, max_bytes=1000).data == b""
+    assert local.read_scrollback(creating.id, max_bytes=1000).data == b"c" * 140
+
+
+def test_local_concurrent_retries_store_output_once(local, local_new):
+    created = local_new("active")
+    output = ALL_BYTES * 4
+    batches = pieces(output, 13)
+    errors: list[BaseException] = []
+
+    def replay() -> None:
+        try:
+            for offset, piece in batches:
+                local.append_output(created.id, offset, piece)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=replay) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert local.read_scrollback(created.id, max_bytes=1000).data == output[-1000:]
+    assert local.get(created.id).output_bytes == len(output)
+
+
+def test_local_storage_loses_everything_with_the_process(local, local_new):
+    created = local_new("active")
+    local.append_output(created.id, 0, b"x")
+    fresh = LocalStorage(scrollback_bytes=1000, max_bytes=250)
+    assert fresh.get(created.id) is None
+
+
+def test_factory_builds_local_storage_with_the_configured_caps(settings):
+    from sessions_app.storage import get_storage
+
+    settings.TERMSYS_SCROLLBACK_BYTES = 8192
+    settings.TERMSYS_LOCAL_MAX_BYTES = 2 * 1024 * 1024
+    storage = get_storage("LOCAL")
+    assert isinstance(storage, LocalStorage)
+    assert (storage.scrollback_bytes, storage.max_bytes) == (8192, 2 * 1024 * 1024)
+    assert get_storage("LOCAL") is storage
