@@ -48,6 +48,20 @@ async def _run(check: Any) -> dict[str, Any]:
     return {"ok": True}
 
 
+def storage_figures() -> dict[str, dict[str, Any]]:
+    """Return each storage mode's write-behind figures (pending count, oldest pending age)."""
+    from sessions_app import storage
+
+    return {
+        mode: {
+            "pending": v.get("count", 0),
+            "oldestPendingAge": v.get("oldest_age", 0.0),
+            **({"circuit": v["circuit"]} if "circuit" in v else {}),
+        }
+        for mode, v in storage.pending().items()
+    }
+
+
 async def health_checks() -> dict[str, dict[str, Any]]:
     names = ("database", "channelLayer", "cache")
     results = await asyncio.gather(

@@ -149,7 +149,13 @@ class HybridStorage(StorageProvider):
         return created
 
     def get(self, session_id: str) -> SessionRecord | None:
-        return self._in_memory(session_id)
+        record = self.memory.get(session_id)
+        if record is not None:
+            return record
+        record = self.database.get(session_id)
+        if record is not None and record.storage_mode == self.mode:
+            self.memory.put(record)  # ours (from before a restart): serve it from memory now
+        return record
 
     def update(
         self, session_id: str, *, expected_version: int | None = None, **changes: Any
