@@ -75,6 +75,10 @@ def max_sessions_per_project() -> int:
     return settings.TERMSYS_MAX_SESSIONS_PER_PROJECT
 
 
+def max_sessions_per_user() -> int:
+    return settings.TERMSYS_MAX_SESSIONS_PER_USER
+
+
 def idle_timeout() -> int:
     return settings.TERMSYS_IDLE_TIMEOUT
 

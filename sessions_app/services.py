@@ -190,6 +190,13 @@ def _session_insert(
                 f"(TERMSYS_MAX_SESSIONS_PER_PROJECT={limit}); close one first.",
                 details={"limit": limit, "live": live},
             )
+        yours = sum(1 for r in storage.list_for_user(user.pk) if r.state in LIVE_STATES)
+        if yours >= conf.max_sessions_per_user():
+            raise SessionLimitReached(
+                f"You already have {yours} live terminals "
+                f"(TERMSYS_MAX_SESSIONS_PER_USER={conf.max_sessions_per_user()}); close one first.",
+                details={"limit": conf.max_sessions_per_user(), "live": yours},
+            )
         provider = get_storage(storage.mode_for_user(user.pk))
         record = provider.create(
             SessionRecord(
@@ -265,13 +272,17 @@ async def _on_terminal_exit(terminal: terminals.LiveTerminal, exit_code: int | N
     """Record how a terminal ended and tell its clients."""
     killed = terminal.killed
     target = SessionState.KILLED if killed else SessionState.EXITED
+    data = {
+        "exitCode": exit_code,
+        **({"reason": terminal.end_reason} if terminal.end_reason else {}),
+    }
     try:
         await db_call(
             session_transition,
             session_id=terminal.session_id,
             target=target,
             event=Kind.KILLED if killed else Kind.EXITED,
-            data={"exitCode": exit_code},
+            data=data,
             exit_code=exit_code,
             pid=None,
             cols=terminal.cols,
@@ -418,11 +429,26 @@ def _desired_modes(live: list[terminals.LiveTerminal]) -> dict[str, str]:
     return {t.session_id: storage.mode_for_user(t.user_id) for t in live}
 
 
+async def _end_idle(live: list[terminals.LiveTerminal]) -> list[terminals.LiveTerminal]:
+    """Kill sessions idle past TERMSYS_IDLE_TIMEOUT (no client, no output); return the rest."""
+    limit = conf.idle_timeout()
+    busy = []
+    for terminal in live:
+        if terminal.idle_seconds() > limit:
+            logger.info("ending %s: idle for more than %ss", terminal.session_id, limit)
+            terminal.end_reason = "idle"
+            await terminal.kill()
+        else:
+            busy.append(terminal)
+    return busy
+
+
 async def _watch_modes(loop: asyncio.AbstractEventLoop) -> None:
-    """Re-evaluate each live session's storage mode about once a second and switch if needed."""
+    """About once a second: end idle sessions, and switch storage modes where the flag says."""
     while not loop.is_closed():
         await asyncio.sleep(MODE_CHECK_SECONDS)
         live = [t for t in terminals.all_terminals() if t.loop is loop and not t.ended]
+        live = await _end_idle(live)
         if not live:
             continue
         try:

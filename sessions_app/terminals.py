@@ -15,6 +15,7 @@ import logging
 import os
 import secrets
 import socket
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol
@@ -111,6 +112,8 @@ class LiveTerminal:
         self._reading = False
         self._tasks: set[asyncio.Task] = set()
         self.switching = False  # a storage mode switch is in progress: output waits in memory
+        self.end_reason = ""  # why the server ended it (e.g. "idle"), for its exit event
+        self._last_activity = time.monotonic()
         self._storage_failing = False
         self._held_back: asyncio.TimerHandle | None = None
 
@@ -205,7 +208,12 @@ class LiveTerminal:
 
     # --- output ---------------------------------------------------------------------------
 
+    def idle_seconds(self) -> float:
+        """Return how long the session has had no client attached and no output or input."""
+        return 0.0 if self.clients else time.monotonic() - self._last_activity
+
     def _emit(self, data: bytes) -> None:
+        self._last_activity = time.monotonic()
         offset = self.end_offset
         self._tail += data
         self.end_offset += len(data)
@@ -338,6 +346,7 @@ class LiveTerminal:
         With ``since`` (a byte offset the client already has everything before), only what
         follows it is replayed; ``pruned`` in hello says that part of it is gone.
         """
+        self._last_activity = time.monotonic()
         start = (
             self._tail_start
             if since is None
@@ -355,6 +364,7 @@ class LiveTerminal:
 
     def detach(self, client: Client) -> None:
         self.clients.discard(client)
+        self._last_activity = time.monotonic()
         if not self._reading:
             self._apply_flow_control()
 
@@ -368,6 +378,7 @@ class LiveTerminal:
         """Write input to the PTY; what it cannot take now is written when it can."""
         if self.ended:
             return
+        self._last_activity = time.monotonic()
         if self._pending_input:
             self._pending_input += data
             return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 
@@ -10,6 +11,7 @@ from channels.db import database_sync_to_async
 
 from sessions_app import conf, consumers, services
 from sessions_app.models import SessionEvent, TerminalSession
+from sessions_app.pty import is_running
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -251,3 +253,39 @@ async def test_resume_from_an_offset_sends_only_the_missing_bytes(user, session,
     assert everything[:common] == joined[:common]
     assert common >= joined.index(b"part-2-two\r\n")
     await again.close()
+
+
+async def test_idle_sessions_are_ended_and_watched_ones_kept(
+    user, project, settings, live_terminals, connect
+):
+    settings.TERMSYS_IDLE_TIMEOUT = 1
+    idle = await services.session_create(user=user, project_id=project.pk, tab_name="idle")
+    watched = await services.session_create(user=user, project_id=project.pk, tab_name="watched")
+    term = await connect(user, watched.id)
+    await term.control("hello")
+    for _ in range(100):
+        row = await database_sync_to_async(TerminalSession.objects.get)(pk=idle.id)
+        if row.state == "killed":
+            break
+        await asyncio.sleep(0.1)
+    assert row.state == "killed"
+    event = await database_sync_to_async(
+        lambda: SessionEvent.objects.filter(session_id=idle.id, kind="killed").get()
+    )()
+    assert event.data["reason"] == "idle"
+    assert not is_running(idle.pid)
+    await term.type("echo still-$((9*9))\r")
+    await term.read_until(b"still-81")  # the session with a client attached lives on
+
+
+async def test_per_user_limit_is_enforced_across_projects(
+    user, project, settings, live_terminals, tmp_path
+):
+    from sessions_app.errors import SessionLimitReached
+    from tests.factories import ProjectFactory
+
+    settings.TERMSYS_MAX_SESSIONS_PER_USER = 1
+    other = await database_sync_to_async(ProjectFactory)(owner=user, path=str(tmp_path))
+    await services.session_create(user=user, project_id=project.pk)
+    with pytest.raises(SessionLimitReached, match="TERMSYS_MAX_SESSIONS_PER_USER=1"):
+        await services.session_create(user=user, project_id=other.pk)
