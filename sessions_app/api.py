@@ -12,10 +12,10 @@ from typing import Any
 from asgiref.sync import sync_to_async
 from channels.db import database_sync_to_async
 from django.core.exceptions import RequestDataTooBig
-from django.http import HttpRequest, JsonResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.utils import timezone
 
-from sessions_app import selectors, services, terminals
+from sessions_app import selectors, services, terminals, workspace
 from sessions_app.errors import (
     MethodNotAllowed,
     NotAuthenticated,
@@ -24,11 +24,11 @@ from sessions_app.errors import (
     TermsysError,
     ValidationFailed,
 )
-from sessions_app.health import health_checks
+from sessions_app.health import health_checks, storage_figures
 from sessions_app.models import Project
 from sessions_app.storage import SessionRecord
 
-View = Callable[..., Awaitable[JsonResponse]]
+View = Callable[..., Awaitable[HttpResponse]]
 
 
 def _iso(value: Any) -> str | None:
@@ -111,7 +111,7 @@ def api(*methods: str) -> Callable[[View], View]:
 
     def decorate(view: View) -> View:
         @wraps(view)
-        async def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> JsonResponse:
+        async def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
             try:
                 if request.method not in methods:
                     raise MethodNotAllowed(
@@ -206,6 +206,19 @@ async def project_terminals(request: HttpRequest, project_id: int) -> JsonRespon
     )
 
 
+@api("GET")
+async def project_snapshot(request: HttpRequest, project_id: int) -> HttpResponse:
+    tail = workspace.parse_tail(request.GET.get("tail"))
+    snapshot = await workspace.project_snapshot(
+        user=request.user, project_id=project_id, tail_bytes=tail
+    )
+    response = HttpResponse(
+        workspace.encode_json({"success": True, **snapshot}), content_type="application/json"
+    )
+    response["X-Request-ID"] = request_id(request)
+    return response
+
+
 @api("POST")
 async def terminal_close(request: HttpRequest, session_id: str) -> JsonResponse:
     record = await services.session_close(user=request.user, session_id=session_id)
@@ -230,6 +243,7 @@ async def health(request: HttpRequest) -> JsonResponse:
     body = {
         "status": "ok" if healthy else "unavailable",
         "checks": {name: "ok" if c["ok"] else c["error"] for name, c in checks.items()},
+        "storage": storage_figures(),
     }
     if not healthy:
         failing = [name for name, c in checks.items() if not c["ok"]]

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 from sessions_app import conf
 from sessions_app.dbthread import db_call
 from sessions_app.pty import PtyProcess
-from sessions_app.storage import StorageProvider, get_storage
+from sessions_app.storage import Scrollback, StorageProvider, get_storage
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +31,8 @@ NODE_ID = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
 # Output that storage has not taken yet (the database is down) is held in memory up to this
 # much per session; past it the PTY is not read, so the shell blocks instead of output being lost.
 UNSTORED_LIMIT = 8 * 1024 * 1024
+# A read at least this long suggests more output is waiting in the PTY (a keystroke echo is short).
+SHORT_READ = 1024
 HOLD_BACK_SECONDS = 0.1
 MSG_STORAGE_DOWN = (
     "Output is not being saved: the database is unavailable. It is kept in memory and saved "
@@ -154,6 +156,18 @@ class LiveTerminal:
         if data == b"":  # every writer of the PTY is gone; the pidfd reports the exit
             self._pause_reading()
             return
+        # A PTY hands out at most a few KiB per read. While more is waiting, keep reading (up
+        # to 64 KiB) so a flood becomes few large frames; a short read means drained: send now.
+        if len(data) >= SHORT_READ:
+            parts = [data]
+            size = len(data)
+            while size < conf.READ_BYTES:
+                more = self.pty.read(conf.READ_BYTES - size)
+                if not more:
+                    break
+                parts.append(more)
+                size += len(more)
+            data = b"".join(parts)
         self._emit(data)
 
     def _retry_reading(self) -> None:
@@ -207,6 +221,12 @@ class LiveTerminal:
         return task
 
     # --- output ---------------------------------------------------------------------------
+
+    def tail(self, max_bytes: int) -> Scrollback:
+        """Return the newest output held in memory, at most ``max_bytes`` (call on self.loop)."""
+        start = max(self._tail_start, self.end_offset - max_bytes)
+        data = bytes(self._tail[start - self._tail_start :])
+        return Scrollback(data=data, start=start, end=self.end_offset, pruned=start > 0)
 
     def idle_seconds(self) -> float:
         """Return how long the session has had no client attached and no output or input."""

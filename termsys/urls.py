@@ -2,7 +2,7 @@ from django.contrib import admin
 from django.contrib.auth import views as auth_views
 from django.urls import path, re_path
 
-from sessions_app import api, views
+from sessions_app import api, metrics, views
 
 urlpatterns = [
     path("", views.workspace, name="workspace"),
@@ -14,6 +14,7 @@ urlpatterns = [
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("admin/", admin.site.urls),
     path("api/health", api.health, name="api-health"),
+    path("metrics", metrics.metrics, name="metrics"),
     path("api/projects", api.projects, name="api-projects"),
     path("api/terminal/list", api.terminal_list, name="api-terminal-list"),
     path("api/terminal/create", api.terminal_create, name="api-terminal-create"),
@@ -23,6 +24,11 @@ urlpatterns = [
         "api/workspace/projects/<int:project_id>/terminals",
         api.project_terminals,
         name="api-project-terminals",
+    ),
+    path(
+        "api/workspace/projects/<int:project_id>/snapshot",
+        api.project_snapshot,
+        name="api-project-snapshot",
     ),
     re_path(r"^api/", api.not_found),
 ]

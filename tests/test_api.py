@@ -245,10 +245,16 @@ async def test_csrf_is_enforced_on_posts(user):
 async def test_health(db):
     response = await AsyncClient().get("/api/health")
     assert response.status_code == 200
-    assert response.json() == {
-        "status": "ok",
-        "checks": {"database": "ok", "channelLayer": "ok", "cache": "ok"},
-    }
+    body = response.json()
+    assert body["status"] == "ok"
+    assert body["checks"] == {"database": "ok", "channelLayer": "ok", "cache": "ok"}
+    assert body["storage"]["DATABASE"] == {"pending": 0, "oldestPendingAge": 0.0}
+
+
+async def test_metrics_report_live_terminals_and_pending_writes(session, settings):
+    text = (await AsyncClient().get("/metrics")).content.decode()
+    assert "termsys_live_terminals 1" in text
+    assert 'termsys_storage_pending{mode="DATABASE"} 0' in text
 
 
 async def test_post_with_an_ended_login_is_401_not_a_csrf_error(db):

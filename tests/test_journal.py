@@ -330,3 +330,28 @@ def test_appends_and_releases_from_two_threads_keep_lsn_order(directory: Path) -
     replayed = [r.lsn for r in journal.replay()]
     assert replayed == list(range(replayed[0], 2001))
     assert replayed[0] <= 1950
+
+
+def test_write_behind_merges_each_sessions_output_but_keeps_its_order() -> None:
+    from sessions_app.storage.sync import Pending, _coalesce
+
+    def out(lsn: int, session: str, offset: int, data: bytes) -> Pending:
+        return Pending(
+            lsn=lsn, kind="output", session_id=session, meta={"offset": offset}, data=data
+        )
+
+    batch = [
+        out(1, "a", 0, b"aa"),
+        out(2, "b", 0, b"bb"),
+        out(3, "a", 2, b"AA"),
+        Pending(lsn=4, kind="event", session_id="a", meta={"kind": "title"}),
+        out(5, "a", 4, b"zz"),
+        out(6, "b", 2, b"BB"),
+    ]
+    merged = _coalesce(batch)
+    assert [(r.session_id, r.kind, r.data) for r in merged] == [
+        ("a", "output", b"aaAA"),
+        ("b", "output", b"bbBB"),
+        ("a", "event", b""),
+        ("a", "output", b"zz"),
+    ]

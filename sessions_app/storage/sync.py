@@ -38,8 +38,11 @@ from sessions_app.storage.database import DatabaseStorage
 
 logger = logging.getLogger(__name__)
 
-BATCH_RECORDS = 500
+BATCH_RECORDS = 2000
 BATCH_BYTES = 4 * 1024 * 1024
+# SQLite has one writer at a time and its busy handler waits in growing steps: between two
+# batches the engine pauses this long so a request waiting for the lock gets it.
+SQLITE_PAUSE = 0.02
 BACKOFF_START = 0.25
 BACKOFF_MAX = 30.0
 FSYNC_INTERVAL = 1.0
@@ -173,6 +176,8 @@ class SyncEngine:
                 self._safe(self.on_tick)
             if batch:
                 self._apply_batch(batch)
+                if connections["default"].vendor == "sqlite":
+                    time.sleep(SQLITE_PAUSE)
             elif self.breaker.is_open:
                 time.sleep(min(0.1, max(0.0, self.breaker.open_until - time.monotonic())))
         close_old_connections()
@@ -285,31 +290,36 @@ class SyncEngine:
 
 
 def _coalesce(batch: list[Pending]) -> list[Pending]:
-    """Merge runs of contiguous output of one session into one write."""
+    """Merge each session's contiguous output in a batch into one write.
+
+    Sessions are independent, so one session's output may be merged across another's records;
+    any other record of the same session (state, event) ends the run, keeping per-session order.
+    """
     merged: list[Pending] = []
-    parts: list[list[bytes]] = []
+    parts: dict[int, list[bytes]] = {}  # index in merged -> the data pieces of an output run
+    open_run: dict[str, tuple[int, int]] = {}  # session -> (index in merged, next offset)
     for record in batch:
-        last = merged[-1] if merged else None
-        if (
-            last is not None
-            and record.kind == last.kind == "output"
-            and record.session_id == last.session_id
-            and record.meta["offset"] == last.meta["offset"] + sum(map(len, parts[-1]))
-        ):
-            parts[-1].append(record.data)
-        else:
+        if record.kind != "output":
+            open_run.pop(record.session_id, None)
             merged.append(record)
-            parts.append([record.data])
-    return [
-        record
-        if len(pieces) == 1
-        else Pending(
-            lsn=record.lsn,
-            kind=record.kind,
-            session_id=record.session_id,
-            meta=record.meta,
-            data=b"".join(pieces),
-            queued_at=record.queued_at,
-        )
-        for record, pieces in zip(merged, parts, strict=True)
-    ]
+            continue
+        run = open_run.get(record.session_id)
+        if run is not None and run[1] == record.meta["offset"]:
+            parts[run[0]].append(record.data)
+        else:
+            parts[len(merged)] = [record.data]
+            run = (len(merged), record.meta["offset"])
+            merged.append(record)
+        open_run[record.session_id] = (run[0], record.meta["offset"] + len(record.data))
+    for index, pieces in parts.items():
+        if len(pieces) > 1:
+            first = merged[index]
+            merged[index] = Pending(
+                lsn=first.lsn,
+                kind="output",
+                session_id=first.session_id,
+                meta=first.meta,
+                data=b"".join(pieces),
+                queued_at=first.queued_at,
+            )
+    return merged

@@ -57,6 +57,11 @@ function latin1Bytes(s) {
   return bytes;
 }
 
+/** Decode base64 (as the snapshot API sends output) to bytes. */
+function base64Bytes(text) {
+  return latin1Bytes(window.atob(text));
+}
+
 function socketUrl(path) {
   const scheme = window.location.protocol === "https:" ? "wss:" : "ws:";
   return `${scheme}//${window.location.host}${path}`;
@@ -65,11 +70,18 @@ function socketUrl(path) {
 /**
  * A terminal tab's view and connection.
  *
- * `status` is one of: idle (never opened), connecting, connected, reconnecting,
+ * `status` is one of: idle (not connected), connecting, connected, reconnecting,
  * exited, error. `onChange(view)` fires whenever status, title or exit code changes.
+ *
+ * `offset` is the absolute byte offset of the session's output this view has received up
+ * to (null: nothing yet). Every (re)connect asks the server for what follows it, so output
+ * is never written twice and the screen is never reset — unless the server says the bytes
+ * in between are gone (`pruned`), in which case the view resets and takes the replay.
+ * `scrollback` ({data: base64, offset, end, pruned}, from the project snapshot) is written
+ * at once, before any connection, and the first connection continues from its end.
  */
 export class TerminalView {
-  constructor({ session, connectionUrl, container, onChange }) {
+  constructor({ session, connectionUrl, container, onChange, scrollback, cols, rows }) {
     this.session = { ...session };
     this.connectionPath = connectionUrl || `/ws/terminals/${encodeURIComponent(session.id)}/`;
     this.onChange = onChange || (() => {});
@@ -79,6 +91,7 @@ export class TerminalView {
     this.ended = session.state === "exited" || session.state === "killed";
     this.lastUsed = 0;
     this.disposed = false;
+    this.offset = null;
 
     this.ws = null;
     this.generation = 0;
@@ -98,6 +111,7 @@ export class TerminalView {
     container.append(this.pane);
 
     this.term = new window.Terminal({
+      ...(cols && rows ? { cols, rows } : {}),
       allowProposedApi: false,
       cursorBlink: true,
       fontFamily: FONT_FAMILY,
@@ -111,6 +125,19 @@ export class TerminalView {
     this.term.onData((s) => this.sendInput(encoder.encode(s)));
     this.term.onBinary((s) => this.sendInput(latin1Bytes(s)));
     this.term.onResize(() => this.sendResize());
+    if (scrollback) this.seed(scrollback);
+  }
+
+  /** Write output fetched over HTTP and continue from its end; an ended session is done. */
+  seed(scrollback) {
+    const bytes = base64Bytes(scrollback.data || "");
+    if (bytes.length) this.term.write(bytes);
+    this.offset = scrollback.end;
+    if (this.ended) {
+      // Nothing can follow: no connection needed to show the whole story.
+      this.writeExitNotice();
+      this.status = "exited";
+    }
   }
 
   get isLive() {
@@ -152,7 +179,8 @@ export class TerminalView {
     this.clearRetry();
     this.dropSocket();
     const generation = ++this.generation;
-    const ws = new WebSocket(socketUrl(this.connectionPath));
+    const query = this.offset === null ? "" : `?offset=${this.offset}`;
+    const ws = new WebSocket(socketUrl(this.connectionPath + query));
     ws.binaryType = "arraybuffer";
     this.ws = ws;
     this.ackPending = 0;
@@ -192,9 +220,15 @@ export class TerminalView {
         this.attempt = 0;
         if (msg.state) this.session.state = msg.state;
         if (msg.mode) this.session.mode = msg.mode;
-        // Reset in stream order, so output still queued from a previous connection is
-        // wiped too and the replay that follows repaints the screen exactly once.
-        this.term.write("", () => this.term.reset());
+        if (msg.pruned || this.offset === null || !Number.isInteger(msg.offset)) {
+          // The server cannot continue where this view stopped: take its replay instead.
+          // Reset in stream order, so output still queued from a previous connection is
+          // wiped too and the replay that follows repaints the screen exactly once.
+          this.term.write("", () => this.term.reset());
+        }
+        // Otherwise the server continues at our offset — or before it, when it lost output
+        // this view already shows (a crash before storing it): keep the screen either way.
+        this.offset = Number.isInteger(msg.offset) ? msg.offset : null;
         if (msg.state === "exited" || msg.state === "killed") {
           this.ended = true;
           this.setStatus("exited");
@@ -209,8 +243,7 @@ export class TerminalView {
         this.exitCode = msg.exitCode ?? null;
         this.session.state = msg.state || "exited";
         this.session.exitCode = this.exitCode;
-        // Dim notice, and hide the cursor: nothing typed here goes anywhere now.
-        this.term.write(`\r\n\x1b[2m[${this.describeExit()}]\x1b[0m\r\n\x1b[?25l`);
+        this.writeExitNotice();
         this.setStatus("exited");
         break;
       case "title":
@@ -231,9 +264,15 @@ export class TerminalView {
     }
   }
 
+  writeExitNotice() {
+    // Dim notice, and hide the cursor: nothing typed here goes anywhere now.
+    this.term.write(`\r\n\x1b[2m[${this.describeExit()}]\x1b[0m\r\n\x1b[?25l`);
+  }
+
   handleOutput(buffer, generation) {
     const bytes = new Uint8Array(buffer);
     const n = bytes.length;
+    if (this.offset !== null) this.offset += n;
     this.term.write(bytes, () => {
       if (generation !== this.generation) return;
       this.ackPending += n;
@@ -381,6 +420,15 @@ export class TerminalView {
     } catch (err) {
       // Already closing.
     }
+  }
+
+  /** Close the connection but keep the screen; showing the tab again continues from `offset`. */
+  suspend() {
+    if (this.disposed || !this.isLive) return;
+    this.clearRetry();
+    this.dropSocket();
+    this.attempt = 0;
+    this.setStatus(this.ended ? "exited" : "idle");
   }
 
   /** Close the connection and free the terminal; the server-side session keeps running. */

@@ -4,8 +4,11 @@ import { api, ApiError, showError } from "./api.js";
 import { buildTab, editTabLabel, renderProjectList, updateTab } from "./render.js";
 import { TerminalView } from "./terminal-view.js";
 
-// Connections kept open across tabs and projects; past this the least recently used closes.
+// Connections kept open across tabs and projects; past this the least recently used closes
+// (its screen stays; showing it again continues from where it stopped).
 const MAX_LIVE_VIEWS = 24;
+// Terminals kept in the page; past this the least recently used idle one is freed.
+const MAX_VIEWS = 120;
 const LAST_PROJECT_KEY = "termsys.lastProject";
 const LAST_TAB_KEY = (projectId) => `termsys.lastTab.${projectId}`;
 const ENDED_STATES = new Set(["exited", "killed"]);
@@ -37,7 +40,8 @@ const state = {
   sessionsByProject: new Map(), // projectId -> [session], in tab order
   views: new Map(), // sessionId -> TerminalView
   activeView: null,
-  loadedProjects: new Set(),
+  loadedProjects: new Set(), // projects whose snapshot has been applied: never fetched again
+  loading: new Map(), // projectId -> snapshot request in flight
   creating: false,
 };
 
@@ -92,21 +96,57 @@ async function selectProject(projectId) {
   el.currentProjectName.textContent = project.name;
   el.currentProjectName.title = project.path || "";
 
-  // Show what we already have at once, then refresh from the server.
-  if (state.loadedProjects.has(project.id)) showProjectTabs();
-  else {
-    hideActiveView();
-    renderTabs();
-    renderEmptyStates(true);
+  // A project seen before is all in the page already: its terminals and their connections.
+  if (state.loadedProjects.has(project.id)) {
+    showProjectTabs();
+    return;
   }
+  hideActiveView();
+  renderTabs();
+  renderEmptyStates(true);
   try {
-    const data = await api("GET", `/api/workspace/projects/${encodeURIComponent(project.id)}/terminals`);
-    mergeSessions(project.id, data.terminals || []);
+    await loadProject(project.id);
   } catch (err) {
     showError(err);
   }
-  state.loadedProjects.add(project.id);
   if (state.currentProjectId === project.id) showProjectTabs();
+}
+
+/** Fetch a project's snapshot (once) and build every one of its terminals from it. */
+function loadProject(projectId) {
+  let pending = state.loading.get(projectId);
+  if (!pending) {
+    const url = `/api/workspace/projects/${encodeURIComponent(projectId)}/snapshot`;
+    pending = api("GET", url)
+      .then((data) => {
+        applySnapshot(projectId, data.terminals || []);
+        state.loadedProjects.add(projectId);
+      })
+      .finally(() => state.loading.delete(projectId));
+    state.loading.set(projectId, pending);
+  }
+  return pending;
+}
+
+/** Create each terminal with its scrollback written in, so any tab shows at once. */
+function applySnapshot(projectId, terminals) {
+  const sized = state.activeView?.term.element ? state.activeView.term : null;
+  const sessions = [];
+  for (const { scrollback, ...session } of terminals) {
+    sessions.push(session);
+    if (state.views.has(session.id)) continue;
+    const view = new TerminalView({
+      session,
+      container: el.area,
+      onChange: onViewChange,
+      scrollback,
+      cols: sized?.cols,
+      rows: sized?.rows,
+    });
+    state.views.set(session.id, view);
+  }
+  mergeSessions(projectId, sessions);
+  freeIdleViews();
 }
 
 /** Replace a project's session list with the server's, keeping views of sessions that remain. */
@@ -280,11 +320,25 @@ function activateTab(sessionId) {
 }
 
 function evictLeastRecentlyUsed() {
-  if (state.views.size <= MAX_LIVE_VIEWS) return;
-  const candidates = [...state.views.values()]
+  const live = [...state.views.values()].filter((v) => v.isLive);
+  if (live.length <= MAX_LIVE_VIEWS) return;
+  const candidates = live
     .filter((v) => v !== state.activeView)
     .sort((a, b) => a.lastUsed - b.lastUsed);
-  while (state.views.size > MAX_LIVE_VIEWS && candidates.length) {
+  let count = live.length;
+  while (count > MAX_LIVE_VIEWS && candidates.length) {
+    candidates.shift().suspend();
+    count -= 1;
+  }
+}
+
+/** Past MAX_VIEWS terminals in the page, free the least recently used unconnected ones. */
+function freeIdleViews() {
+  if (state.views.size <= MAX_VIEWS) return;
+  const candidates = [...state.views.values()]
+    .filter((v) => v !== state.activeView && !v.isLive)
+    .sort((a, b) => a.lastUsed - b.lastUsed);
+  while (state.views.size > MAX_VIEWS && candidates.length) {
     disposeView(candidates.shift().session.id);
   }
 }
@@ -328,6 +382,8 @@ async function createTerminal() {
       connectionUrl: data.connectionUrl,
       container: el.area,
       onChange: onViewChange,
+      // A new session's output starts at byte 0: attach from there, nothing to reset.
+      scrollback: { data: "", offset: 0, end: 0, pruned: false },
     });
     state.views.set(session.id, view);
     if (state.currentProjectId === projectId) activateTab(session.id);
@@ -457,6 +513,8 @@ async function init() {
   window.termsys = {
     activeTerminal: () => state.activeView?.term ?? null,
     activeSessionId: () => state.activeView?.session.id ?? null,
+    // The xterm of any tab in the page (shown or not), or null.
+    terminal: (sessionId) => state.views.get(sessionId)?.term ?? null,
   };
 
   try {
