@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from typing import Any
 
@@ -45,6 +45,18 @@ class SessionRecord:
     last_activity: datetime | None = None
     exit_code: int | None = None
     closed_at: datetime | None = None
+
+
+RECORD_FIELDS = tuple(f.name for f in fields(SessionRecord))
+# Fields ``update`` may change: the id is the key and the version is the provider's to bump.
+UPDATABLE_FIELDS = frozenset(RECORD_FIELDS) - {"id", "version"}
+
+
+def check_update_fields(changes: dict[str, Any]) -> None:
+    """Raise TypeError naming any field ``update`` may not change."""
+    unknown = set(changes) - UPDATABLE_FIELDS
+    if unknown:
+        raise TypeError(f"unknown session fields: {', '.join(sorted(unknown))}")
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import fields
 from datetime import datetime
 from typing import Any
 
@@ -13,15 +12,19 @@ from django.utils import timezone
 from sessions_app.errors import NotFound, VersionConflict
 from sessions_app.models import OutputChunk, SessionEvent, StorageMode, TerminalSession
 from sessions_app.states import LIVE_STATES
-from sessions_app.storage.base import Scrollback, SessionRecord, StorageProvider, plain_text
+from sessions_app.storage.base import (
+    RECORD_FIELDS,
+    Scrollback,
+    SessionRecord,
+    StorageProvider,
+    check_update_fields,
+    plain_text,
+)
 
 # Output is stored in chunks of 64-256 KiB: small batches grow the last chunk until it is big
 # enough, so an interactive session does not write a row per keystroke echo.
 CHUNK_MIN_BYTES = 64 * 1024
 CHUNK_MAX_BYTES = 256 * 1024
-RECORD_FIELDS = tuple(f.name for f in fields(SessionRecord))
-# Fields ``update`` may change: the id is the key and the version is the provider's to bump.
-UPDATABLE_FIELDS = frozenset(RECORD_FIELDS) - {"id", "version"}
 
 
 def _record(row: TerminalSession) -> SessionRecord:
@@ -52,9 +55,7 @@ class DatabaseStorage(StorageProvider):
     def update(
         self, session_id: str, *, expected_version: int | None = None, **changes: Any
     ) -> SessionRecord:
-        unknown = set(changes) - UPDATABLE_FIELDS
-        if unknown:
-            raise TypeError(f"unknown session fields: {', '.join(sorted(unknown))}")
+        check_update_fields(changes)
         query = TerminalSession.objects.filter(pk=session_id)
         if expected_version is not None:
             query = query.filter(version=expected_version)

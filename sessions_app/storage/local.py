@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -23,12 +23,16 @@ from django.utils import timezone
 from sessions_app.errors import NotFound, VersionConflict
 from sessions_app.models import StorageMode
 from sessions_app.states import LIVE_STATES, SessionState
-from sessions_app.storage.base import Scrollback, SessionRecord, StorageProvider
+from sessions_app.storage.base import (
+    Scrollback,
+    SessionRecord,
+    StorageProvider,
+    check_update_fields,
+)
 
 logger = logging.getLogger(__name__)
 
 # Fields ``update`` may change: the id is the key and the version is the provider's to bump.
-UPDATABLE_FIELDS = frozenset(f.name for f in fields(SessionRecord)) - {"id", "version"}
 # Output of sessions in these states is kept even when the total cap is exceeded.
 WATCHED_STATES = frozenset({SessionState.ACTIVE, SessionState.CREATING})
 
@@ -88,9 +92,7 @@ class LocalStorage(StorageProvider):
     def update(
         self, session_id: str, *, expected_version: int | None = None, **changes: Any
     ) -> SessionRecord:
-        unknown = set(changes) - UPDATABLE_FIELDS
-        if unknown:
-            raise TypeError(f"unknown session fields: {', '.join(sorted(unknown))}")
+        check_update_fields(changes)
         changes.setdefault("last_activity", timezone.now())
         with self._lock:
             entry = self._entry(session_id)
