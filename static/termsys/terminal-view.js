@@ -259,6 +259,10 @@ export class TerminalView {
         clearTimeout(this.errorTimer);
         this.errorTimer = setTimeout(() => this.reportServerError(), ERROR_GRACE_MS);
         break;
+      case "info":
+        // e.g. storage_recovered: the database answers again after an outage.
+        if (msg.message) toast(msg.message, "info");
+        break;
       default:
         break; // pong, and anything newer than this page
     }
