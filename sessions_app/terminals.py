@@ -72,9 +72,6 @@ class Client(Protocol):
     async def send_control(self, message: dict[str, Any]) -> None: ...
 
 
-Send = Callable[[], Awaitable[None]]
-
-
 class LiveTerminal:
     """A running PTY and the clients attached to it."""
 

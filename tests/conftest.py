@@ -21,14 +21,10 @@ TEST_PROFILES = {"system": ["/bin/bash", "--noprofile", "--norc"]}
 def _close_thread_connections(django_db_setup, django_db_blocker):
     """Close connections held by worker threads, so the test database can be dropped."""
     yield
-    from asgiref.sync import SyncToAsync
-    from django.db import connections
-
-    from sessions_app import dbthread
+    from tests.live import close_worker_connections
 
     with django_db_blocker.unblock():
-        dbthread.close_connections()
-        SyncToAsync.single_thread_executor.submit(connections.close_all).result()
+        close_worker_connections()
 
 
 @pytest.fixture(autouse=True)
@@ -169,13 +165,10 @@ async def connect():
 @pytest.fixture(scope="session")
 def daphne_server(tmp_path_factory):
     """A daphne server in a subprocess with its own migrated database and a user."""
-    from tests.live import LiveServer
+    from tests.live import serving
 
-    server = LiveServer(tmp_path_factory.mktemp("live"))
-    server.setup()
-    server.start()
-    yield server
-    server.teardown()
+    with serving(tmp_path_factory.mktemp("live")) as server:
+        yield server
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.cookiejar
 import json
 import os
@@ -16,6 +17,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -211,3 +213,28 @@ class Browserless:
     def ws_headers(self) -> dict[str, str]:
         cookies = "; ".join(f"{c.name}={c.value}" for c in self.jar)
         return {"Cookie": cookies}
+
+
+@contextlib.contextmanager
+def serving(workdir: Path, **extra_env: str) -> Iterator[LiveServer]:
+    """Run a migrated live server with a user for the duration of the block."""
+    server = LiveServer(workdir, **extra_env)
+    server.setup()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.teardown()
+
+
+def close_worker_connections() -> None:
+    """Close this test process's database connections, worker threads' included (before a
+    test database is dropped, or after the database server restarted under them)."""
+    from asgiref.sync import SyncToAsync
+    from django.db import connections
+
+    from sessions_app import dbthread
+
+    connections.close_all()
+    dbthread.close_connections()
+    SyncToAsync.single_thread_executor.submit(connections.close_all).result()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from websockets.sync.client import connect as ws_connect
 
-from tests.live import Browserless, LiveServer
+from tests.live import Browserless, close_worker_connections, serving
 from tests.test_live_server import open_terminal, read_until, ws_url
 
 ON_POSTGRES = os.environ.get("DATABASE_URL", "").startswith(("postgres://", "postgresql://"))
@@ -22,11 +22,8 @@ needs_postgres = pytest.mark.skipif(not ON_POSTGRES, reason="stops the real Post
 
 @pytest.fixture(scope="module")
 def hybrid_server(tmp_path_factory):
-    server = LiveServer(tmp_path_factory.mktemp("hybrid"), TERMSYS_STORAGE_MODE="HYBRID")
-    server.setup()
-    server.start()
-    yield server
-    server.teardown()
+    with serving(tmp_path_factory.mktemp("hybrid"), TERMSYS_STORAGE_MODE="HYBRID") as server:
+        yield server
 
 
 @pytest.fixture
@@ -50,18 +47,7 @@ def postgres_stopped():
             if subprocess.run(["pg_isready", "-h", "127.0.0.1", "-q"]).returncode == 0:
                 break
             time.sleep(0.1)
-        _drop_stale_connections()
-
-
-def _drop_stale_connections() -> None:
-    from asgiref.sync import SyncToAsync
-    from django.db import connections
-
-    from sessions_app import dbthread
-
-    connections.close_all()
-    dbthread.close_connections()
-    SyncToAsync.single_thread_executor.submit(connections.close_all).result()
+        close_worker_connections()
 
 
 def wait_for(predicate, timeout: float = 30, interval: float = 0.2):

@@ -9,7 +9,7 @@ from django.core.signals import setting_changed
 from django.dispatch import receiver
 
 from sessions_app import conf
-from sessions_app.storage.base import Scrollback, SessionRecord, StorageProvider
+from sessions_app.storage.base import Scrollback, SessionRecord, StorageProvider, newest_versions
 
 __all__ = [
     "Scrollback",
@@ -77,21 +77,12 @@ def find(session_id: str) -> SessionRecord | None:
     return max(found, key=lambda r: r.version) if found else None
 
 
-def _merge(lists: list[list[SessionRecord]]) -> list[SessionRecord]:
-    newest: dict[str, SessionRecord] = {}
-    for records in lists:
-        for record in records:
-            if record.id not in newest or newest[record.id].version < record.version:
-                newest[record.id] = record
-    return sorted(newest.values(), key=lambda r: (r.created_at is None, r.created_at, r.id))
-
-
 def list_for_user(user_id: int) -> list[SessionRecord]:
-    return _merge([p.list_by_user(user_id) for p in _in_use()])
+    return newest_versions(*(p.list_by_user(user_id) for p in _in_use()))
 
 
 def list_for_project(project_id: int) -> list[SessionRecord]:
-    return _merge([p.list_by_project(project_id) for p in _in_use()])
+    return newest_versions(*(p.list_by_project(project_id) for p in _in_use()))
 
 
 def pending() -> dict[str, dict]:

@@ -59,6 +59,17 @@ def check_update_fields(changes: dict[str, Any]) -> None:
         raise TypeError(f"unknown session fields: {', '.join(sorted(unknown))}")
 
 
+def newest_versions(*lists: list[SessionRecord]) -> list[SessionRecord]:
+    """Merge record lists keeping each session's highest version (the first list wins ties),
+    ordered by creation time."""
+    newest: dict[str, SessionRecord] = {}
+    for records in lists:
+        for record in records:
+            if record.id not in newest or newest[record.id].version < record.version:
+                newest[record.id] = record
+    return sorted(newest.values(), key=lambda r: (r.created_at is None, r.created_at, r.id))
+
+
 @dataclass(frozen=True)
 class Scrollback:
     """Stored output from byte offset ``start`` (inclusive) to ``end`` (exclusive)."""

@@ -19,7 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from sessions_app.errors import NotFound, TermsysError
-from sessions_app.storage.base import Scrollback, SessionRecord, StorageProvider
+from sessions_app.storage.base import (
+    Scrollback,
+    SessionRecord,
+    StorageProvider,
+    newest_versions,
+)
 from sessions_app.storage.database import DatabaseStorage
 from sessions_app.storage.journal import Journal, JournalFull
 from sessions_app.storage.local import LocalStorage
@@ -172,25 +177,16 @@ class HybridStorage(StorageProvider):
             self.memory.delete(session_id)
             self._write("delete", session_id, {})
 
-    def _merged(
-        self, mine: list[SessionRecord], theirs: list[SessionRecord]
-    ) -> list[SessionRecord]:
-        by_id = {r.id: r for r in theirs}
-        for record in mine:
-            if record.id not in by_id or by_id[record.id].version <= record.version:
-                by_id[record.id] = record
-        return sorted(by_id.values(), key=lambda r: (r.created_at or datetime.min, r.id))
-
     def list_by_project(
         self, project_id: int, *, include_closed: bool = False
     ) -> list[SessionRecord]:
-        return self._merged(
+        return newest_versions(
             self.memory.list_by_project(project_id, include_closed=include_closed),
             self.database.list_by_project(project_id, include_closed=include_closed),
         )
 
     def list_by_user(self, user_id: int, *, include_closed: bool = False) -> list[SessionRecord]:
-        return self._merged(
+        return newest_versions(
             self.memory.list_by_user(user_id, include_closed=include_closed),
             self.database.list_by_user(user_id, include_closed=include_closed),
         )
