@@ -83,7 +83,10 @@ function renderProjects() {
 
 async function loadProjects() {
   const data = await api("GET", "/api/projects");
-  state.projects = data.projects || [];
+  const fetched = data.projects || [];
+  const listed = new Set(fetched.map((p) => p.id));
+  // A project created while this list was on its way is newer than the list: keep it.
+  state.projects = [...fetched, ...state.projects.filter((p) => !listed.has(p.id))];
   renderProjects();
 }
 
@@ -522,6 +525,8 @@ async function init() {
   } catch (err) {
     showError(err);
   }
+  // The user may have created or picked a project while the page was still loading.
+  if (state.currentProjectId != null) return;
   renderEmptyStates(false);
   if (!state.projects.length) {
     el.projectForm.elements.name.focus();

@@ -73,3 +73,27 @@ def test_wrong_password_is_refused_with_a_message(page, daphne_server):
     page.click("button[type=submit]")
     expect(page).to_have_url(daphne_server.url + "/accounts/login/")
     expect(page.locator("body")).to_contain_text("correct username and password")
+
+
+def test_a_project_created_while_the_page_loads_stays_selected(page, daphne_server):
+    """On a slow network the user may act before the project list arrives."""
+    log_in(page, daphne_server)
+    held = []
+
+    def hold_the_list(route):
+        if route.request.method == "GET":
+            held.append((route, route.fetch()))  # the list as it is now, delivered later
+        else:
+            route.continue_()
+
+    page.route("**/api/projects", hold_the_list)
+    page.reload()
+    name = f"early-{secrets.token_hex(3)}"
+    page.fill("#new-project-form input[name=name]", name)
+    page.click("#new-project-form button[type=submit]")
+    expect(page.locator(".project-item.active")).to_contain_text(name)
+    route, stale = held[0]
+    route.fulfill(response=stale)  # the list arrives now, without the new project
+    page.wait_for_timeout(1000)
+    expect(page.locator(".project-item.active")).to_contain_text(name)
+    expect(page.locator(".project-item", has_text=name)).to_have_count(1)
