@@ -151,7 +151,12 @@ export class TerminalView {
     if (!this.term.element) this.term.open(this.pane);
     this.fit();
     if (this.status === "idle" || this.status === "error") this.connect();
-    this.term.focus();
+    // Don't pull the keyboard away from a field the user is typing in (say, a new project's
+    // name while the page is still loading): their keystrokes would land in the shell.
+    const active = document.activeElement;
+    const typingElsewhere =
+      active?.matches?.("input, textarea, select") && !active.closest(".terminal-pane");
+    if (!typingElsewhere) this.term.focus();
   }
 
   hide() {

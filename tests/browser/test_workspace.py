@@ -97,3 +97,27 @@ def test_a_project_created_while_the_page_loads_stays_selected(page, daphne_serv
     page.wait_for_timeout(1000)
     expect(page.locator(".project-item.active")).to_contain_text(name)
     expect(page.locator(".project-item", has_text=name)).to_have_count(1)
+
+
+def test_typing_a_project_name_while_a_terminal_opens_keeps_the_keyboard(page, daphne_server):
+    """The terminal that opens when the page has loaded must not steal the user's typing."""
+    log_in(page, daphne_server)
+    page.fill("#new-project-form input[name=name]", f"first-{secrets.token_hex(3)}")
+    page.click("#new-project-form button[type=submit]")
+    page.click("#new-terminal")
+    expect(page.locator("#connection-status")).to_have_attribute("data-state", "connected")
+    held = []
+
+    def hold_snapshot(route):
+        held.append((route, route.fetch()))
+
+    page.route("**/snapshot*", hold_snapshot)
+    page.reload()
+    page.locator("#new-project-form input[name=name]").click()
+    page.keyboard.type("second")
+    page.wait_for_timeout(500)
+    route, response = held[0]
+    route.fulfill(response=response)  # the terminal opens now, mid-typing
+    page.wait_for_timeout(500)
+    page.keyboard.type("-name")
+    assert page.input_value("#new-project-form input[name=name]") == "second-name"
