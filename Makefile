@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test install lint format lock clean
+.PHONY: run test install lint format lock clean bench
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,12 @@ run: install
 
 test: install $(VENV)/.dev-installed
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# termsys side by side with terminado and the raw-PTY floor (bench/README.md); prints figures,
+# asserts nothing. Needs ../shared/bench (the shared client); RUNS=N runs.
+RUNS ?= 3
+bench: install $(VENV)/.dev-installed
+	$(PY) bench/peers.py --runs $(RUNS)
 
 lint: $(VENV)/.dev-installed
 	$(VENV)/bin/ruff check .

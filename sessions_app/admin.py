@@ -1,4 +1,5 @@
-"""Admin: projects and sessions with filters, events inline, and a kill action."""
+"""Admin: projects and sessions with filters, events inline, a read-only watch link, and a
+kill action."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ from asgiref.sync import async_to_sync
 from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
+from django.urls import reverse
+from django.utils.html import format_html
 
 from sessions_app import services
 from sessions_app.errors import TermsysError
@@ -43,15 +46,22 @@ class TerminalSessionAdmin(admin.ModelAdmin):
         "storage_mode",
         "pid",
         "last_activity",
+        "watch_link",
     )
     list_filter = ("state", "storage_mode", "project", "user")
     search_fields = ("id", "tab_name", "title", "project__name", "user__username")
-    readonly_fields = [f.name for f in TerminalSession._meta.fields]
+    readonly_fields = ["watch_link", *(f.name for f in TerminalSession._meta.fields)]
     inlines = [SessionEventInline]
     actions = ["kill_sessions"]
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
+
+    @admin.display(description="Terminal")
+    def watch_link(self, session: TerminalSession) -> str:
+        label = "Watch (read-only)" if session.state in LIVE_STATES else "View history"
+        url = reverse("watch", args=[session.pk])
+        return format_html('<a href="{}" target="_blank" rel="noopener">{}</a>', url, label)
 
     @admin.action(description="Kill selected sessions (end their processes, keep history)")
     def kill_sessions(self, request: HttpRequest, queryset: QuerySet[TerminalSession]) -> None:

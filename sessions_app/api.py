@@ -15,7 +15,7 @@ from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.utils import timezone
 
-from sessions_app import selectors, services, terminals, workspace
+from sessions_app import conf, selectors, services, terminals, workspace
 from sessions_app.errors import (
     MethodNotAllowed,
     NotAuthenticated,
@@ -47,6 +47,9 @@ def session_json(record: SessionRecord) -> dict[str, Any]:
         "pid": record.pid,
         "mode": record.storage_mode,
         "exitCode": record.exit_code,
+        "endReason": record.end_reason,
+        # its shell died with the server (a restart): POST .../revive starts a new one in place
+        "revivable": record.state == "exited" and record.end_reason == "server_restarted",
         "createdAt": _iso(record.created_at),
         "lastActivity": _iso(record.last_activity),
     }
@@ -226,12 +229,54 @@ async def terminal_close(request: HttpRequest, session_id: str) -> JsonResponse:
 
 
 @api("POST")
+async def terminal_revive(request: HttpRequest, session_id: str) -> JsonResponse:
+    data = await sync_to_async(json_body)(request)
+    cols, rows = data.get("cols", 80), data.get("rows", 24)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (cols, rows)):
+        raise ValidationFailed("cols and rows must be whole numbers.", details={"field": "cols"})
+    record = await services.session_revive(
+        user=request.user,
+        session_id=session_id,
+        cols=max(conf.MIN_COLS, min(conf.MAX_COLS, cols)),
+        rows=max(conf.MIN_ROWS, min(conf.MAX_ROWS, rows)),
+    )
+    return ok(
+        request,
+        {"session": session_json(record), "connectionUrl": f"/ws/terminals/{record.id}/"},
+    )
+
+
+@api("POST")
 async def terminal_rename(request: HttpRequest, session_id: str) -> JsonResponse:
     data = await sync_to_async(json_body)(request)
     record = await database_sync_to_async(services.session_rename)(
         user=request.user, session_id=session_id, tab_name=data.get("tabName")
     )
     return ok(request, {"session": session_json(record)})
+
+
+def _export(user: Any, session_id: str, format: str) -> Any:
+    from sessions_app import export
+
+    record = selectors.session_get(user=user, session_id=session_id)
+    try:
+        return export.session_export(record=record, format=format)
+    except export.UnknownFormat as exc:
+        raise ValidationFailed(
+            str(exc), details={"field": "format", "allowed": list(export.FORMATS)}
+        ) from None
+
+
+@api("GET")
+async def terminal_export(request: HttpRequest, session_id: str) -> HttpResponse:
+    """Download the session's retained output: ``?format=cast`` (asciicast v3) or ``text``."""
+    result = await database_sync_to_async(_export)(
+        request.user, session_id, request.GET.get("format", "cast")
+    )
+    response = HttpResponse(result.body, content_type=result.content_type)
+    response["Content-Disposition"] = f'attachment; filename="{result.filename}"'
+    response["X-Request-ID"] = request_id(request)
+    return response
 
 
 async def health(request: HttpRequest) -> JsonResponse:
@@ -253,3 +298,33 @@ async def health(request: HttpRequest) -> JsonResponse:
 
 def not_found(request: HttpRequest) -> JsonResponse:
     return error_response(request, NotFound(f"No API endpoint {request.path}."))
+
+
+def _search(user: Any, params: Any) -> dict[str, Any]:
+    from sessions_app.search.engine import sessions_search
+
+    page = sessions_search(
+        user=user,
+        text=params.get("q", ""),
+        limit=params.get("limit"),
+        cursor=params.get("cursor") or None,
+        order=params.get("order") or None,
+    )
+    hits = [
+        {
+            "session": session_json(hit.session),
+            "project": {"id": hit.project_id, "name": hit.project_name},
+            "time": _iso(hit.at),
+            "source": hit.source,
+            "snippet": hit.snippet,
+        }
+        for hit in page.hits
+    ]
+    return {"hits": hits, "nextCursor": page.next_cursor}
+
+
+@api("GET")
+async def sessions_search(request: HttpRequest) -> JsonResponse:
+    """Search the user's sessions: ``?q=…&limit=&cursor=&order=newest|rank``."""
+    body = await database_sync_to_async(_search)(request.user, request.GET)
+    return ok(request, body)

@@ -83,6 +83,18 @@ def idle_timeout() -> int:
     return settings.TERMSYS_IDLE_TIMEOUT
 
 
+def scrollback_memory_bytes() -> int:
+    return settings.TERMSYS_SCROLLBACK_MEMORY_BYTES
+
+
+def ws_connects_per_minute() -> int:
+    return settings.TERMSYS_WS_CONNECTS_PER_MINUTE
+
+
+def ws_messages_per_second() -> int:
+    return settings.TERMSYS_WS_MESSAGES_PER_SECOND
+
+
 def local_max_bytes() -> int:
     return settings.TERMSYS_LOCAL_MAX_BYTES
 
@@ -101,3 +113,8 @@ def journal_fsync() -> str:
 
 def projects_root() -> Path:
     return Path(settings.TERMSYS_PROJECTS_ROOT)
+
+
+def cgroup_root() -> str | None:
+    """Return where session cgroups go: None to auto-detect, "" to use none, else a path."""
+    return settings.TERMSYS_CGROUP_ROOT

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -18,6 +19,19 @@ from django.db import close_old_connections, connections
 T = TypeVar("T")
 
 _executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="termsys-db")
+# This thread keeps a connection it opened at least this long, even with CONN_MAX_AGE=0 (the
+# embedded SQLite default): reopening it for every batch of output costs more than the batch.
+# A connection that broke is still closed after the call that saw it break.
+KEEP_SECONDS = 60.0
+
+
+def _keep_open() -> None:
+    for conn in connections.all(initialized_only=True):
+        opened = conn.connection
+        if opened is not None and getattr(conn, "_termsys_kept", None) is not opened:
+            conn._termsys_kept = opened
+            if conn.close_at is not None:
+                conn.close_at = max(conn.close_at, time.monotonic() + KEEP_SECONDS)
 
 
 def _run(func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -25,6 +39,7 @@ def _run(func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     try:
         return func(*args, **kwargs)
     finally:
+        _keep_open()
         close_old_connections()
 
 

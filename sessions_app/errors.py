@@ -50,6 +50,14 @@ class PayloadTooLarge(TermsysError):
     status, code, close_code = 413, "payload_too_large", 4413
 
 
+class RateLimited(TermsysError):
+    status, code, close_code = 429, "rate_limited", 4429
+
+
+class ReadOnly(TermsysError):
+    status, code, close_code = 403, "read_only", 4403
+
+
 class SpawnFailed(TermsysError):
     """The profile's command could not be started."""
 

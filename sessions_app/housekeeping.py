@@ -1,6 +1,7 @@
 """Per-process housekeeping of live sessions, about once a second: end the ones idle past
-TERMSYS_IDLE_TIMEOUT, and move sessions between storage modes when the storage_hybrid flag or
-TERMSYS_EMERGENCY_ROLLBACK says so (flushing first, without the clients reconnecting)."""
+TERMSYS_IDLE_TIMEOUT, record shells' working directories, and move sessions between storage
+modes when the storage_hybrid flag or TERMSYS_EMERGENCY_ROLLBACK says so (flushing first,
+without the clients reconnecting)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import logging
 
 from django.db import transaction
 
+from featureflags import broadcast, tasks
+from featureflags.evaluation import STORAGE_FLAG
 from sessions_app import conf, storage, terminals
 from sessions_app.dbthread import db_call
 from sessions_app.models import SessionEvent
@@ -93,26 +96,67 @@ async def _end_idle(live: list[terminals.LiveTerminal]) -> list[terminals.LiveTe
     return busy
 
 
+def _record_cwd(session_id: str, cwd: str) -> None:
+    record = storage.find(session_id)
+    if record is not None and record.cwd != cwd:
+        get_storage(record.storage_mode).update(session_id, cwd=cwd)
+
+
+async def _track_cwd(live: list[terminals.LiveTerminal]) -> None:
+    """Record each shell's working directory when it changed (after ``cd``), so a session
+    revived after a restart starts where its shell was."""
+    for terminal in live:
+        cwd = terminal.shell_cwd()
+        if cwd is None or cwd == terminal.cwd:
+            continue
+        try:
+            await db_call(_record_cwd, terminal.session_id, cwd)
+        except Exception:
+            logger.warning("could not record the cwd of %s", terminal.session_id, exc_info=True)
+            continue
+        terminal.cwd = cwd
+
+
 async def _watch_modes(loop: asyncio.AbstractEventLoop) -> None:
-    """About once a second: end idle sessions, and switch storage modes where the flag says."""
+    """About once a second: end idle sessions, record working directories, and switch storage
+    modes where the flag says."""
     while not loop.is_closed():
         await asyncio.sleep(MODE_CHECK_SECONDS)
         live = [t for t in terminals.all_terminals() if t.loop is loop and not t.ended]
         live = await _end_idle(live)
         if not live:
             continue
-        try:
-            desired = await db_call(_desired_modes, live)
-        except Exception:
-            logger.warning("could not evaluate storage modes", exc_info=True)
-            continue
-        for terminal in live:
-            if desired[terminal.session_id] != terminal.storage_mode:
-                await session_switch_mode(terminal, desired[terminal.session_id])
+        await _track_cwd(live)
+        await _switch_modes(live)
+
+
+async def _switch_modes(live: list[terminals.LiveTerminal]) -> None:
+    """Move live sessions to the storage mode the flag (or the emergency variable) says."""
+    try:
+        desired = await db_call(_desired_modes, live)
+    except Exception:
+        logger.warning("could not evaluate storage modes", exc_info=True)
+        return
+    for terminal in live:
+        if desired[terminal.session_id] != terminal.storage_mode:
+            await session_switch_mode(terminal, desired[terminal.session_id])
+
+
+async def _on_flag_change(name: str) -> None:
+    """The storage flag changed (in any process): re-evaluate this loop's sessions now."""
+    if name != STORAGE_FLAG:
+        return
+    loop = asyncio.get_running_loop()
+    await _switch_modes([t for t in terminals.all_terminals() if t.loop is loop and not t.ended])
+
+
+broadcast.on_change(_on_flag_change)
 
 
 def ensure_running() -> None:
-    """Start the housekeeping task of the running event loop, once."""
+    """Start the housekeeping task of the running event loop, and the flag listener, once."""
     loop = asyncio.get_running_loop()
     if loop not in _watchers:
         _watchers[loop] = loop.create_task(_watch_modes(loop), context=contextvars.Context())
+    broadcast.start_listener()
+    tasks.start()

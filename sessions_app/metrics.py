@@ -15,6 +15,9 @@ def render() -> str:
         "# HELP termsys_live_terminals Terminals with a running process in this server process.",
         "# TYPE termsys_live_terminals gauge",
         f"termsys_live_terminals {len(terminals.all_terminals())}",
+        "# HELP termsys_live_scrollback_bytes Output live terminals hold in memory for replay.",
+        "# TYPE termsys_live_scrollback_bytes gauge",
+        f"termsys_live_scrollback_bytes {terminals.tail_bytes()}",
         "# HELP termsys_storage_pending Writes accepted but not yet in the database, by mode.",
         "# TYPE termsys_storage_pending gauge",
     ]

@@ -84,6 +84,11 @@ class TerminalSession(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     last_activity = models.DateTimeField(auto_now_add=True)
     exit_code = models.IntegerField(null=True, blank=True)
+    end_reason = models.CharField(
+        max_length=32,
+        blank=True,
+        help_text="Why the shell ended: exited, killed, idle, server_restarted (revivable).",
+    )
     closed_at = models.DateTimeField(null=True, blank=True)
 
     objects = TerminalSessionQuerySet.as_manager()
@@ -119,6 +124,7 @@ class SessionEvent(models.Model):
         CLOSED = "closed"
         ERROR = "error"
         MODE_CHANGED = "mode_changed"
+        REVIVED = "revived"
 
     session = models.ForeignKey(TerminalSession, on_delete=models.CASCADE, related_name="events")
     kind = models.CharField(max_length=32, choices=Kind.choices)
@@ -159,3 +165,40 @@ class OutputChunk(models.Model):
 
     def __str__(self) -> str:
         return f"{self.session_id}#{self.seq}"
+
+
+class SearchDocument(models.Model):
+    """Text a search can find, kept by database triggers (migration 0004_search), never Python.
+
+    One row per output chunk (on PostgreSQL, per 32K-character part of one), per ``command``
+    event and per session (its title, tab name and project name). PostgreSQL adds a stored
+    ``vector`` column with a GIN index; SQLite keeps the FTS5 table ``sessions_app_search_fts``.
+    """
+
+    class Source(models.TextChoices):
+        OUTPUT = "output"
+        COMMAND = "command"
+        SESSION = "session"
+
+    session = models.ForeignKey(
+        TerminalSession, on_delete=models.CASCADE, related_name="search_documents"
+    )
+    source = models.CharField(max_length=8, choices=Source.choices)
+    source_id = models.BigIntegerField(null=True, help_text="The chunk's or event's id.")
+    part = models.PositiveSmallIntegerField(default=0)
+    at = models.DateTimeField()
+    body = models.TextField()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["source", "source_id", "part"], name="searchdoc_unique_source"
+            )
+        ]
+        indexes = [
+            models.Index(fields=["session", "source"], name="searchdoc_session_source"),
+            models.Index(fields=["at", "id"], name="searchdoc_at"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.source} {self.source_id}#{self.part} of {self.session_id}"

@@ -1,7 +1,13 @@
-"""Real PTY processes: spawn, read, write, resize, and terminate with escalation."""
+"""Real PTY processes: spawn, read, write, resize, and terminate with escalation.
+
+Ending a session ends every process its shell started. They are found through the session's
+cgroup where the machine allows one (see cgroups.py), and always also through the shell's
+process tree and the TERMSYS_SESSION_ID variable every process inherits.
+"""
 
 from __future__ import annotations
 
+import atexit
 import errno
 import fcntl
 import logging
@@ -11,11 +17,14 @@ import signal
 import struct
 import subprocess
 import termios
+import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from sessions_app import conf
+from sessions_app import conf, shellhook
+from sessions_app.cgroups import SessionCgroup
 from sessions_app.errors import SpawnFailed
 
 logger = logging.getLogger(__name__)
@@ -44,11 +53,25 @@ def shell_environment(*, cwd: str, session_id: str) -> dict[str, str]:
         PWD=cwd,
     )
     env[MARKER_VARIABLE] = session_id
+    env.update(shellhook.hook_environment())  # bash: OSC 7 and 633 marks
     return env
 
 
-def _set_controlling_tty() -> None:  # runs in the child between fork and exec
-    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+def _child_setup(cgroup_procs: int | None) -> Callable[[], None]:
+    """Return what the child runs between fork and exec: join the cgroup, take the PTY.
+
+    Joining before exec means nothing the shell starts is ever outside the cgroup.
+    """
+
+    def setup() -> None:
+        if cgroup_procs is not None:
+            try:
+                os.write(cgroup_procs, b"0")  # "0": the writing process itself
+            except OSError:
+                pass  # not in the cgroup: its processes are still tracked
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    return setup
 
 
 def _winsize(cols: int, rows: int) -> bytes:
@@ -64,6 +87,9 @@ class PtyProcess:
     pidfd: int  # readable when the process exits
     process: subprocess.Popen
     env_marker: bytes | None = None  # NAME=value every process of this PTY inherits
+    cgroup: SessionCgroup | None = None  # holds every process of this PTY, where available
+    _ended: bool = field(default=False, repr=False)  # terminate() ran to the end
+    _closed: bool = field(default=False, repr=False)
 
     @classmethod
     def spawn(
@@ -72,6 +98,9 @@ class PtyProcess:
         """Start ``argv`` on a new PTY; raise SpawnFailed with the reason when it cannot start."""
         if not Path(cwd).is_dir():
             raise SpawnFailed(f"Working directory {cwd} does not exist or is not a directory.")
+        session_id = env.get(MARKER_VARIABLE) or f"pty-{os.getpid()}-{time.monotonic_ns()}"
+        cgroup = SessionCgroup.create(session_id)
+        cgroup_procs = cgroup.open_procs() if cgroup is not None else None
         master, slave = os.openpty()
         try:
             fcntl.ioctl(slave, termios.TIOCSWINSZ, _winsize(cols, rows))
@@ -83,16 +112,23 @@ class PtyProcess:
                 cwd=cwd,
                 env=env,
                 start_new_session=True,
-                preexec_fn=_set_controlling_tty,  # noqa: PLW1509 - a single ioctl, no locks
+                # a write and an ioctl, no locks taken
+                preexec_fn=_child_setup(cgroup_procs),  # noqa: PLW1509
                 close_fds=True,
             )
-        except (FileNotFoundError, PermissionError, NotADirectoryError) as exc:
+        except BaseException as exc:
             os.close(master)
-            raise SpawnFailed(
-                f"Cannot start {argv[0]!r}: {exc.strerror}.", details={"argv": argv}
-            ) from None
+            if cgroup is not None:
+                cgroup.remove()
+            if isinstance(exc, (FileNotFoundError, PermissionError, NotADirectoryError)):
+                raise SpawnFailed(
+                    f"Cannot start {argv[0]!r}: {exc.strerror}.", details={"argv": argv}
+                ) from None
+            raise
         finally:
             os.close(slave)
+            if cgroup_procs is not None:
+                os.close(cgroup_procs)
         os.set_blocking(master, False)
         marker = (
             f"{MARKER_VARIABLE}={env[MARKER_VARIABLE]}".encode()
@@ -105,6 +141,7 @@ class PtyProcess:
             pidfd=os.pidfd_open(process.pid),
             process=process,
             env_marker=marker,
+            cgroup=cgroup,
         )
 
     def read(self, size: int = conf.READ_BYTES) -> bytes | None:
@@ -138,44 +175,126 @@ class PtyProcess:
     def terminate(self, *, grace: float = 0.5) -> int | None:
         """End the process, its group and every descendant: SIGHUP, then SIGTERM, then SIGKILL.
 
-        Blocks up to about ``3 * grace`` seconds; call it from a worker thread.
+        Processes that left the shell's tree are ended too, and the session's cgroup is
+        removed. Blocks up to about ``3 * grace`` seconds; call it from a worker thread.
         """
-        targets = self.processes()
+        try:
+            self._end_processes(grace)
+            self.process.wait(timeout=5)
+        finally:
+            self._release_cgroup()
+            self._ended = True
+        return self.poll()
+
+    def _end_processes(self, grace: float) -> None:
         for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGKILL):
-            _signal_all(self.pid, targets, sig)
-            _signal_all(self.pid, targets, signal.SIGCONT)  # a stopped job must run to die
+            self.poll()
+            targets = {pid for pid in self.processes() if is_running(pid)}
+            if not targets:
+                return
+            if sig == signal.SIGKILL and self.cgroup is not None:
+                self.cgroup.kill()
+            self._signal(targets, sig)
+            self._signal(targets, signal.SIGCONT)  # a stopped job must run to die
             deadline = time.monotonic() + grace
             while time.monotonic() < deadline:
                 self.poll()
-                targets = {pid for pid in targets if is_running(pid)}
+                members = self.cgroup.pids() if self.cgroup is not None else set()
+                targets = {pid for pid in targets | members if is_running(pid)}
                 if not targets:
-                    return self.poll()
+                    break
                 time.sleep(0.02)
-        self.process.wait(timeout=5)
-        return self.poll()
+
+    def _signal(self, pids: set[int], sig: int) -> None:
+        # The shell's pid names its process group only until the shell is reaped; after that
+        # the number may be reused, so only processes found otherwise are signalled.
+        if self.process.returncode is None:
+            try:
+                os.killpg(self.pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def _release_cgroup(self) -> None:
+        if self.cgroup is None:
+            return
+        if self.cgroup.remove():
+            self.cgroup = None
+        else:
+            logger.warning(
+                "cgroup %s still holds processes %s; it is removed once they are gone",
+                self.cgroup.path,
+                sorted(self.cgroup.pids()),
+            )
 
     def hangup(self) -> None:
         """Send SIGHUP to the process group without waiting (server shutdown)."""
-        _signal_all(self.pid, set(), signal.SIGHUP)
-        _signal_all(self.pid, set(), signal.SIGCONT)
+        self._signal(set(), signal.SIGHUP)
+        self._signal(set(), signal.SIGCONT)
+        if self.cgroup is not None:
+            _hung_up.append(self.cgroup)
 
     def processes(self) -> set[int]:
         """Return every process this PTY's shell started, including ones that left its tree.
 
         ``setsid``, ``nohup`` and double forks reparent a process away from the shell, but it
-        keeps the environment it inherited, and with it TERMSYS_SESSION_ID.
+        stays in the session's cgroup and keeps the environment it inherited, and with it
+        TERMSYS_SESSION_ID. The tree is only followed while the shell is not reaped: after
+        that its pid may belong to another process.
         """
-        found = descendants(self.pid) | {self.pid}
+        found: set[int] = set()
+        if self.process.returncode is None:
+            found |= descendants(self.pid) | {self.pid}
+        if self.cgroup is not None:
+            found |= self.cgroup.pids()
         if self.env_marker:
             found |= processes_with_env(self.env_marker)
         return found
 
     def close(self) -> None:
+        """Release the PTY; end what a shell that exited by itself left running.
+
+        The session is over either way: background jobs, ``nohup`` and ``setsid`` processes
+        it started get the same SIGHUP, SIGTERM, SIGKILL, in a thread of their own.
+        """
+        if self._closed:
+            return
+        self._closed = True
         for fd in (self.fd, self.pidfd):
             try:
                 os.close(fd)
             except OSError:
                 pass
+        if not self._ended:
+            threading.Thread(
+                target=self._end_leftovers, name=f"pty-{self.pid}-leftovers", daemon=True
+            ).start()
+
+    def _end_leftovers(self) -> None:
+        try:
+            self.terminate()
+        except Exception:
+            logger.exception("could not end the processes left by pid %s", self.pid)
+
+
+_hung_up: list[SessionCgroup] = []
+
+
+@atexit.register  # registered before terminals' hang-up handler, so it runs after it
+def _remove_hung_up_cgroups() -> None:
+    """At server exit, remove the cgroups of the shells the hang-up ended (within a second)."""
+    deadline = time.monotonic() + 1.0
+    kept = [c for c in _hung_up if not c.remove(timeout=max(0.0, deadline - time.monotonic()))]
+    if kept:
+        logger.info(
+            "%d session cgroup(s) keep processes that ignored the hang-up: %s",
+            len(kept),
+            ", ".join(str(c.path) for c in kept),
+        )
 
 
 def processes_with_env(entry: bytes) -> set[int]:
@@ -192,18 +311,6 @@ def processes_with_env(entry: bytes) -> set[int]:
         except OSError:
             continue
     return found
-
-
-def _signal_all(pgid: int, pids: set[int], sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-    for pid in pids:
-        try:
-            os.kill(pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
 
 
 def is_running(pid: int) -> bool:

@@ -30,6 +30,22 @@ def session_get(*, user: AbstractBaseUser, session_id: str) -> SessionRecord:
     return record
 
 
+def session_get_for_viewer(*, user: AbstractBaseUser, session_id: str) -> SessionRecord:
+    """Return a session ``user`` may watch: their own, or any session for staff.
+
+    Anyone else's session is NotFound, as in ``session_get``.
+    """
+    record = storage.find(session_id) if isinstance(session_id, str) else None
+    if record is None or (record.user_id != user.pk and not user.is_staff):
+        raise NotFound(f"No session {session_id}.", details={"sessionId": session_id})
+    return record
+
+
+def session_find(*, session_id: str) -> SessionRecord | None:
+    """Return the newest record of a session, whoever owns it (for callers already checked)."""
+    return storage.find(session_id)
+
+
 def session_list(*, user: AbstractBaseUser) -> list[SessionRecord]:
     return storage.list_for_user(user.pk)
 

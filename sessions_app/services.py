@@ -8,6 +8,7 @@ on the server's event loop.
 from __future__ import annotations
 
 import logging
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -30,11 +31,13 @@ from sessions_app.errors import (
 from sessions_app.models import Project, SessionEvent, TerminalSession, new_session_id
 from sessions_app.pty import PtyProcess, shell_environment
 from sessions_app.states import LIVE_STATES, SessionState, check_transition
-from sessions_app.storage import SessionRecord, get_storage
+from sessions_app.storage import Scrollback, SessionRecord, get_storage
 
 logger = logging.getLogger(__name__)
 
 Kind = SessionEvent.Kind
+# A shell that ended because its server process went away; such a session can be revived.
+END_SERVER_RESTARTED = "server_restarted"
 NAME_MAX = 100
 PROJECT_NAME_RE = re.compile(r"^[^\x00-\x1f/\\]{1,100}$")
 
@@ -127,13 +130,15 @@ def session_rename(*, user: AbstractBaseUser, session_id: str, tab_name: Any) ->
     return updated
 
 
-def sessions_reconcile(*, user: AbstractBaseUser | None = None) -> int:
-    """Mark live sessions whose server process is gone as exited; return how many.
+def sessions_reconcile(*, user: AbstractBaseUser | None = None, user_id: int | None = None) -> int:
+    """Mark live sessions (of one user, or all) whose server process is gone as exited.
 
-    A PTY dies with the process that owns it; its history stays.
+    A PTY dies with the process that owns it; its history stays. Returns how many.
     """
     if user is not None:
-        live = [(r.id, r.node) for r in storage.list_for_user(user.pk) if r.state in LIVE_STATES]
+        user_id = user.pk
+    if user_id is not None:
+        live = [(r.id, r.node) for r in storage.list_for_user(user_id) if r.state in LIVE_STATES]
     else:
         live = list(TerminalSession.objects.filter(state__in=LIVE_STATES).values_list("id", "node"))
     count = 0
@@ -147,6 +152,7 @@ def sessions_reconcile(*, user: AbstractBaseUser | None = None) -> int:
                 event=Kind.EXITED,
                 data={"reason": "server restarted"},
                 pid=None,
+                end_reason=END_SERVER_RESTARTED,
             )
             count += 1
         except Exception:
@@ -155,6 +161,28 @@ def sessions_reconcile(*, user: AbstractBaseUser | None = None) -> int:
 
 
 # --- live sessions ----------------------------------------------------------------------------
+
+
+def _check_limits(user: AbstractBaseUser, project: Project) -> list[SessionRecord]:
+    """Raise SessionLimitReached if one more live terminal is too many; return the project's
+    sessions. Call inside a transaction holding the project's row lock."""
+    sessions = storage.list_for_project(project.pk)
+    live = sum(1 for r in sessions if r.state in LIVE_STATES)
+    limit = conf.max_sessions_per_project()
+    if live >= limit:
+        raise SessionLimitReached(
+            f"Project {project.name!r} already has {live} live terminals "
+            f"(TERMSYS_MAX_SESSIONS_PER_PROJECT={limit}); close one first.",
+            details={"limit": limit, "live": live},
+        )
+    yours = sum(1 for r in storage.list_for_user(user.pk) if r.state in LIVE_STATES)
+    if yours >= conf.max_sessions_per_user():
+        raise SessionLimitReached(
+            f"You already have {yours} live terminals "
+            f"(TERMSYS_MAX_SESSIONS_PER_USER={conf.max_sessions_per_user()}); close one first.",
+            details={"limit": conf.max_sessions_per_user(), "live": yours},
+        )
+    return sessions
 
 
 def _session_insert(
@@ -179,22 +207,7 @@ def _session_insert(
         Project.objects.select_for_update().filter(
             pk=project.pk
         ).first()  # serialise the limit check
-        sessions = storage.list_for_project(project.pk)
-        live = sum(1 for r in sessions if r.state in LIVE_STATES)
-        limit = conf.max_sessions_per_project()
-        if live >= limit:
-            raise SessionLimitReached(
-                f"Project {project.name!r} already has {live} live terminals "
-                f"(TERMSYS_MAX_SESSIONS_PER_PROJECT={limit}); close one first.",
-                details={"limit": limit, "live": live},
-            )
-        yours = sum(1 for r in storage.list_for_user(user.pk) if r.state in LIVE_STATES)
-        if yours >= conf.max_sessions_per_user():
-            raise SessionLimitReached(
-                f"You already have {yours} live terminals "
-                f"(TERMSYS_MAX_SESSIONS_PER_USER={conf.max_sessions_per_user()}); close one first.",
-                details={"limit": conf.max_sessions_per_user(), "live": yours},
-            )
+        sessions = _check_limits(user, project)
         provider = get_storage(storage.mode_for_user(user.pk))
         record = provider.create(
             SessionRecord(
@@ -225,12 +238,33 @@ async def session_create(
     record, project = await database_sync_to_async(_session_insert)(
         user=user, project_id=project_id, profile=profile, tab_name=tab_name
     )
-    argv = conf.profiles()[record.profile]
+    return await _start_terminal(record, cwd=project.path, cols=cols, rows=rows)
+
+
+async def _start_terminal(
+    record: SessionRecord,
+    *,
+    cwd: str,
+    cols: int,
+    rows: int,
+    history: Scrollback | None = None,
+    banner: bytes = b"",
+) -> SessionRecord:
+    """Spawn the session's shell in ``cwd`` and make it live (``creating`` -> ``active``).
+
+    ``history`` (a revived session's stored output) is what clients are replayed before the
+    new shell's output; ``banner`` is written into the output stream first.
+    """
+    argv = conf.profiles().get(record.profile)
     try:
+        if argv is None:
+            raise SpawnFailed(
+                f"Terminal type {record.profile!r} is no longer configured (TERMSYS_PROFILES)."
+            )
         pty = PtyProcess.spawn(
             argv,
-            cwd=project.path,
-            env=shell_environment(cwd=project.path, session_id=record.id),
+            cwd=cwd,
+            env=shell_environment(cwd=cwd, session_id=record.id),
             cols=cols,
             rows=rows,
         )
@@ -244,14 +278,18 @@ async def session_create(
         raise
     terminal = terminals.LiveTerminal(
         session_id=record.id,
-        user_id=user.pk,
+        user_id=record.user_id,
         pty=pty,
         storage_mode=record.storage_mode,
-        start_offset=0,
+        start_offset=record.output_bytes if history is None else history.end,
+        history=history,
         on_exit=_on_terminal_exit,
     )
     terminal.cols, terminal.rows = cols, rows
+    terminal.cwd = cwd
     terminals.register(terminal)
+    if banner:
+        terminal.emit_notice(banner)
     terminal.start()
     housekeeping.ensure_running()
     return await database_sync_to_async(session_transition)(
@@ -270,6 +308,7 @@ async def _on_terminal_exit(terminal: terminals.LiveTerminal, exit_code: int | N
     """Record how a terminal ended and tell its clients."""
     killed = terminal.killed
     target = SessionState.KILLED if killed else SessionState.EXITED
+    end_reason = terminal.end_reason or ("killed" if killed else "exited")
     data = {
         "exitCode": exit_code,
         **({"reason": terminal.end_reason} if terminal.end_reason else {}),
@@ -285,11 +324,71 @@ async def _on_terminal_exit(terminal: terminals.LiveTerminal, exit_code: int | N
             pid=None,
             cols=terminal.cols,
             rows=terminal.rows,
+            end_reason=end_reason,
         )
     except Exception:
         logger.exception("could not record the end of session %s", terminal.session_id)
     terminals.unregister(terminal)
-    terminal.broadcast({"type": "exit", "exitCode": exit_code, "state": str(target)})
+    terminal.broadcast(
+        {
+            "type": "exit",
+            "exitCode": exit_code,
+            "state": str(target),
+            "endReason": end_reason,
+            "revivable": False,
+            "cwd": terminal.cwd,
+        }
+    )
+
+
+def _revive_prepare(*, user: AbstractBaseUser, session_id: str) -> tuple[SessionRecord, Scrollback]:
+    """Check that the session may be revived and move it to ``creating``; return it and its
+    stored history."""
+    with transaction.atomic():
+        record = selectors.session_get(user=user, session_id=session_id)
+        if (
+            record.state != SessionState.EXITED
+            or record.end_reason != END_SERVER_RESTARTED
+            or record.closed_at is not None
+        ):
+            why = record.end_reason or record.state
+            raise Conflict(
+                f"Only a terminal whose shell ended because the server restarted can be "
+                f"revived; this one is {record.state} ({why}). Open a new terminal instead.",
+                details={"state": record.state, "endReason": record.end_reason},
+            )
+        project = selectors.project_get(user=user, project_id=record.project_id)
+        Project.objects.select_for_update().filter(pk=project.pk).first()
+        _check_limits(user, project)
+        cwd = record.cwd if record.cwd and os.path.isdir(record.cwd) else project.path
+        record = session_transition(
+            session_id=record.id,
+            target=SessionState.CREATING,
+            event=Kind.REVIVED,
+            data={"cwd": cwd},
+            cwd=cwd,
+            exit_code=None,
+            end_reason="",
+        )
+    history = get_storage(record.storage_mode).read_scrollback(
+        record.id, max_bytes=conf.scrollback_bytes()
+    )
+    return record, history
+
+
+async def session_revive(
+    *, user: AbstractBaseUser, session_id: str, cols: int = 80, rows: int = 24
+) -> SessionRecord:
+    """Start a new shell in a session whose shell died with its server, in place: same id and
+    tab, in its last working directory, its history above a "history restored" line."""
+    record, history = await database_sync_to_async(_revive_prepare)(
+        user=user, session_id=session_id
+    )
+    stamp = timezone.localtime().strftime("%Y-%m-%d %H:%M")
+    banner = f"\r\n\x1b[2m── history restored · new shell in {record.cwd} · {stamp} ──\x1b[0m\r\n"
+    return await _start_terminal(
+        record, cwd=record.cwd, cols=cols, rows=rows, history=history, banner=banner.encode()
+    )
 
 
 async def session_kill(*, session_id: str, actor: str = "") -> SessionRecord:
@@ -312,6 +411,7 @@ async def session_kill(*, session_id: str, actor: str = "") -> SessionRecord:
                 event=Kind.KILLED,
                 data={"actor": actor, "orphan": True},
                 pid=None,
+                end_reason="killed",
             )
     return await database_sync_to_async(_find)(session_id)
 
@@ -341,6 +441,13 @@ def session_attached(*, session_id: str, clients: int) -> None:
             event=Kind.ATTACHED,
             data={"clients": clients},
         )
+
+
+def session_watched(*, session_id: str, viewer: str) -> None:
+    """Record that someone (staff, from the admin) attached read-only; the state is unchanged."""
+    get_storage(_find(session_id).storage_mode).add_event(
+        session_id, Kind.ATTACHED, {"readOnly": True, "viewer": viewer}
+    )
 
 
 def session_detached(*, session_id: str, cols: int, rows: int) -> None:

@@ -1,4 +1,10 @@
-"""The terminal session state machine, enforced here and nowhere else."""
+"""The terminal session state machine, enforced here and nowhere else.
+
+``creating -> active <-> detached -> exited | killed``, anything -> ``error``. One way back:
+a session whose shell ended because its server process went away (``end_reason``
+``server_restarted``) may be revived, ``exited -> creating``, with a new shell in the same
+tab; ``services.session_revive`` checks the reason.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +25,7 @@ TRANSITIONS: dict[str, frozenset[str]] = {
     S.CREATING: frozenset({S.ACTIVE, S.EXITED, S.KILLED, S.ERROR}),
     S.ACTIVE: frozenset({S.DETACHED, S.EXITED, S.KILLED, S.ERROR}),
     S.DETACHED: frozenset({S.ACTIVE, S.EXITED, S.KILLED, S.ERROR}),
-    S.EXITED: frozenset({S.ERROR}),
+    S.EXITED: frozenset({S.CREATING, S.ERROR}),
     S.KILLED: frozenset({S.ERROR}),
     S.ERROR: frozenset(),
 }

@@ -20,8 +20,10 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol
 
-from sessions_app import conf
+from featureflags import safeguard
+from sessions_app import conf, shellint
 from sessions_app.dbthread import db_call
+from sessions_app.outputtail import OutputTail
 from sessions_app.pty import PtyProcess
 from sessions_app.storage import Scrollback, StorageProvider, get_storage
 
@@ -33,6 +35,8 @@ NODE_ID = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
 UNSTORED_LIMIT = 8 * 1024 * 1024
 # A read at least this long suggests more output is waiting in the PTY (a keystroke echo is short).
 SHORT_READ = 1024
+# A viewer that fell behind is resynced with at most this much of the newest output.
+RESYNC_BYTES = 256 * 1024
 HOLD_BACK_SECONDS = 0.1
 MSG_STORAGE_DOWN = (
     "Output is not being saved: the database is unavailable. It is kept in memory and saved "
@@ -62,10 +66,20 @@ def node_is_alive(node: str) -> bool:
 
 
 class Client(Protocol):
-    """One attached WebSocket, as the terminal sees it."""
+    """One attached WebSocket, as the terminal sees it.
+
+    ``interactive`` clients (the owner's) may type and hold the PTY back while they have more
+    than the high-water mark unacknowledged; the others are read-only viewers, which never
+    slow the session: a viewer that falls behind skips live output and is resynced from the
+    scrollback once it has caught up. ``position`` is the session offset the client has been
+    sent everything before (managed here); ``size`` the (cols, rows) it last asked for.
+    """
 
     unacked: int
     interactive: bool
+    position: int
+    behind: bool
+    size: tuple[int, int] | None
 
     async def send_output(self, data: bytes) -> None: ...
 
@@ -84,6 +98,7 @@ class LiveTerminal:
         storage_mode: str,
         start_offset: int,
         on_exit: Callable[[LiveTerminal, int | None], Awaitable[None]],
+        history: Scrollback | None = None,
     ) -> None:
         self.session_id = session_id
         self.user_id = user_id
@@ -96,25 +111,35 @@ class LiveTerminal:
         self.ended = False
         self.killed = False  # ended by a user or the server, not by itself
         self._on_exit = on_exit
-        # The newest output, kept in memory for replay: [self._tail_start, self.end_offset).
-        self._tail = bytearray()
-        self._tail_start = start_offset
+        # The newest output, kept in memory for replay: [self._tail.start, self.end_offset).
+        # A revived session starts with its stored history (its output offsets continue).
+        self._tail = (
+            OutputTail(history.start, history.data)
+            if history is not None
+            else OutputTail(start_offset)
+        )
+        self._tail_dropped = False  # memory let go of output storage has (drop_tail)
+        _account(len(self._tail))
         self.end_offset = start_offset
         # Output not yet in storage: [self._stored_offset, self.end_offset).
         self._unstored = bytearray()
         self._stored_offset = start_offset
         self._flush_handle: asyncio.TimerHandle | None = None
         self._flush_task: asyncio.Task | None = None
-        self._outbox: deque[tuple[Client | None, bytes | dict[str, Any]]] = deque()
+        # (client or None for every client, payload, session offset of live output or None)
+        self._outbox: deque[tuple[Client | None, bytes | dict[str, Any], int | None]] = deque()
         self._pump_task: asyncio.Task | None = None
         self._pending_input = bytearray()
+        self._typist: Client | None = None  # the client that typed last: its size applies
         self._reading = False
         self._tasks: set[asyncio.Task] = set()
         self.switching = False  # a storage mode switch is in progress: output waits in memory
         self.end_reason = ""  # why the server ended it (e.g. "idle"), for its exit event
+        self.cwd = ""  # the shell's working directory as last recorded
         self._last_activity = time.monotonic()
         self._storage_failing = False
         self._held_back: asyncio.TimerHandle | None = None
+        self.shell = shellint.ShellTracker(self)  # what the shell reports in its output
 
     @property
     def storage(self) -> StorageProvider:
@@ -184,6 +209,7 @@ class LiveTerminal:
         self._pause_reading()
         self.exit_code = exit_code
         await self.flush()
+        await self.shell.drain()
         await self._on_exit(self, exit_code)
         self.pty.close()
 
@@ -219,11 +245,68 @@ class LiveTerminal:
 
     # --- output ---------------------------------------------------------------------------
 
-    def tail(self, max_bytes: int) -> Scrollback:
-        """Return the newest output held in memory, at most ``max_bytes`` (call on self.loop)."""
-        start = max(self._tail_start, self.end_offset - max_bytes)
-        data = bytes(self._tail[start - self._tail_start :])
+    def tail(self, max_bytes: int, history: Scrollback | None = None) -> Scrollback:
+        """Return the newest output, at most ``max_bytes`` (call on self.loop).
+
+        From memory; ``history`` (read from storage, see ``needs_history``) fills in what
+        memory no longer holds.
+        """
+        start, data = self._replay_from(max(0, self.end_offset - max_bytes), history)
         return Scrollback(data=data, start=start, end=self.end_offset, pruned=start > 0)
+
+    def needs_history(self, since: int | None, max_bytes: int | None = None) -> bool:
+        """Return whether a replay from ``since`` (None: the whole scrollback, or the newest
+        ``max_bytes``) needs output that memory dropped (see ``drop_tail``), from storage."""
+        if since is None:
+            since = max(0, self.end_offset - (max_bytes or conf.scrollback_bytes()))
+        return since < self._tail.start and self._tail_dropped
+
+    def _replay_from(self, since: int, history: Scrollback | None) -> tuple[int, bytes]:
+        """Return (start, bytes) of the output after ``since`` that memory, or memory and
+        ``history`` together, still hold; start > since where it is gone."""
+        start = max(min(since, self.end_offset), self._tail.start)
+        data = self._tail.since(start)
+        if (
+            history is not None
+            and start > since
+            and history.start < start
+            and history.end >= self._tail.start
+        ):
+            lead = max(since, history.start)
+            data = history.data[lead - history.start : self._tail.start - history.start] + data
+            start = lead
+        return start, data
+
+    def drop_tail(self) -> int:
+        """Free the in-memory output that storage already has; return how many bytes.
+
+        What is not stored yet stays. Replays then read the rest from storage.
+        """
+        cut = self._tail.drop_before(min(self._stored_offset, self.end_offset))
+        if cut > 0:
+            self._tail_dropped = True
+            _account(-cut)
+        return cut
+
+    def memory_bytes(self) -> int:
+        """Output this terminal holds in memory (replay tail and not yet stored)."""
+        return len(self._tail) + len(self._unstored)
+
+    def emit_notice(self, data: bytes) -> None:
+        """Add a line of the server's own (e.g. "history restored") to the output stream."""
+        self._emit(data)
+
+    def shell_cwd(self) -> str | None:
+        """Return the shell's current working directory (from /proc), or None if unknown."""
+        try:
+            return os.readlink(f"/proc/{self.pty.pid}/cwd")
+        except OSError:
+            return None
+
+    def send_to(self, client: Client, message: dict[str, Any]) -> None:
+        """Queue a control message for one client, after what is already queued for it."""
+        self._outbox.append((client, message, None))
+        self._kick_pump()
 
     def idle_seconds(self) -> float:
         """Return how long the session has had no client attached and no output or input."""
@@ -232,12 +315,11 @@ class LiveTerminal:
     def _emit(self, data: bytes) -> None:
         self._last_activity = time.monotonic()
         offset = self.end_offset
-        self._tail += data
+        self._tail.append(data)
         self.end_offset += len(data)
-        overflow = len(self._tail) - conf.scrollback_bytes()
-        if overflow > 0:
-            del self._tail[:overflow]
-            self._tail_start += overflow
+        _account(len(data) - self._tail.keep_last(conf.scrollback_bytes()))
+        if _tail_bytes > conf.scrollback_memory_bytes():
+            _drop_idle_tails(keep=self)
         if not self._store_inline(offset, data):
             self._unstored += data
             if len(self._unstored) >= conf.OUTPUT_FLUSH_BYTES:
@@ -245,8 +327,9 @@ class LiveTerminal:
             else:
                 self._schedule_flush(conf.OUTPUT_FLUSH_SECONDS)
         if self.clients:
-            self._outbox.append((None, data))
+            self._outbox.append((None, data, offset))
             self._kick_pump()
+        self.shell.feed(data)
 
     def _store_inline(self, offset: int, data: bytes) -> bool:
         """Store output now when the provider allows it (before any client sees it)."""
@@ -263,6 +346,7 @@ class LiveTerminal:
 
     def _storage_failed(self, exc: Exception) -> None:
         logger.warning("storing output of %s failed: %s", self.session_id, exc)
+        safeguard.record(self.user_id, ok=False)  # the flag safeguard counts it
         if not self._storage_failing:
             self._storage_failing = True
             self.broadcast(
@@ -295,6 +379,7 @@ class LiveTerminal:
         while self._unstored and (force or not self.switching):
             data = bytes(self._unstored)
             offset = self._stored_offset
+            started = time.perf_counter()
             try:
                 await db_call(self.storage.append_output, self.session_id, offset, data)
             except Exception as exc:
@@ -302,9 +387,21 @@ class LiveTerminal:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
                 continue
+            # A storage operation, for the flag safeguard (a few a second per busy session).
+            elapsed_ms = (time.perf_counter() - started) * 1000
+            safeguard.record(self.user_id, ok=True, latency_ms=elapsed_ms)
             del self._unstored[: len(data)]
             self._stored_offset = offset + len(data)
             self._storage_recovered()
+            if not force and 0 < len(self._unstored) < conf.OUTPUT_FLUSH_BYTES:
+                # Output that came during the write waits for the next batch, as the first
+                # did: an interactive session writes a few times a second, not per keystroke.
+                if self._flush_handle is not None:
+                    self._flush_handle.cancel()
+                self._flush_handle = self.loop.call_later(
+                    conf.OUTPUT_FLUSH_SECONDS, self._start_flush, context=contextvars.Context()
+                )
+                return
 
     def flush_now(self) -> None:
         """Store pending output synchronously: for process exit, when no event loop runs."""
@@ -329,19 +426,42 @@ class LiveTerminal:
     async def _pump(self) -> None:
         """Send queued output and control messages, in order, to their clients."""
         while self._outbox:
-            target, payload = self._outbox.popleft()
+            target, payload, offset = self._outbox.popleft()
             for client in [target] if target is not None else list(self.clients):
                 if client not in self.clients:
                     continue
+                data = payload
+                if offset is not None:
+                    data = self._live_part(client, payload, offset)
+                    if data is None:
+                        continue
                 try:
-                    if isinstance(payload, bytes):
-                        client.unacked += len(payload)
-                        await client.send_output(payload)
+                    if isinstance(data, bytes):
+                        client.unacked += len(data)
+                        await client.send_output(data)
                     else:
-                        await client.send_control(payload)
+                        await client.send_control(data)
                 except Exception:  # a socket that went away; its disconnect detaches it
                     logger.debug("send to a client of %s failed", self.session_id, exc_info=True)
             self._apply_flow_control()
+
+    @staticmethod
+    def _live_part(client: Client, data: bytes, offset: int) -> bytes | None:
+        """Return what of live output at ``offset`` the client still needs, or None.
+
+        A client's replay already covers the output queued before it attached (or resumed);
+        a viewer too far behind gets nothing more until it is resynced.
+        """
+        if client.behind:
+            return None
+        skip = client.position - offset
+        if skip >= len(data):
+            return None
+        if not client.interactive and client.unacked > conf.FLOW_HIGH_WATER:
+            client.behind = True
+            return None
+        client.position = offset + len(data)
+        return data[skip:] if skip > 0 else data
 
     def _apply_flow_control(self) -> None:
         backlog = max((c.unacked for c in self.clients if c.interactive), default=0)
@@ -352,50 +472,114 @@ class LiveTerminal:
 
     def acknowledge(self, client: Client, count: int) -> None:
         client.unacked = max(0, client.unacked - count)
+        if client.behind and client.unacked <= conf.FLOW_LOW_WATER and client in self.clients:
+            self._resync(client)
         if not self._reading:
             self._apply_flow_control()
 
     # --- clients --------------------------------------------------------------------------
 
-    def attach(self, client: Client, hello: dict[str, Any], since: int | None = None) -> None:
-        """Queue hello and the in-memory scrollback for ``client``, then live output.
+    def attach(
+        self,
+        client: Client,
+        hello: dict[str, Any],
+        since: int | None = None,
+        history: Scrollback | None = None,
+    ) -> int:
+        """Queue hello and the scrollback for ``client``, then live output; return the offset
+        the replay starts at.
 
         With ``since`` (a byte offset the client already has everything before), only what
-        follows it is replayed; ``pruned`` in hello says that part of it is gone.
+        follows it is replayed; ``pruned`` in hello says that part of it is gone. ``history``
+        is the stored output, when ``needs_history`` says memory lacks some of it.
         """
         self._last_activity = time.monotonic()
-        start = (
-            self._tail_start
-            if since is None
-            else max(min(since, self.end_offset), self._tail_start)
-        )
-        replay = bytes(self._tail[start - self._tail_start :])
+        client.behind = False
         self.clients.add(client)
-        pruned = since is not None and since < self._tail_start
+        return self._queue_replay(client, hello, since, history=history)
+
+    def resume(
+        self,
+        client: Client,
+        hello: dict[str, Any],
+        since: int,
+        history: Scrollback | None = None,
+    ) -> int:
+        """Restart ``client``'s stream after byte ``since`` (a ``resume`` message).
+
+        What was queued for it and not sent yet is dropped; hello (with ``resumed``) marks
+        where the new stream begins, so the client ignores output that arrives before it.
+        """
+        self._outbox = deque(item for item in self._outbox if item[0] is not client)
+        client.behind = False
+        return self._queue_replay(client, {**hello, "resumed": True}, since, history=history)
+
+    def _resync(self, client: Client) -> None:
+        """Bring a viewer that fell behind up to date from the scrollback.
+
+        It gets what it missed if that is at most RESYNC_BYTES (no byte lost on its screen),
+        else only the newest RESYNC_BYTES, with ``pruned`` so that it starts a fresh screen.
+        """
+        client.behind = False
+        since = max(client.position, self.end_offset - RESYNC_BYTES)
+        hello = {"type": "hello", "session": self.session_id, "mode": self.storage_mode}
+        self._queue_replay(
+            client,
+            {**hello, "state": "active", "resync": True},
+            since,
+            pruned=since > client.position or client.position < self._tail.start,
+        )
+
+    def _queue_replay(
+        self,
+        client: Client,
+        hello: dict[str, Any],
+        since: int | None,
+        pruned: bool | None = None,
+        history: Scrollback | None = None,
+    ) -> int:
+        """Queue hello and the output after ``since`` (None: the scrollback) for ``client``;
+        return the offset the replay starts at."""
+        wanted = max(0, self.end_offset - conf.scrollback_bytes()) if since is None else since
+        first, replay = self._replay_from(wanted, history)
+        if pruned is None:
+            pruned = since is not None and since < first
+        client.position = self.end_offset
         self._outbox.append(
-            (client, {**hello, "offset": start, "end": self.end_offset, "pruned": pruned})
+            (client, {**hello, "offset": first, "end": self.end_offset, "pruned": pruned}, None)
         )
         for start in range(0, len(replay), conf.READ_BYTES):
-            self._outbox.append((client, replay[start : start + conf.READ_BYTES]))
+            self._outbox.append((client, replay[start : start + conf.READ_BYTES], None))
         self._kick_pump()
+        return first
 
     def detach(self, client: Client) -> None:
         self.clients.discard(client)
+        if self._typist is client:
+            self._typist = None
         self._last_activity = time.monotonic()
         if not self._reading:
             self._apply_flow_control()
 
     def broadcast(self, message: dict[str, Any]) -> None:
-        self._outbox.append((None, message))
+        self._outbox.append((None, message, None))
         self._kick_pump()
 
     # --- input ----------------------------------------------------------------------------
 
-    def write(self, data: bytes) -> None:
-        """Write input to the PTY; what it cannot take now is written when it can."""
+    def write(self, data: bytes, client: Client | None = None) -> None:
+        """Write input to the PTY; what it cannot take now is written when it can.
+
+        The PTY takes the size of the client that typed last (two windows of different sizes:
+        the one in use decides where the shell wraps its lines).
+        """
         if self.ended:
             return
         self._last_activity = time.monotonic()
+        if client is not None and client is not self._typist:
+            self._typist = client
+            if client.size is not None and client.size != (self.cols, self.rows):
+                self._set_size(*client.size)
         if self._pending_input:
             self._pending_input += data
             return
@@ -413,7 +597,15 @@ class LiveTerminal:
         if not self._pending_input or self.ended:
             self.loop.remove_writer(self.pty.fd)
 
-    def resize(self, cols: int, rows: int) -> None:
+    def resize(self, cols: int, rows: int, client: Client | None = None) -> None:
+        """Record ``client``'s size; apply it unless another client typed last."""
+        if client is not None:
+            client.size = (cols, rows)
+            if self._typist is not None and self._typist is not client:
+                return
+        self._set_size(cols, rows)
+
+    def _set_size(self, cols: int, rows: int) -> None:
         self.cols, self.rows = cols, rows
         if not self.ended:
             self.pty.resize(cols, rows)
@@ -444,6 +636,40 @@ def register(terminal: LiveTerminal) -> None:
 def unregister(terminal: LiveTerminal) -> None:
     if _terminals.get(terminal.session_id) is terminal:
         del _terminals[terminal.session_id]
+        _account(-len(terminal._tail))
+
+
+# Output all live terminals of this process hold in memory for replay (their tails).
+_tail_bytes = 0
+
+
+def _account(delta: int) -> None:
+    global _tail_bytes
+    _tail_bytes += delta
+
+
+def tail_bytes() -> int:
+    """Return how much output the live terminals of this process hold in memory."""
+    return _tail_bytes
+
+
+def _drop_idle_tails(keep: LiveTerminal) -> None:
+    """Over TERMSYS_SCROLLBACK_MEMORY_BYTES: free the in-memory output of terminals nobody
+    watches, longest idle first, until under it. Their history stays in storage."""
+    limit = conf.scrollback_memory_bytes()
+    detached = [t for t in _terminals.values() if t is not keep and not t.clients and t._tail]
+    for terminal in sorted(detached, key=lambda t: t._last_activity):
+        if _tail_bytes <= limit:
+            break
+        freed = terminal.drop_tail()
+        if freed:
+            logger.info(
+                "dropped %d bytes of in-memory output of detached session %s "
+                "(TERMSYS_SCROLLBACK_MEMORY_BYTES=%d); it is read from storage when needed",
+                freed,
+                terminal.session_id,
+                limit,
+            )
 
 
 def all_terminals() -> list[LiveTerminal]:

@@ -131,11 +131,16 @@ def _load(
 
 
 async def _live_tail(terminal: terminals.LiveTerminal, max_bytes: int) -> Scrollback:
+    history = None
+    if terminal.needs_history(None, max_bytes):  # memory let go of it; storage has it
+        history = await database_sync_to_async(terminal.storage.read_scrollback)(
+            terminal.session_id, max_bytes=max_bytes
+        )
     if asyncio.get_running_loop() is terminal.loop:
-        return terminal.tail(max_bytes)
+        return terminal.tail(max_bytes, history)
 
     async def read() -> Scrollback:
-        return terminal.tail(max_bytes)
+        return terminal.tail(max_bytes, history)
 
     return await terminals.call_on_owner_loop(terminal, read)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
@@ -57,6 +58,28 @@ def env_int(
     if number < minimum or (maximum is not None and number > maximum):
         raise ImproperlyConfigured(
             f"{name}={number} is out of range; it must be at least {minimum}{upper}."
+        )
+    return number
+
+
+def env_float(
+    name: str,
+    default: float,
+    minimum: float,
+    maximum: float,
+    environ: Mapping[str, str] = os.environ,
+) -> float:
+    """Return a number variable within [minimum, maximum]."""
+    value = _raw(environ, name)
+    if value is None or value == "":
+        return default
+    try:
+        number = float(value)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name}={value!r} is not a number.") from None
+    if not minimum <= number <= maximum:  # also refuses nan
+        raise ImproperlyConfigured(
+            f"{name}={value} is out of range; it must be from {minimum:g} to {maximum:g}."
         )
     return number
 
@@ -119,3 +142,28 @@ def env_list(name: str, default: list[str], environ: Mapping[str, str] = os.envi
     if value is None or value == "":
         return default
     return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def env_regex_list(
+    name: str, default: list[str], environ: Mapping[str, str] = os.environ
+) -> list[str]:
+    """Return a JSON list of regular expressions, each checked to compile."""
+    value = _raw(environ, name)
+    if value is None or value == "":
+        return list(default)
+    try:
+        data = json.loads(value)
+    except ValueError as exc:
+        raise ImproperlyConfigured(f"{name} is not valid JSON ({exc}).") from None
+    if not isinstance(data, list) or not all(isinstance(item, str) for item in data):
+        raise ImproperlyConfigured(
+            f'{name} must be a JSON list of regular expressions, e.g. ["token=(\\\\S+)"].'
+        )
+    for pattern in data:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ImproperlyConfigured(
+                f"{name}: {pattern!r} is not a valid regular expression ({exc})."
+            ) from None
+    return data

@@ -8,6 +8,7 @@ layer and a local-memory cache. ``DATABASE_URL`` and ``REDIS_URL`` switch to Pos
 from __future__ import annotations
 
 import os
+import re
 import secrets
 from pathlib import Path
 
@@ -17,9 +18,11 @@ from django.core.exceptions import ImproperlyConfigured
 from termsys.env import (
     env_bool,
     env_choice,
+    env_float,
     env_int,
     env_json_object,
     env_list,
+    env_regex_list,
     env_url,
 )
 
@@ -62,7 +65,24 @@ INSTALLED_APPS = [
     "waffle",
     "sessions_app",
     "featureflags",
+    "legacy",
 ]
+
+# termsys's flag: deterministic percentages by user, rollback, audit (featureflags/models.py).
+WAFFLE_FLAG_MODEL = "featureflags.Flag"
+WAFFLE_CREATE_MISSING_FLAGS = False
+WAFFLE_ENABLE_ADMIN_PAGES = False  # featureflags/admin.py registers the audited flag admin
+# Every flag change must say why (admin, command, API); default: on unless DEBUG.
+TERMSYS_FLAG_REASON_REQUIRED = env_bool("TERMSYS_FLAG_REASON_REQUIRED", not DEBUG)
+# Safeguard checks and ramps run inside each server process (off: run manage.py flag_tasks).
+TERMSYS_FLAG_TASKS = env_bool("TERMSYS_FLAG_TASKS", True)
+# The flag safeguard (featureflags/safeguard.py): thresholds for a flag's cohort.
+TERMSYS_SAFEGUARD_ENABLED = env_bool("TERMSYS_SAFEGUARD_ENABLED", True)
+TERMSYS_SAFEGUARD_INTERVAL = env_int("TERMSYS_SAFEGUARD_INTERVAL", 10, minimum=1, maximum=3600)
+TERMSYS_SAFEGUARD_ERROR_RATE = env_float("TERMSYS_SAFEGUARD_ERROR_RATE", 1.0, 0.0, 100.0)
+TERMSYS_SAFEGUARD_P95_MS = env_float("TERMSYS_SAFEGUARD_P95_MS", 100.0, 1.0, 600_000.0)
+TERMSYS_SAFEGUARD_CHECKS = env_int("TERMSYS_SAFEGUARD_CHECKS", 3, minimum=1, maximum=1000)
+TERMSYS_SAFEGUARD_MIN_SAMPLES = env_int("TERMSYS_SAFEGUARD_MIN_SAMPLES", 100, maximum=10**9)
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
@@ -72,8 +92,10 @@ MIDDLEWARE = [
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "featureflags.middleware.SafeguardMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "featureflags.middleware.VisitorIdMiddleware",
     "waffle.middleware.WaffleMiddleware",
 ]
 
@@ -134,18 +156,24 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 # --- channel layer and cache ----------------------------------------------------------------
 
 REDIS_URL = env_url("REDIS_URL", ("redis", "rediss", "unix"))
+# Keys and channels of one termsys deployment in Redis start with this (several may share one).
+REDIS_PREFIX = os.environ.get("TERMSYS_REDIS_PREFIX") or "termsys"
+if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", REDIS_PREFIX):
+    raise ImproperlyConfigured(
+        f"TERMSYS_REDIS_PREFIX={REDIS_PREFIX!r} must be 1-64 letters, digits, '_', '.' or '-'."
+    )
 if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [REDIS_URL], "prefix": "termsys"},
+            "CONFIG": {"hosts": [REDIS_URL], "prefix": REDIS_PREFIX},
         }
     }
     CACHES = {
         "default": {
             "BACKEND": "django.core.cache.backends.redis.RedisCache",
             "LOCATION": REDIS_URL,
-            "KEY_PREFIX": "termsys",
+            "KEY_PREFIX": REDIS_PREFIX,
             "OPTIONS": {"socket_connect_timeout": 2, "socket_timeout": 2},
         }
     }
@@ -203,9 +231,22 @@ TERMSYS_EMERGENCY_ROLLBACK = env_bool("TERMSYS_EMERGENCY_ROLLBACK", False)
 TERMSYS_SCROLLBACK_BYTES = env_int(
     "TERMSYS_SCROLLBACK_BYTES", 1024 * 1024, minimum=4096, maximum=256 * 1024 * 1024
 )
+TERMSYS_SCROLLBACK_MEMORY_BYTES = env_int(
+    "TERMSYS_SCROLLBACK_MEMORY_BYTES", 256 * 1024 * 1024, minimum=1024 * 1024, maximum=64 * 1024**3
+)
+# The safeguard's memory threshold for a flag cohort's live terminals (0: no threshold).
+TERMSYS_SAFEGUARD_MEMORY_BYTES = env_int(
+    "TERMSYS_SAFEGUARD_MEMORY_BYTES", TERMSYS_SCROLLBACK_MEMORY_BYTES, minimum=0
+)
 TERMSYS_MAX_SESSIONS_PER_PROJECT = env_int("TERMSYS_MAX_SESSIONS_PER_PROJECT", 10, maximum=1000)
 TERMSYS_MAX_SESSIONS_PER_USER = env_int("TERMSYS_MAX_SESSIONS_PER_USER", 50, maximum=10000)
 TERMSYS_IDLE_TIMEOUT = env_int("TERMSYS_IDLE_TIMEOUT", 30 * 60, maximum=30 * 24 * 3600)
+TERMSYS_WS_CONNECTS_PER_MINUTE = env_int(
+    "TERMSYS_WS_CONNECTS_PER_MINUTE", 600, minimum=0, maximum=10**6
+)
+TERMSYS_WS_MESSAGES_PER_SECOND = env_int(
+    "TERMSYS_WS_MESSAGES_PER_SECOND", 1000, minimum=0, maximum=10**6
+)
 TERMSYS_PROFILES = env_json_object("TERMSYS_PROFILES") or {}
 TERMSYS_LOCAL_MAX_BYTES = env_int(
     "TERMSYS_LOCAL_MAX_BYTES", 256 * 1024 * 1024, minimum=1024 * 1024, maximum=64 * 1024**3
@@ -218,6 +259,26 @@ TERMSYS_JOURNAL_FSYNC = env_choice(
     "TERMSYS_JOURNAL_FSYNC", "INTERVAL", ("ALWAYS", "INTERVAL", "NEVER")
 )
 TERMSYS_PROJECTS_ROOT = Path(os.environ.get("TERMSYS_PROJECTS_ROOT") or VAR_DIR / "projects")
+# Secrets masked in command lines and titles before they are stored (sessions_app/shellint.py):
+# a match is replaced by ****, or only its first group when it has one.
+DEFAULT_MASK_PATTERNS = [
+    r"(?i)[\w.-]*(?:password|passwd|secret|token|api[_-]?key)[\w.-]*\s*[=:]\s*"
+    r"(\"[^\"]*\"|'[^']*'|[^\s'\"]+)",
+    r"(?i)\bbearer\s+([\w.~+/=-]+)",
+    r"\b((?:AKIA|ASIA)[0-9A-Z]{16})\b",
+    r"://[^/\s:@]+:([^/\s@]+)@",
+    r"\b(gh[pousr]_\w{20,}|github_pat_\w{20,}|xox[abposr]-[\w-]{10,})",
+]
+TERMSYS_MASK_PATTERNS = env_regex_list("TERMSYS_MASK_PATTERNS", DEFAULT_MASK_PATTERNS)
+# Where `manage.py backup create` writes archives and `list`/`prune` look (README "Backups").
+TERMSYS_BACKUP_DIR = Path(os.environ.get("TERMSYS_BACKUP_DIR") or VAR_DIR / "backups")
+# Unset: one cgroup per session under the server's own cgroup where possible; "": none.
+TERMSYS_CGROUP_ROOT = os.environ.get("TERMSYS_CGROUP_ROOT")
+if TERMSYS_CGROUP_ROOT and not os.path.isabs(TERMSYS_CGROUP_ROOT):
+    raise ImproperlyConfigured(
+        f"TERMSYS_CGROUP_ROOT={TERMSYS_CGROUP_ROOT!r} must be an absolute path of a cgroup v2 "
+        "directory (e.g. /sys/fs/cgroup/termsys), or empty to use no cgroups."
+    )
 
 # Validate what the environment gave us now, so a bad value stops start-up with its name.
 from sessions_app.conf import validate_profiles  # noqa: E402

@@ -1,6 +1,6 @@
 from django.contrib import admin
 from django.contrib.auth import views as auth_views
-from django.urls import path, re_path
+from django.urls import include, path, re_path
 
 from sessions_app import api, metrics, views
 
@@ -12,6 +12,8 @@ urlpatterns = [
         name="login",
     ),
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
+    path("watch/<str:session_id>/", views.watch, name="watch"),
+    path("", include("featureflags.urls")),  # rollback status: admin page + JSON, before admin/
     path("admin/", admin.site.urls),
     path("api/health", api.health, name="api-health"),
     path("metrics", metrics.metrics, name="metrics"),
@@ -20,6 +22,8 @@ urlpatterns = [
     path("api/terminal/create", api.terminal_create, name="api-terminal-create"),
     path("api/terminal/<str:session_id>/close", api.terminal_close, name="api-terminal-close"),
     path("api/terminal/<str:session_id>/rename", api.terminal_rename, name="api-terminal-rename"),
+    path("api/terminal/<str:session_id>/revive", api.terminal_revive, name="api-terminal-revive"),
+    path("api/terminal/<str:session_id>/export", api.terminal_export, name="api-terminal-export"),
     path(
         "api/workspace/projects/<int:project_id>/terminals",
         api.project_terminals,
@@ -30,5 +34,6 @@ urlpatterns = [
         api.project_snapshot,
         name="api-project-snapshot",
     ),
+    path("api/sessions/search", api.sessions_search, name="api-sessions-search"),
     re_path(r"^api/", api.not_found),
 ]

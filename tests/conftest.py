@@ -8,6 +8,7 @@ import pytest
 from channels.routing import URLRouter
 from channels.testing import WebsocketCommunicator
 
+from featureflags import broadcast
 from sessions_app import services, terminals
 from sessions_app.routing import websocket_urlpatterns
 from tests.factories import ProjectFactory, UserFactory
@@ -33,13 +34,20 @@ def _fresh_cache():
     transactional test's database flush does not reach a shared (Redis) cache."""
     from django.core.cache import cache
 
+    from featureflags import safeguard
+
     cache.clear()
+    safeguard.reset()  # outcomes other tests recorded are not this test's
     yield
     cache.clear()
 
 
 @pytest.fixture(autouse=True)
 def _test_settings(settings, tmp_path):
+    # Users made by the factory: hashing their passwords the production way costs ~0.5 s each.
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+    # Each test has an event loop of its own: no periodic flag work left behind on one.
+    settings.TERMSYS_FLAG_TASKS = False
     settings.TERMSYS_PROJECTS_ROOT = tmp_path / "projects"
     settings.TERMSYS_PROFILES = TEST_PROFILES
     settings.TERMSYS_JOURNAL_DIR = tmp_path / "journal"
@@ -68,6 +76,7 @@ async def live_terminals() -> AsyncIterator[None]:
     yield
     await services.terminals_shutdown()
     assert terminals.all_terminals() == []
+    await broadcast.stop_listener()  # the next test runs on another event loop
 
 
 @pytest.fixture
@@ -146,9 +155,12 @@ async def connect():
     """Return ``await connect(user, session_id)`` -> a connected Terminal."""
     opened: list[Terminal] = []
 
-    async def _connect(user, session_id: str, *, expect_accept: bool = True) -> Terminal:
+    async def _connect(
+        user, session_id: str, *, expect_accept: bool = True, query: str = ""
+    ) -> Terminal:
         app = URLRouter(websocket_urlpatterns)
-        communicator = WebsocketCommunicator(app, f"/ws/terminals/{session_id}/")
+        path = f"/ws/terminals/{session_id}/" + (f"?{query}" if query else "")
+        communicator = WebsocketCommunicator(app, path)
         communicator.scope["user"] = user
         connected, _ = await communicator.connect(timeout=10)
         assert connected == expect_accept

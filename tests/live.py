@@ -46,6 +46,8 @@ class LiveServer:
             TERMSYS_VAR_DIR=str(workdir / "var"),
             TERMSYS_PROJECTS_ROOT=str(workdir / "projects"),
             SECRET_KEY="live-test-" + secrets.token_hex(16),
+            # Its own keys in Redis: cached flags of another server's database must not leak in.
+            TERMSYS_REDIS_PREFIX="termsys-live-" + secrets.token_hex(4),
             TERMSYS_PROFILES=json.dumps({"system": ["/bin/bash", "--noprofile", "--norc"]}),
             **extra_env,
         )

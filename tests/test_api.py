@@ -188,6 +188,21 @@ async def test_unknown_profile_is_400(client, project):
     assert "system" in error["details"]["allowed"]
 
 
+async def test_a_profile_whose_command_does_not_exist_is_a_clear_error_not_a_hung_tab(
+    client, project, settings
+):
+    settings.TERMSYS_PROFILES = {"ghost": ["/opt/nowhere/ghost-shell", "-l"]}
+    error = assert_error(
+        await post(client, "/api/terminal/create", {"projectId": project.pk, "type": "ghost"}),
+        400,
+        "spawn_failed",
+    )
+    assert "/opt/nowhere/ghost-shell" in error["message"]
+    listed = (await client.get("/api/terminal/list")).json()["sessions"]
+    assert [s["state"] for s in listed if s["type"] == "ghost"] in ([], ["error"])
+    assert not any(s["state"] in ("creating", "active") for s in listed)
+
+
 async def test_another_users_ids_are_404_and_nothing_spawns(
     client, other_user, tmp_path, live_terminals
 ):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import time
 
@@ -112,3 +113,106 @@ def test_admin_filters_sessions_shows_events_and_kills(daphne_server, live_clien
     _, listed = live_client.api("GET", "/api/terminal/list")
     assert next(s for s in listed["sessions"] if s["id"] == session_id)["state"] == "killed"
     assert not is_running(pid)
+
+
+def server_rss_kib(server) -> int:
+    status = open(f"/proc/{server.process.pid}/status").read()
+    return int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.M).group(1))
+
+
+def test_a_client_that_stops_reading_during_yes_keeps_server_memory_bounded(
+    daphne_server, live_client
+):
+    """`yes` runs while the client reads nothing: the server stops reading the PTY at the
+    flow-control window instead of buffering, and Ctrl-C then gives the prompt back."""
+    body = open_terminal(live_client, "flood-" + secrets.token_hex(2))
+    headers = {**live_client.ws_headers(), "Origin": daphne_server.url}
+    url = ws_url(daphne_server, body["connectionUrl"])
+    with ws_connect(url, additional_headers=headers, max_size=None) as ws:
+        read_until(ws, b"# ")  # the prompt
+        before = server_rss_kib(daphne_server)
+        ws.send(b"yes termsys-flood\r")
+        time.sleep(3)  # `yes` writes hundreds of MB in that time; this client reads none
+        grown = server_rss_kib(daphne_server) - before
+        assert grown < 16 * 1024, f"server grew by {grown} KiB while the client did not read"
+
+        ws.send(b"\x03")
+        ws.send(b"echo back-$((20+22))\r")
+        seen, unacked = bytearray(), 0
+        deadline = time.monotonic() + 30
+        while b"back-42" not in seen[-4096:]:
+            frame = ws.recv(timeout=max(0.05, deadline - time.monotonic()))
+            if isinstance(frame, bytes):
+                seen += frame
+                unacked += len(frame)
+                if unacked >= 64 * 1024:  # as the page does once it has rendered output
+                    ws.send(json.dumps({"type": "ack", "bytes": unacked}))
+                    unacked = 0
+        assert len(seen) < 64 * 1024 * 1024  # not everything `yes` could have written
+
+
+def wait_for_session(client, session_id: str, check, timeout: float = 10) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        status, listed = client.api("GET", "/api/terminal/list")
+        assert status == 200, listed
+        found = next(s for s in listed["sessions"] if s["id"] == session_id)
+        if check(found) or time.monotonic() > deadline:
+            return found
+        time.sleep(0.2)
+
+
+def test_a_session_is_revived_in_place_after_a_restart_in_its_last_directory(
+    daphne_server, live_client
+):
+    body = open_terminal(live_client, "revive-" + secrets.token_hex(2))
+    session_id = body["session"]["id"]
+    url = ws_url(daphne_server, body["connectionUrl"])
+    folder = f"deep-{secrets.token_hex(3)}"
+    headers = live_client.ws_headers()
+    with ws_connect(url, origin=daphne_server.url, additional_headers=headers) as ws:
+        ws.send(f"mkdir -p {folder}/x && cd {folder}/x && echo before-$((6*7))\r".encode())
+        read_until(ws, b"before-42\r\n")
+    # the shell's working directory is recorded (from /proc) within about a second of `cd`
+    recorded = wait_for_session(live_client, session_id, lambda s: s["cwd"].endswith("/x"))
+    assert recorded["cwd"].endswith(f"{folder}/x")
+    old_pid = recorded["pid"]
+
+    daphne_server.restart()
+    ended = wait_for_session(live_client, session_id, lambda s: s["state"] == "exited")
+    assert (ended["state"], ended["revivable"], ended["endReason"]) == (
+        "exited",
+        True,
+        "server_restarted",
+    )
+    with ws_connect(url, origin=daphne_server.url, additional_headers=headers) as ws:
+        _, controls = read_until(ws, b"before-42")
+        exit_message = read_until_control(ws, "exit")
+        assert exit_message["revivable"] is True and exit_message["cwd"].endswith("/x")
+
+    status, revived = live_client.api("POST", f"/api/terminal/{session_id}/revive", {})
+    assert status == 200, revived
+    assert revived["session"]["id"] == session_id and revived["session"]["state"] == "active"
+    assert revived["session"]["pid"] != old_pid and is_running(revived["session"]["pid"])
+    with ws_connect(url, origin=daphne_server.url, additional_headers=headers) as ws:
+        ws.send(b"pwd; echo after-$((3*3))\r")
+        seen, controls = read_until(ws, b"after-9\r\n")
+    assert controls[0]["type"] == "hello" and controls[0]["offset"] == 0
+    history, restored, fresh = (
+        seen.index(b"before-42"),
+        seen.index(b"history restored"),
+        seen.index(b"after-9\r\n"),
+    )
+    assert history < restored < fresh  # the old history above the line, the new shell below
+    assert f"{folder}/x\r\n".encode() in seen[restored:]  # pwd: where the old shell was
+
+    status, again = live_client.api("POST", f"/api/terminal/{session_id}/revive", {})
+    assert status == 409 and again["error"]["code"] == "conflict"
+
+
+def read_until_control(ws, kind: str, timeout: float = 10) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        frame = ws.recv(timeout=max(0.05, deadline - time.monotonic()))
+        if isinstance(frame, str) and json.loads(frame).get("type") == kind:
+            return json.loads(frame)

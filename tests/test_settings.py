@@ -51,6 +51,10 @@ def start(env: dict[str, str], tmp_path: Path, code: str = "import django; djang
             "TERMSYS_PROFILES: profile 'claude' must be a non-empty list",
         ),
         ("DEBUG", "perhaps", "DEBUG='perhaps' is not a boolean"),
+        ("TERMSYS_SAFEGUARD_P95_MS", "fast", "TERMSYS_SAFEGUARD_P95_MS='fast' is not a number"),
+        ("TERMSYS_SAFEGUARD_ERROR_RATE", "150", "it must be from 0 to 100"),
+        ("TERMSYS_SAFEGUARD_P95_MS", "nan", "TERMSYS_SAFEGUARD_P95_MS=nan is out of range"),
+        ("TERMSYS_WS_MESSAGES_PER_SECOND", "-1", "it must be at least 0"),
     ],
 )
 def test_invalid_setting_stops_startup_naming_it(tmp_path, name, value, expected):
@@ -117,3 +121,15 @@ def test_service_urls_select_postgres_and_redis(tmp_path):
         "channels_redis.core.RedisChannelLayer",
         "django.core.cache.backends.redis.RedisCache",
     ]
+
+
+def test_zero_turns_the_websocket_rate_limits_off(tmp_path):
+    result = start(
+        {"TERMSYS_WS_CONNECTS_PER_MINUTE": "0", "TERMSYS_WS_MESSAGES_PER_SECOND": "0"},
+        tmp_path,
+        "import django; django.setup(); from sessions_app import ratelimit; "
+        "bucket = ratelimit.TokenBucket(0); "
+        "print(ratelimit.connect_allowed(1), all(bucket.take() for _ in range(10000)))",
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["True", "True"]

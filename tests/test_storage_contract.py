@@ -459,3 +459,60 @@ def test_factory_builds_local_storage_with_the_configured_caps(settings):
     assert isinstance(storage, LocalStorage)
     assert (storage.scrollback_bytes, storage.max_bytes) == (8192, 2 * 1024 * 1024)
     assert get_storage("LOCAL") is storage
+
+
+def test_stored_output_text_is_what_the_user_read_without_escape_sequences(project, user):
+    """The database keeps each chunk's plain text beside its bytes, for search: colours, titles
+    and cursor movement are dropped; line breaks, tabs and non-ASCII text stay."""
+    from sessions_app.models import OutputChunk
+
+    database = DatabaseStorage(scrollback_bytes=SCROLLBACK_BYTES)
+    record = database.create(
+        SessionRecord(
+            id=new_session_id(),
+            project_id=project.pk,
+            user_id=user.pk,
+            profile="system",
+            tab_name="t",
+            state="active",
+            storage_mode="DATABASE",
+        )
+    )
+    screen = (
+        b"\x1b]0;build: ~/api\x07\x1b]7;file://host/srv/app\x1b\\"
+        b"\x1b[01;34mmod12.py\x1b[0m\tcaf\xc3\xa9\r\n"
+        b"\x1b[2K\x1b[1Gdone\x07\x1bM\r\n"
+    )
+    database.append_output(record.id, 0, screen)
+    database.append_output(record.id, len(screen), b"plain line\r\n")
+    text = "".join(OutputChunk.objects.filter(session_id=record.id).values_list("text", flat=True))
+    assert text == "mod12.py\tcafé\ndone\nplain line\n"
+
+
+def test_database_keeps_an_interactive_sessions_output_in_few_chunks(project, user):
+    """Keystroke-sized batches do not leave a row each: they grow the last chunk up to
+    64 KiB, and the output reads back byte for byte."""
+    from sessions_app.models import OutputChunk
+    from sessions_app.storage.database import CHUNK_MIN_BYTES
+
+    database = DatabaseStorage(scrollback_bytes=1024 * 1024)
+    record = database.create(
+        SessionRecord(
+            id=new_session_id(),
+            project_id=project.pk,
+            user_id=user.pk,
+            profile="system",
+            tab_name="t",
+            state="active",
+            storage_mode="DATABASE",
+        )
+    )
+    written = b""
+    for i in range(600):  # 600 batches of 300 bytes: about 176 KiB
+        batch = f"{i:05d}".encode() * 60
+        database.append_output(record.id, len(written), batch)
+        written += batch
+    rows = list(OutputChunk.objects.filter(session_id=record.id).order_by("seq"))
+    assert len(rows) <= len(written) // CHUNK_MIN_BYTES + 1
+    assert b"".join(bytes(r.data) for r in rows) == written
+    assert database.read_scrollback(record.id, max_bytes=len(written)).data == written

@@ -103,6 +103,10 @@ def start_server() -> None:
     get_storage()
     if any(conf.journal_dir().glob("journal-*.tsj")):
         get_storage("HYBRID")
+    from featureflags.services import emergency_rollback, warn_if_cache_is_per_process
+
+    warn_if_cache_is_per_process()
+    emergency_rollback()
 
 
 def _close_all() -> None:

@@ -8,18 +8,24 @@ from dataclasses import dataclass, field, fields
 from datetime import datetime
 from typing import Any
 
+# Every alternative starts with ESC or another control byte, so the regex engine skips plain
+# text quickly; text with no control byte at all skips the regex (see plain_text).
 ANSI_RE = re.compile(
-    rb"\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)"  # OSC ... BEL / ST
-    rb"|\x1b\[[0-?]*[ -/]*[@-~]"  # CSI
-    rb"|\x1b[PX^_][^\x1b]*\x1b\\"  # DCS / SOS / PM / APC
-    rb"|\x1b[@-Z\\-_]"  # two-byte escapes
-    rb"|[\x00-\x08\x0b-\x0c\x0e-\x1f\x7f]"  # other control bytes (keep \t \n \r)
+    rb"\x1b(?:"
+    rb"\][^\x07\x1b]*(?:\x07|\x1b\\)"  # OSC ... BEL / ST
+    rb"|\[[0-?]*[ -/]*[@-~]"  # CSI
+    rb"|[PX^_][^\x1b]*\x1b\\"  # DCS / SOS / PM / APC
+    rb"|[@-Z\\-_])"  # two-byte escapes
+    rb"|[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]"  # other control bytes (keep \t \n \r)
 )
+CONTROL_BYTES = bytes([*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F])
 
 
 def plain_text(data: bytes) -> str:
     """Return ``data`` as text with escape sequences and control bytes removed."""
-    return ANSI_RE.sub(b"", data).replace(b"\r\n", b"\n").decode("utf-8", "replace")
+    if len(data.translate(None, CONTROL_BYTES)) != len(data):  # else: nothing to remove
+        data = ANSI_RE.sub(b"", data)
+    return data.replace(b"\r\n", b"\n").decode("utf-8", "replace")
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,7 @@ class SessionRecord:
     created_at: datetime | None = None
     last_activity: datetime | None = None
     exit_code: int | None = None
+    end_reason: str = ""
     closed_at: datetime | None = None
 
 

@@ -55,7 +55,14 @@ export function buildTab(sessionId, info, active, { onActivate, onClose, onRenam
   close.textContent = "×";
   close.setAttribute("aria-label", "Close terminal");
   close.title = "Close terminal";
-  tab.append(dot, label, close);
+  const exporter = document.createElement("button");
+  exporter.type = "button";
+  exporter.className = "tab-export";
+  exporter.textContent = "⤓";
+  exporter.setAttribute("aria-label", "Export terminal");
+  exporter.setAttribute("aria-haspopup", "menu");
+  exporter.title = "Export: asciicast recording or plain text";
+  tab.append(dot, label, exporter, close);
   updateTab(tab, info);
 
   tab.addEventListener("mousedown", (event) => {
@@ -65,8 +72,16 @@ export function buildTab(sessionId, info, active, { onActivate, onClose, onRenam
     if (event.button === 1) onClose();
   });
   tab.addEventListener("click", (event) => {
-    if (event.target.closest(".tab-close, .tab-rename")) return;
+    if (event.target.closest(".tab-close, .tab-rename, .tab-export")) return;
     onActivate();
+  });
+  exporter.addEventListener("click", (event) => {
+    event.stopPropagation();
+    openExportMenu(sessionId, exporter);
+  });
+  tab.addEventListener("contextmenu", (event) => {
+    event.preventDefault();
+    openExportMenu(sessionId, exporter);
   });
   label.addEventListener("dblclick", (event) => {
     event.preventDefault();
@@ -79,10 +94,72 @@ export function buildTab(sessionId, info, active, { onActivate, onClose, onRenam
   return tab;
 }
 
+const EXPORT_FORMATS = [
+  ["cast", "Recording (.cast)", "asciicast v3: plays in asciinema"],
+  ["text", "Plain text (.txt)", "output without colours or escape sequences"],
+];
+
+/**
+ * Show the export menu of a session under `anchor`: links that download
+ * GET /api/terminal/<id>/export?format=cast|text. Escape, a click elsewhere or a
+ * choice closes it.
+ */
+export function openExportMenu(sessionId, anchor) {
+  const open = document.querySelector(".tab-menu");
+  if (open) {
+    const same = open.dataset.sessionId === sessionId;
+    open.dispatchEvent(new Event("termsys:close"));
+    if (same) return;
+  }
+  const menu = document.createElement("div");
+  menu.className = "tab-menu";
+  menu.dataset.sessionId = sessionId;
+  menu.setAttribute("role", "menu");
+  menu.setAttribute("aria-label", "Export terminal");
+  for (const [format, text, hint] of EXPORT_FORMATS) {
+    const link = document.createElement("a");
+    link.className = "tab-menu-item";
+    link.setAttribute("role", "menuitem");
+    link.href = `/api/terminal/${encodeURIComponent(sessionId)}/export?format=${format}`;
+    link.download = "";
+    link.textContent = text;
+    link.title = hint;
+    menu.append(link);
+  }
+  const box = anchor.getBoundingClientRect();
+  menu.style.left = `${Math.max(4, Math.min(box.left, window.innerWidth - 200))}px`;
+  menu.style.top = `${box.bottom + 4}px`;
+  document.body.append(menu);
+
+  const onPointer = (event) => {
+    if (!menu.contains(event.target) && event.target !== anchor) close();
+  };
+  const onKey = (event) => {
+    if (event.key === "Escape") {
+      close();
+      anchor.focus();
+    }
+  };
+  const close = () => {
+    document.removeEventListener("mousedown", onPointer, true);
+    document.removeEventListener("keydown", onKey, true);
+    menu.remove();
+  };
+  menu.addEventListener("termsys:close", close);
+  menu.addEventListener("click", (event) => {
+    if (event.target.closest("a")) setTimeout(close, 0);
+  });
+  document.addEventListener("mousedown", onPointer, true);
+  document.addEventListener("keydown", onKey, true);
+  menu.querySelector("a").focus();
+}
+
 /** Refresh a tab's label, status dot (data-state) and tooltip. */
 export function updateTab(tab, { tabName, title, cwd, status }) {
   const label = tab.querySelector(".tab-label");
-  if (label && !label.hidden) label.textContent = tabName;
+  // The title follows the running command or cwd where dynamic_titles is on, else it is
+  // the tab name (the server falls back to it).
+  if (label && !label.hidden) label.textContent = title || tabName;
   tab.dataset.state = status;
   const details = [title !== tabName ? title : "", cwd].filter(Boolean).join(" — ");
   tab.title = details ? `${tabName}: ${details}` : tabName;

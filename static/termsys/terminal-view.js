@@ -1,6 +1,6 @@
 // One terminal tab: an xterm.js instance, its pane, and the WebSocket that feeds it.
 
-import { redirectToLogin, toast } from "./api.js";
+import { api, redirectToLogin, toast } from "./api.js";
 
 const ACK_BYTES = 32 * 1024;
 const ACK_IDLE_MS = 50;
@@ -81,14 +81,20 @@ function socketUrl(path) {
  * at once, before any connection, and the first connection continues from its end.
  */
 export class TerminalView {
-  constructor({ session, connectionUrl, container, onChange, scrollback, cols, rows }) {
+  constructor({ session, connectionUrl, container, onChange, scrollback, cols, rows, readOnly }) {
     this.session = { ...session };
+    // A read-only view (staff watching someone's terminal) sends no input; the server
+    // enforces it too, and says so in hello (`readOnly`).
+    this.readOnly = Boolean(readOnly);
     this.connectionPath = connectionUrl || `/ws/terminals/${encodeURIComponent(session.id)}/`;
     this.onChange = onChange || (() => {});
     this.status = "idle";
     this.errorMessage = "";
     this.exitCode = session.exitCode ?? null;
     this.ended = session.state === "exited" || session.state === "killed";
+    // Its shell died with the server (a restart): Enter starts a new one in place.
+    this.revivable = Boolean(session.revivable);
+    this.reviving = false;
     this.lastUsed = 0;
     this.disposed = false;
     this.offset = null;
@@ -119,10 +125,14 @@ export class TerminalView {
       lineHeight: 1.15,
       scrollback: 10000,
       theme: THEME,
+      disableStdin: this.readOnly,
     });
     this.fitAddon = new window.FitAddon.FitAddon();
     this.term.loadAddon(this.fitAddon);
-    this.term.onData((s) => this.sendInput(encoder.encode(s)));
+    this.term.onData((s) => {
+      if (this.ended && this.revivable && s === "\r") this.revive();
+      else this.sendInput(encoder.encode(s));
+    });
     this.term.onBinary((s) => this.sendInput(latin1Bytes(s)));
     this.term.onResize(() => this.sendResize());
     if (scrollback) this.seed(scrollback);
@@ -184,7 +194,8 @@ export class TerminalView {
     this.clearRetry();
     this.dropSocket();
     const generation = ++this.generation;
-    const query = this.offset === null ? "" : `?offset=${this.offset}`;
+    const separator = this.connectionPath.includes("?") ? "&" : "?";
+    const query = this.offset === null ? "" : `${separator}offset=${this.offset}`;
     const ws = new WebSocket(socketUrl(this.connectionPath + query));
     ws.binaryType = "arraybuffer";
     this.ws = ws;
@@ -225,6 +236,10 @@ export class TerminalView {
         this.attempt = 0;
         if (msg.state) this.session.state = msg.state;
         if (msg.mode) this.session.mode = msg.mode;
+        if (msg.readOnly && !this.readOnly) {
+          this.readOnly = true;
+          this.term.options.disableStdin = true;
+        }
         if (msg.pruned || this.offset === null || !Number.isInteger(msg.offset)) {
           // The server cannot continue where this view stopped: take its replay instead.
           // Reset in stream order, so output still queued from a previous connection is
@@ -246,6 +261,8 @@ export class TerminalView {
       case "exit":
         this.ended = true;
         this.exitCode = msg.exitCode ?? null;
+        this.revivable = Boolean(msg.revivable);
+        if (msg.cwd) this.session.cwd = msg.cwd;
         this.session.state = msg.state || "exited";
         this.session.exitCode = this.exitCode;
         this.writeExitNotice();
@@ -275,7 +292,38 @@ export class TerminalView {
 
   writeExitNotice() {
     // Dim notice, and hide the cursor: nothing typed here goes anywhere now.
+    if (this.revivable) {
+      const where = this.session.cwd ? ` in ${this.session.cwd}` : "";
+      this.term.write(
+        `\r\n\x1b[2m── history restored · the server restarted and this shell ended ──\x1b[0m` +
+          `\r\n\x1b[1mPress Enter to start a new shell${where}.\x1b[0m\r\n\x1b[?25l`,
+      );
+      return;
+    }
     this.term.write(`\r\n\x1b[2m[${this.describeExit()}]\x1b[0m\r\n\x1b[?25l`);
+  }
+
+  /** Start a new shell in this tab (same session, its last directory), history kept above. */
+  async revive() {
+    if (this.reviving) return;
+    this.reviving = true;
+    try {
+      const body = await api("POST", `/api/terminal/${encodeURIComponent(this.session.id)}/revive`, {
+        cols: this.term.cols,
+        rows: this.term.rows,
+      });
+      this.session = { ...this.session, ...body.session };
+      this.ended = false;
+      this.revivable = false;
+      this.exitCode = null;
+      this.offset = null; // replay from the start: the history, the line, the new prompt
+      this.attempt = 0;
+      this.connect();
+    } catch (err) {
+      toast(`${this.session.tabName}: ${err.message}`);
+    } finally {
+      this.reviving = false;
+    }
   }
 
   handleOutput(buffer, generation) {
@@ -352,13 +400,14 @@ export class TerminalView {
   }
 
   sendInput(bytes) {
-    if (!this.ws || this.ws.readyState !== WebSocket.OPEN || this.ended) return;
+    if (!this.ws || this.ws.readyState !== WebSocket.OPEN || this.ended || this.readOnly) return;
     for (let i = 0; i < bytes.length; i += MAX_FRAME) {
       this.ws.send(bytes.subarray(i, i + MAX_FRAME));
     }
   }
 
   sendResize() {
+    if (this.readOnly) return; // a viewer's window does not size the owner's terminal
     const { cols, rows } = this.term;
     const size = `${cols}x${rows}`;
     if (size === this.sentSize) return;
@@ -380,13 +429,14 @@ export class TerminalView {
   statusText() {
     switch (this.status) {
       case "connected":
-        return "connected";
+        return this.readOnly ? "connected · read-only" : "connected";
       case "connecting":
         return "connecting…";
       case "reconnecting":
         return "reconnecting…";
       case "exited":
         if (this.session.state === "killed") return "killed";
+        if (this.revivable) return "exited (server restarted) · Enter restarts";
         return this.exitCode === null ? "exited" : `exited (code ${this.exitCode})`;
       case "error":
         return this.errorMessage || "disconnected";

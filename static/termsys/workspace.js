@@ -2,6 +2,7 @@
 
 import { api, ApiError, showError } from "./api.js";
 import { buildTab, editTabLabel, renderProjectList, updateTab } from "./render.js";
+import { setupSearch } from "./search.js";
 import { TerminalView } from "./terminal-view.js";
 
 // Connections kept open across tabs and projects; past this the least recently used closes
@@ -457,9 +458,12 @@ function startRename(sessionId, tab) {
 
 function applyTabName(sessionId, tabName) {
   const session = findSession(sessionId);
-  if (session) session.tabName = tabName;
   const view = state.views.get(sessionId);
-  if (view) view.session.tabName = tabName;
+  for (const s of [session, view?.session]) {
+    if (!s) continue;
+    if (s.title === s.tabName) s.title = tabName; // a title that was the old name
+    s.tabName = tabName;
+  }
   if (session) refreshTab(session);
 }
 
@@ -505,8 +509,16 @@ function setupReconnectTriggers() {
   });
 }
 
+/** Open a search hit: its project, then its tab if the terminal is still open. */
+async function openSearchHit(hit) {
+  await selectProject(hit.project.id);
+  if (findSession(hit.session.id)) activateTab(hit.session.id);
+  else showError(new Error("That terminal has been closed; its project is open."));
+}
+
 async function init() {
   setupProfiles();
+  setupSearch({ open: openSearchHit });
   setupResizing();
   setupReconnectTriggers();
   el.projectForm.addEventListener("submit", createProject);

@@ -8,6 +8,7 @@ import time
 import pytest
 from playwright.sync_api import expect
 
+from tests.browser.conftest import ARTIFACTS
 from tests.live import LIVE_PASSWORD, LIVE_USER
 
 pytestmark = pytest.mark.browser
@@ -121,3 +122,56 @@ def test_typing_a_project_name_while_a_terminal_opens_keeps_the_keyboard(page, d
     page.wait_for_timeout(500)
     page.keyboard.type("-name")
     assert page.input_value("#new-project-form input[name=name]") == "second-name"
+
+
+def test_ctrl_c_stops_yes_and_the_page_stays_responsive(page, daphne_server):
+    """A flood of output does not freeze the page: flow control holds the shell back to what
+    the page renders, so Ctrl-C reaches `yes` and the prompt comes back at once."""
+    log_in(page, daphne_server)
+    page.fill("#new-project-form input[name=name]", f"flood-{secrets.token_hex(3)}")
+    page.click("#new-project-form button[type=submit]")
+    page.click("#new-terminal")
+    expect(page.locator("#connection-status")).to_have_attribute("data-state", "connected")
+    page.locator(".terminal-pane.active").click()
+    page.keyboard.type("yes flooding-the-page\n")
+    wait_for_text(page, "flooding-the-page\nflooding-the-page")
+    page.wait_for_timeout(1500)  # let it flood
+    assert page.evaluate("() => 1 + 1") == 2  # the page still answers
+    page.keyboard.press("Control+C")
+    page.keyboard.type("echo stopped-$((6*7))\n")
+    wait_for_text(page, "stopped-42")
+    # `yes` is gone: the screen does not change any more
+    before = screen_text(page)
+    page.wait_for_timeout(500)
+    assert screen_text(page) == before
+    assert page.console_errors == []
+
+
+def test_after_a_server_restart_enter_revives_the_shell_where_it_was(page, daphne_server):
+    log_in(page, daphne_server)
+    page.fill("#new-project-form input[name=name]", f"revive-{secrets.token_hex(3)}")
+    page.click("#new-project-form button[type=submit]")
+    page.click("#new-terminal")
+    expect(page.locator("#connection-status")).to_have_attribute("data-state", "connected")
+    folder = f"work-{secrets.token_hex(3)}"
+    page.locator(".terminal-pane.active").click()
+    page.keyboard.type(f"mkdir {folder} && cd {folder} && echo old-shell-$((6*7))\n")
+    wait_for_text(page, "old-shell-42")
+    page.wait_for_timeout(1500)  # the working directory is recorded about once a second
+
+    daphne_server.restart()
+    wait_for_text(page, "history restored", timeout=30)  # the page reconnected by itself
+    wait_for_text(page, "Press Enter to start a new shell")
+    expect(page.locator("#connection-status")).to_contain_text("server restarted")
+    page.screenshot(path=str(ARTIFACTS / "revivable.png"))
+
+    page.locator(".terminal-pane.active").click()
+    page.keyboard.press("Enter")
+    expect(page.locator("#connection-status")).to_have_attribute("data-state", "connected")
+    page.keyboard.type("pwd; echo new-shell-$((7*7))\n")
+    wait_for_text(page, "new-shell-49")
+    text = screen_text(page)
+    assert text.index("old-shell-42") < text.index("history restored") < text.index("new-shell-49")
+    assert f"/{folder}\n" in text[text.index("new-shell-") :]
+    page.screenshot(path=str(ARTIFACTS / "revived.png"))
+    assert page.console_errors == []

@@ -1,0 +1,176 @@
+"""Backup create and restore at 1k and 10k sessions with scrollback. Prints figures; asserts
+nothing.
+
+Runs in a scratch database of its own (a SQLite file in a temporary directory, or with
+DATABASE_URL set a PostgreSQL database ``termsys_bench_backup_<pid>`` it creates and drops),
+fills it with SESSIONS sessions of one user, each with two events and SCROLLBACK KiB of
+terminal-like output in 4 KiB chunks, then times:
+
+- ``create``: ``backup create`` (portable form + native copy, into a temporary directory);
+- ``verify``: reading every member and checking its sha256;
+- ``restore``: ``backup restore`` of that archive, which includes verifying it again, the
+  safety backup of the (same-sized) current data, and the load in one transaction;
+- ``restore - safety``: the same minus that run's safety backup, timed separately.
+
+Run: .venv/bin/python bench/backup.py [--sizes 1000,10000] [--scrollback 16]
+     DATABASE_URL=postgres://postgres@127.0.0.1:5432/termsys_dev .venv/bin/python bench/backup.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CHUNK_BYTES = 4096
+BATCH = 2000
+
+
+def terminal_output(n: int, size: int) -> bytes:
+    """Return ``size`` bytes shaped like a shell's output: prompts, colours, paths, numbers."""
+    lines = []
+    total, i = 0, 0
+    while total < size:
+        line = (
+            f"\x1b[32muser@host\x1b[0m:\x1b[34m~/proj/app{n % 97}\x1b[0m$ ls -la src/mod{i}.py\r\n"
+            f"-rw-r--r-- 1 user user {1000 + (n * 7919 + i * 104729) % 90000:>6} Nov 21 "
+            f"17:{i % 60:02d} src/mod{i}.py\r\n"
+        ).encode()
+        lines.append(line)
+        total += len(line)
+        i += 1
+    return b"".join(lines)[:size]
+
+
+def fill(sessions: int, scrollback: int) -> None:
+    from django.contrib.auth import get_user_model
+    from django.db import transaction
+
+    from sessions_app.models import OutputChunk, Project, SessionEvent, TerminalSession
+
+    user = get_user_model().objects.create(username="bench")
+    project = Project.objects.create(owner=user, name="bench", path="/tmp")
+    with transaction.atomic():
+        for start in range(0, sessions, BATCH):
+            batch = [
+                TerminalSession(
+                    id=f"session_{1700000000000 + n:013d}_bench{n % 1000:03d}",
+                    project=project,
+                    user=user,
+                    tab_name=f"tab {n}",
+                    state="exited",
+                    output_bytes=scrollback,
+                )
+                for n in range(start, min(start + BATCH, sessions))
+            ]
+            TerminalSession.objects.bulk_create(batch)
+            events, chunks = [], []
+            for s in batch:
+                events += [
+                    SessionEvent(session=s, kind="created", data={}),
+                    SessionEvent(session=s, kind="exited", data={"code": 0}),
+                ]
+                output = terminal_output(int(s.tab_name.split()[1]), scrollback)
+                for seq, offset in enumerate(range(0, len(output), CHUNK_BYTES)):
+                    data = output[offset : offset + CHUNK_BYTES]
+                    chunks.append(
+                        OutputChunk(
+                            session=s, seq=seq, offset=offset, data=data, text=data.decode()
+                        )
+                    )
+            SessionEvent.objects.bulk_create(events)
+            OutputChunk.objects.bulk_create(chunks)
+
+
+def empty() -> None:
+    from django.db import connection, transaction
+
+    from sessions_app.backup import portable
+
+    with transaction.atomic():
+        for model in [*portable.derived_models(), *reversed(portable.backup_models())]:
+            portable.delete_rows(model)
+    if connection.vendor == "sqlite":
+        with connection.cursor() as cursor:
+            cursor.execute("VACUUM")
+
+
+def run(sessions: int, scrollback: int, work: Path) -> None:
+    from sessions_app.backup import services
+
+    empty()
+    started = time.perf_counter()
+    fill(sessions, scrollback * 1024)
+    filled = time.perf_counter() - started
+
+    out = work / f"out-{sessions}"
+    started = time.perf_counter()
+    created = services.backup_create(output_dir=out, label=f"bench {sessions}")
+    create_s = time.perf_counter() - started
+    size = created.path.stat().st_size
+    rows = sum(m["rows"] for m in created.manifest["models"])
+
+    started = time.perf_counter()
+    services.backup_verify(created.path)
+    verify_s = time.perf_counter() - started
+
+    safety_dir = work / f"safety-{sessions}"
+    started = time.perf_counter()
+    services.backup_restore(created.path, safety_dir=safety_dir)
+    restore_s = time.perf_counter() - started
+    # The safety backup inside that restore took about as long as a create of the same data.
+    started = time.perf_counter()
+    services.backup_create(output_dir=work / f"again-{sessions}")
+    safety_s = time.perf_counter() - started
+
+    print(
+        f"{sessions:>6} sessions x {scrollback} KiB  rows {rows:>7}  archive "
+        f"{size / 1024**2:7.1f} MiB  fill {filled:6.2f} s  create {create_s:6.2f} s  "
+        f"verify {verify_s:5.2f} s  restore {restore_s:6.2f} s  "
+        f"(restore - safety ≈ {restore_s - safety_s:6.2f} s)",
+        flush=True,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="1000,10000", help="session counts, comma-separated")
+    parser.add_argument("--scrollback", type=int, default=16, help="KiB of output per session")
+    args = parser.parse_args()
+    sizes = [int(n) for n in args.sizes.split(",")]
+
+    sys.path.insert(0, str(ROOT))
+    work = Path(tempfile.mkdtemp(prefix="termsys-bench-backup-"))
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "termsys.settings")
+    os.environ.setdefault("TERMSYS_VAR_DIR", str(work / "var"))
+    url = os.environ.get("DATABASE_URL", "")
+    os.environ["TERMSYS_TEST_DB_NAME"] = (
+        f"termsys_bench_backup_{os.getpid()}"
+        if url.startswith("postgres")
+        else str(work / "bench.sqlite3")
+    )
+    import django
+
+    django.setup()
+    from django.db import connection
+    from django.test.utils import setup_databases, teardown_databases
+
+    old = setup_databases(verbosity=0, interactive=False)
+    try:
+        print(f"database: {connection.vendor} ({connection.settings_dict['NAME']}); work {work}")
+        for sessions in sizes:
+            run(sessions, args.scrollback, work)
+    finally:
+        connection.close()
+        teardown_databases(old, verbosity=0)
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""Tell every server process at once that a flag changed, over the channel layer.
+
+Each process runs one listener (started with the server, see ``start_listener``) on a group
+of the channel layer. A change sends ``flag.changed`` to the group; each listener drops its
+process's cached copies of the flag and runs the hooks registered with ``on_change``
+(housekeeping re-evaluates storage modes at once: the flush-then-switch of live sessions).
+Terminal bytes never travel this way, and a terminal keeps working while Redis is down: the
+listener only retries, and housekeeping's once-a-second re-check covers the gap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+from collections.abc import Awaitable, Callable
+
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+
+logger = logging.getLogger(__name__)
+
+GROUP = "termsys.flags"
+RETRY_SECONDS = 1.0
+# Group membership expires in the channel layer (a day by default): join again this often.
+REJOIN_SECONDS = 3600.0
+
+Hook = Callable[[str], Awaitable[None]]
+_hooks: list[Hook] = []
+_listeners: dict[asyncio.AbstractEventLoop, asyncio.Task] = {}
+_sending: set[asyncio.Future] = set()
+_joined: set[asyncio.AbstractEventLoop] = set()
+
+
+def on_change(hook: Hook) -> None:
+    """Run ``await hook(flag_name)`` in every process whenever a flag changes."""
+    if hook not in _hooks:
+        _hooks.append(hook)
+
+
+def flag_changed(name: str) -> None:
+    """Announce a change to every process (from sync code, after commit). Never raises."""
+    layer = get_channel_layer()
+    if layer is None:
+        return
+    message = {"type": "flag.changed", "name": name}
+    try:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            async_to_sync(layer.group_send)(GROUP, message)
+        else:  # called from async code: send without blocking the loop
+            task = asyncio.ensure_future(layer.group_send(GROUP, message))
+            _sending.add(task)
+            task.add_done_callback(_sending.discard)
+    except Exception:
+        logger.warning("could not broadcast the change of flag %s", name, exc_info=True)
+
+
+async def _dispatch(name: str) -> None:
+    from featureflags.evaluation import forget
+
+    forget(name)
+    for hook in list(_hooks):
+        try:
+            await hook(name)
+        except Exception:
+            logger.exception("flag change hook %r failed for %s", hook, name)
+
+
+async def _listen() -> None:
+    while True:
+        layer = get_channel_layer()
+        if layer is None:
+            return
+        try:
+            channel = await layer.new_channel()
+            while True:
+                await layer.group_add(GROUP, channel)
+                _joined.add(asyncio.get_running_loop())
+                try:
+                    async with asyncio.timeout(REJOIN_SECONDS):
+                        while True:
+                            message = await layer.receive(channel)
+                            if message.get("type") == "flag.changed":
+                                await _dispatch(str(message.get("name", "")))
+                except TimeoutError:
+                    continue
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            logger.warning("flag broadcast listener: %s; retrying in %ss", exc, RETRY_SECONDS)
+            await asyncio.sleep(RETRY_SECONDS)
+
+
+def start_listener() -> None:
+    """Start this event loop's listener, once."""
+    loop = asyncio.get_running_loop()
+    task = _listeners.get(loop)
+    if task is None or task.done():
+        _listeners[loop] = loop.create_task(_listen(), context=contextvars.Context())
+
+
+def listening() -> bool:
+    """Whether this event loop's listener has joined the group (changes reach it now)."""
+    return asyncio.get_running_loop() in _joined
+
+
+async def stop_listener() -> None:
+    """Stop this event loop's listener (before the loop closes: a channel layer allows one
+    receiving loop at a time)."""
+    loop = asyncio.get_running_loop()
+    task = _listeners.pop(loop, None)
+    _joined.discard(loop)
+    if task is not None and not task.done():
+        task.cancel()
+        try:
+            await task
+        except (asyncio.CancelledError, Exception):
+            pass

@@ -1,0 +1,280 @@
+"""Every change to a flag goes through here: admin, ``manage.py flags``, the API, the
+safeguard, the ramp schedule and ``TERMSYS_EMERGENCY_ROLLBACK`` alike.
+
+Each change is one transaction that locks the flag's row, writes an append-only
+``FlagChange`` (who, when, why, before -> after) and, for a rollback, a ``RollbackEvent``.
+Once committed, waffle's cache entries of the flag are deleted (every process reads the new
+state from the shared cache or the database) and every server process is told at once over
+the channel layer (``featureflags.broadcast``), so live sessions re-evaluate within a second.
+"""
+
+from __future__ import annotations
+
+import logging
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from featureflags import broadcast
+from featureflags.models import SOURCES, Flag, FlagChange, RollbackEvent
+
+logger = logging.getLogger(__name__)
+
+# The product's flags (also created, off, by migration 0003).
+PRODUCT_FLAGS = {
+    "storage_hybrid": "Moves a percentage of users to HYBRID storage (memory first, write-behind).",
+    "dynamic_titles": "Tab titles follow the running command or the working directory.",
+    "activity_tracking": "Records command events (command line, cwd, exit code, duration).",
+    "session_search": "Shows the session search panel and enables the search API.",
+}
+BOOL_FIELDS = ("testing", "superusers", "staff", "authenticated")
+TEXT_FIELDS = ("note", "languages")
+# A flag's settings an operator sets (admin form, import); ramp fields come with a ramp.
+SETTING_FIELDS = ("everyone", "percent", *BOOL_FIELDS, *TEXT_FIELDS)
+
+
+MSG_NO_PLAN = (
+    'flag {name} has no ramp plan; set its ramp to a plan like {{"steps": [5, 25, 50, 100]}}'
+)
+MSG_LAST_STEP = "flag {name} is already at the last step of its ramp ({percent} %)"
+MSG_RAMP_ROLLED_BACK = (
+    "flag {name} is rolled back; set a rollout percentage to resume it before advancing its ramp"
+)
+
+
+class FlagError(ValueError):
+    """A flag change that cannot be made; the message says why."""
+
+
+def reason_required() -> bool:
+    return settings.TERMSYS_FLAG_REASON_REQUIRED
+
+
+def parse_percent(value: Any) -> Decimal:
+    """Return ``value`` as a percentage 0-100 in steps of 0.01, or raise FlagError."""
+    try:
+        percent = Decimal(str(value).strip().rstrip("%"))
+    except (InvalidOperation, ValueError):
+        raise FlagError(f"percent must be a number from 0 to 100, got {value!r}") from None
+    if not percent.is_finite() or not Decimal(0) <= percent <= Decimal(100):
+        raise FlagError(f"percent must be from 0 to 100, got {value!r}")
+    if percent != percent.quantize(Decimal("0.01")):
+        raise FlagError(f"percent has steps of 0.01, got {value!r}")
+    return percent.quantize(Decimal("0.01"))
+
+
+def _check(actor: str, source: str, reason: str) -> str:
+    if source not in SOURCES:
+        raise FlagError(f"unknown source {source!r}; one of {', '.join(SOURCES)}")
+    if not actor:
+        raise FlagError("who made the change (actor) is required")
+    reason = (reason or "").strip()
+    if not reason and reason_required():
+        raise FlagError("a reason is required for every flag change (TERMSYS_FLAG_REASON_REQUIRED)")
+    return reason
+
+
+def _locked(name: str) -> Flag:
+    try:
+        return Flag.objects.select_for_update().get(name=name)
+    except Flag.DoesNotExist:
+        known = ", ".join(Flag.objects.order_by("name").values_list("name", flat=True))
+        raise FlagError(f"no flag {name!r}; flags: {known or 'none'}") from None
+
+
+def _committed(flag: Flag) -> None:
+    """After commit: drop waffle's cached copies and tell every process."""
+    name = flag.name
+
+    def after() -> None:
+        try:
+            flag.flush()
+        except Exception:
+            logger.warning("could not clear the cached flag %s", name, exc_info=True)
+        broadcast.flag_changed(name)
+
+    transaction.on_commit(after)
+
+
+def flag_update(name: str, *, actor: str, source: str, reason: str = "", **changes: Any) -> Flag:
+    """Change only the given fields of flag ``name``; record who, when, why, before -> after.
+
+    Fields: ``everyone`` (True, False or None), ``percent`` (0-100), ``testing``,
+    ``superusers``, ``staff``, ``authenticated``, ``note``, ``languages``, ``ramp``,
+    ``ramp_step``. Turning a rolled-back flag on again (everyone=True or a percentage above
+    0) ends the rollback; any other change leaves a rolled-back flag off.
+    """
+    reason = _check(actor, source, reason)
+    allowed = {*SETTING_FIELDS, "ramp", "ramp_step"}
+    unknown = set(changes) - allowed
+    if unknown:
+        raise FlagError(f"unknown flag field(s): {', '.join(sorted(unknown))}")
+    with transaction.atomic():
+        flag = _locked(name)
+        before = flag.state()
+        for field, value in changes.items():
+            if field == "everyone" and value not in (True, False, None):
+                raise FlagError(f"everyone must be true, false or unset, got {value!r}")
+            if field in BOOL_FIELDS and not isinstance(value, bool):
+                raise FlagError(f"{field} must be true or false, got {value!r}")
+            if field == "percent" and value is not None:
+                setattr(flag, field, parse_percent(value))
+            else:
+                setattr(flag, field, value)
+        # Only turning the flag on ends a rollback; editing anything else leaves it off.
+        turned_on = changes.get("everyone") is True or (
+            "percent" in changes and (flag.percent or 0) > 0
+        )
+        if flag.rolled_back and turned_on:
+            flag.rolled_back = False
+        flag.modified = timezone.now()
+        if "ramp_step" in changes or "ramp" in changes:
+            flag.ramp_step_at = flag.modified
+        flag.save()
+        after = flag.state()
+        if after != before:
+            FlagChange.objects.create(
+                flag=name, actor=actor, source=source, reason=reason, before=before, after=after
+            )
+        _committed(flag)
+    logger.info("flag %s changed by %s (%s): %s", name, actor, source, reason or "-")
+    return flag
+
+
+def flag_rollout(name: str, percent: Any, *, actor: str, source: str, reason: str = "") -> Flag:
+    """Turn the flag on for ``percent`` % of users (everyone unset), ending any rollback."""
+    return flag_update(
+        name, actor=actor, source=source, reason=reason, everyone=None, percent=percent
+    )
+
+
+def flag_enable(name: str, *, actor: str, source: str, reason: str = "") -> Flag:
+    return flag_update(name, actor=actor, source=source, reason=reason, everyone=True)
+
+
+def flag_disable(name: str, *, actor: str, source: str, reason: str = "") -> Flag:
+    return flag_update(name, actor=actor, source=source, reason=reason, everyone=False)
+
+
+def ramp_next_step(flag: Flag) -> tuple[int, Decimal]:
+    """Return the index and percentage of the next step of the flag's ramp plan, or raise
+    FlagError when it has no plan, is at its last step, or is rolled back."""
+    steps = flag.ramp.get("steps") if isinstance(flag.ramp, dict) else None
+    if not isinstance(steps, list) or not steps:
+        raise FlagError(MSG_NO_PLAN.format(name=flag.name))
+    if flag.rolled_back:
+        raise FlagError(MSG_RAMP_ROLLED_BACK.format(name=flag.name))
+    step = 0 if flag.ramp_step is None else flag.ramp_step + 1
+    if step >= len(steps):
+        raise FlagError(MSG_LAST_STEP.format(name=flag.name, percent=steps[-1]))
+    return step, parse_percent(steps[step])
+
+
+def flag_ramp_advance(name: str, *, actor: str, source: str, reason: str = "") -> Flag:
+    """Move the flag to the next step of its ramp plan (the admin action and the schedule)."""
+    with transaction.atomic():
+        step, percent = ramp_next_step(_locked(name))
+        return flag_update(
+            name,
+            actor=actor,
+            source=source,
+            reason=reason,
+            everyone=None,
+            percent=percent,
+            ramp_step=step,
+        )
+
+
+def flag_rollback(
+    name: str, *, actor: str, reason: str, source: str = "admin", automatic: bool = False
+) -> RollbackEvent:
+    """Turn the flag off for everyone, overriding every other setting, and record it.
+
+    The one rollback path for the admin action, ``manage.py flags rollback``, the safeguard and
+    ``TERMSYS_EMERGENCY_ROLLBACK``. A reason is always required.
+    """
+    if not (reason or "").strip():
+        raise FlagError("a rollback needs a reason")
+    reason = _check(actor, source, reason)
+    with transaction.atomic():
+        flag = _locked(name)
+        before = flag.state()
+        flag.rolled_back = True
+        flag.rolled_back_at = timezone.now()
+        flag.modified = flag.rolled_back_at
+        flag.save()
+        event = RollbackEvent.objects.create(
+            flag=name,
+            actor=actor,
+            source=source,
+            automatic=automatic,
+            reason=reason,
+            before=before,
+        )
+        FlagChange.objects.create(
+            flag=name,
+            actor=actor,
+            source=source,
+            reason=reason,
+            before=before,
+            after=flag.state(),
+        )
+        _committed(flag)
+    logger.warning("flag %s ROLLED BACK by %s (%s): %s", name, actor, source, reason)
+    return event
+
+
+def emergency_rollback() -> RollbackEvent | None:
+    """With ``TERMSYS_EMERGENCY_ROLLBACK=1``, roll ``storage_hybrid`` back once (at server start),
+    through the same path as every rollback. Never raises: the variable itself already puts
+    every user on the stable mode."""
+    from featureflags.evaluation import STORAGE_FLAG
+
+    if not settings.TERMSYS_EMERGENCY_ROLLBACK:
+        return None
+    try:
+        if Flag.objects.filter(name=STORAGE_FLAG, rolled_back=True).exists():
+            return None
+        return flag_rollback(
+            STORAGE_FLAG,
+            actor="TERMSYS_EMERGENCY_ROLLBACK",
+            source="emergency",
+            reason="TERMSYS_EMERGENCY_ROLLBACK=1 is set in the server's environment",
+        )
+    except Exception:
+        logger.exception("emergency rollback of %s could not be recorded", STORAGE_FLAG)
+        return None
+
+
+def ensure_product_flags() -> list[str]:
+    """Create any of the product's flags that is missing (off); return the names created."""
+    created = []
+    for name, note in PRODUCT_FLAGS.items():
+        _, new = Flag.objects.get_or_create(
+            name=name, defaults={"everyone": False, "note": note, "superusers": False}
+        )
+        if new:
+            created.append(name)
+    return created
+
+
+MSG_LOCAL_CACHE = (
+    "FLAGS ARE CACHED PER PROCESS: the database is shared (PostgreSQL) but the cache is this "
+    "process's own memory (no REDIS_URL). With more than one server process, a flag change or "
+    "rollback made in one reaches the others only when their cached copy expires, not within a "
+    "second. Set REDIS_URL so every process shares the cache and the channel layer."
+)
+
+
+def warn_if_cache_is_per_process() -> bool:
+    """Warn loudly at start-up when several processes would each keep their own flag cache."""
+    from django.db import connection
+
+    local = settings.CACHES["default"]["BACKEND"].endswith("LocMemCache")
+    if local and connection.vendor == "postgresql":
+        logger.warning(MSG_LOCAL_CACHE)
+        return True
+    return False

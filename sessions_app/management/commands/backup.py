@@ -1,0 +1,214 @@
+"""Create, list, verify, restore and prune backups of termsys's database.
+
+An archive is one tar file (mode 0600): a manifest, the data as JSON lines per model (what
+``restore`` loads, into SQLite or PostgreSQL alike) and the engine's own copy for operators.
+``restore`` verifies every checksum, refuses archives from newer code, takes a safety backup
+and replaces the data in one transaction, or changes nothing.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser, OutputWrapper
+
+from sessions_app.backup import services
+from sessions_app.backup.services import BackupError
+
+BAR_WIDTH = 30
+LINE_STEPS = 4  # plain progress: a line at each quarter of a stage
+
+CONFIRM = "Replace ALL data of this database with {file}? Type 'yes' to go on: "
+NO_TTY = (
+    "restore replaces all data; there is no terminal to confirm on. Pass --yes to restore "
+    "without asking. Nothing changed."
+)
+DECLINED = "Not restored; nothing changed."
+NO_BACKUPS = "No backups in {dir}."
+
+
+class Progress(services.Reporter):
+    """A bar redrawn in place on a terminal; a line per quarter of each stage otherwise."""
+
+    def __init__(self, out: OutputWrapper, tty: bool) -> None:
+        self.out, self.tty = out, tty
+        self.name, self.total, self.done, self.shown = "", 0, 0, -1
+
+    def stage(self, name: str, total: int) -> None:
+        self._end()
+        self.name, self.total, self.done, self.shown = name, total, 0, -1
+        self._show()
+
+    def advance(self, units: int) -> None:
+        self.done += units
+        self._show()
+
+    def note(self, text: str) -> None:
+        self._end()
+        self.out.write(text)
+
+    def finish(self) -> None:
+        self._end()
+
+    def _show(self) -> None:
+        fraction = min(1.0, self.done / self.total) if self.total else 1.0
+        if self.tty:
+            filled = int(fraction * BAR_WIDTH)
+            bar = "#" * filled + "." * (BAR_WIDTH - filled)
+            self.out.write(f"\r{self.name:<8} [{bar}] {fraction:4.0%}", ending="")
+            self.out.flush()
+            self.shown = 0
+            return
+        step = int(fraction * LINE_STEPS)
+        if step != self.shown:
+            self.shown = step
+            self.out.write(f"{self.name}: {self.done}/{self.total} ({fraction:.0%})")
+
+    def _end(self) -> None:
+        if self.tty and self.shown >= 0:
+            self.out.write("")
+        self.shown = -1
+
+
+def size_label(size: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size} B"
+
+
+class Command(BaseCommand):
+    help = (
+        "Back up and restore termsys's database: create, list, verify, restore, prune. "
+        "Archives go to TERMSYS_BACKUP_DIR (default $TERMSYS_VAR_DIR/backups)."
+    )
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        sub = parser.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
+        create = sub.add_parser("create", help="Write an archive of the whole database.")
+        create.add_argument("--output", type=Path, help="Directory (default TERMSYS_BACKUP_DIR).")
+        create.add_argument("--label", default="", help="Kept in the manifest and the file name.")
+        sub.add_parser("list", help="The archives in TERMSYS_BACKUP_DIR, newest first.")
+        verify = sub.add_parser("verify", help="Check every member of an archive (sha256).")
+        verify.add_argument("file", type=Path)
+        restore = sub.add_parser("restore", help="Replace all data with an archive's.")
+        restore.add_argument("file", type=Path)
+        restore.add_argument(
+            "--dry-run", action="store_true", help="Verify and show what would change."
+        )
+        restore.add_argument("--yes", action="store_true", help="Do not ask for confirmation.")
+        prune = sub.add_parser("prune", help="Delete all but the newest N archives.")
+        prune.add_argument("--keep", type=int, required=True, help="How many to keep (1+).")
+
+    def handle(self, *args: Any, subcommand: str, **options: Any) -> None:
+        self.progress = Progress(self.stdout, self.stdout.isatty())
+        try:
+            getattr(self, f"handle_{subcommand}")(**options)
+        except BackupError as exc:
+            self.progress.finish()
+            raise CommandError(str(exc)) from exc
+        self.progress.finish()
+
+    def handle_create(self, *, output: Path | None, label: str, **options: Any) -> None:
+        created = services.backup_create(output_dir=output, label=label, reporter=self.progress)
+        self.progress.finish()
+        for warning in created.warnings:
+            self.stdout.write(self.style.WARNING(warning))
+        rows = sum(entry["rows"] for entry in created.manifest["models"])
+        size = size_label(created.path.stat().st_size)
+        self.stdout.write(self.style.SUCCESS(f"Created {created.path} ({rows} rows, {size})."))
+
+    def handle_list(self, **options: Any) -> None:
+        found = services.backup_list()
+        if not found:
+            self.stdout.write(NO_BACKUPS.format(dir=services.backup_dir()))
+            return
+        for item in found:
+            if item.manifest is None:
+                self.stdout.write(self.style.ERROR(f"{item.path.name}  unreadable: {item.error}"))
+                continue
+            manifest = item.manifest
+            sessions = next(
+                (m["rows"] for m in manifest["models"] if m["model"].endswith(".terminalsession")),
+                0,
+            )
+            self.stdout.write(
+                f"{item.path.name}  {item.created[:19]}  {manifest['database']['vendor']}  "
+                f"{sessions} sessions  {size_label(item.size)}  {manifest.get('label') or '-'}"
+            )
+
+    def handle_verify(self, *, file: Path, **options: Any) -> None:
+        manifest = services.backup_verify(file, reporter=self.progress)
+        self.progress.finish()
+        rows = sum(entry["rows"] for entry in manifest["models"])
+        native = manifest["native"].get("kind") or "none"
+        self.stdout.write(
+            self.style.SUCCESS(
+                f"{file}: OK: {len(manifest['members'])} members match their sha256; "
+                f"{rows} rows in {len(manifest['models'])} models; native copy: {native}; "
+                f"made {manifest['created_at'][:19]} by termsys {manifest['app_version']} "
+                f"on {manifest['database']['vendor']}."
+            )
+        )
+
+    def handle_restore(self, *, file: Path, dry_run: bool, yes: bool, **options: Any) -> None:
+        plan = services.backup_restore(file, dry_run=True, reporter=self.progress)
+        self.progress.finish()
+        self._show_plan(plan)
+        if dry_run:
+            self.stdout.write(self.style.WARNING("Dry run: nothing changed."))
+            return
+        if not yes:
+            if not sys.stdin.isatty():
+                raise CommandError(NO_TTY)
+            if input(CONFIRM.format(file=file)).strip().lower() != "yes":
+                self.stdout.write(DECLINED)
+                return
+        done = services.backup_restore(file, reporter=self.progress)
+        self.progress.finish()
+        for warning in done.warnings:
+            self.stdout.write(self.style.WARNING(warning))
+        rows = sum(change.archived for change in done.changes)
+        self.stdout.write(
+            self.style.SUCCESS(
+                f"Restored {file}: {rows} rows; row counts match the manifest. The data before "
+                f"is in {done.safety}. Login sessions were cleared: everyone signs in again."
+            )
+        )
+
+    def _show_plan(self, plan: services.Restored) -> None:
+        manifest = plan.manifest
+        self.stdout.write(
+            f"{plan.path}: verified; made {manifest['created_at'][:19]} by termsys "
+            f"{manifest['app_version']} on {manifest['database']['vendor']}"
+            + (f", label {manifest['label']!r}" if manifest.get("label") else "")
+        )
+        for change in plan.changes:
+            if change.current or change.archived:
+                self.stdout.write(f"  {change.model}: {change.current} rows → {change.archived}")
+        if plan.missing_migrations:
+            self.stdout.write(
+                self.style.WARNING(
+                    "The archive is from an older schema; it is loaded into this one (missing "
+                    f"columns take their defaults). Newer migrations: "
+                    f"{', '.join(plan.missing_migrations)}"
+                )
+            )
+        if plan.data_migrations:
+            self.stdout.write(
+                self.style.WARNING(
+                    f"Data migrations not re-run on the restored data: "
+                    f"{', '.join(plan.data_migrations)}"
+                )
+            )
+        for warning in plan.warnings:
+            self.stdout.write(self.style.WARNING(warning))
+
+    def handle_prune(self, *, keep: int, **options: Any) -> None:
+        deleted = services.backup_prune(keep=keep)
+        for path in deleted:
+            self.stdout.write(f"deleted {path.name}")
+        self.stdout.write(f"Pruned {len(deleted)} archive(s); kept the newest {keep}.")

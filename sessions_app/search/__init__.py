@@ -1,0 +1,1 @@
+"""Full-text search over session output, command lines, titles, tab names and project names."""

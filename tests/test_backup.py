@@ -1,0 +1,542 @@
+"""``manage.py backup``: create, list, verify, restore (all or nothing), prune, SQLite → PG."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.contrib.auth.models import Group, Permission
+from django.core.management import call_command
+from django.core.management.base import CommandError
+from django.db import connection
+from waffle.models import Switch
+
+from featureflags import services as flag_services
+from featureflags.models import Flag
+from sessions_app.backup import archive, migrations, portable
+from sessions_app.management.commands import backup as command
+from sessions_app.models import (
+    OutputChunk,
+    Project,
+    SearchDocument,
+    SessionEvent,
+    TerminalSession,
+)
+from tests.factories import ProjectFactory, UserFactory
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+ROOT = Path(__file__).resolve().parent.parent
+# Every byte value, and more than one chunk's worth of a session's output.
+OUTPUT = bytes(range(256)) * 4 + b"\x1b[31mred\x1b[0m \xff\xfe invalid utf-8 \r\n"
+
+
+@pytest.fixture(autouse=True)
+def backup_dir(settings, tmp_path) -> Path:
+    settings.TERMSYS_BACKUP_DIR = tmp_path / "backups"
+    settings.TERMSYS_FLAG_REASON_REQUIRED = False
+    flag_services.ensure_product_flags()  # the flush between tests removes the migration's
+    return settings.TERMSYS_BACKUP_DIR
+
+
+def backup(*args: str) -> str:
+    """Run ``manage.py backup ARGS``; return what it printed."""
+    out = io.StringIO()
+    call_command("backup", *args, stdout=out, stderr=io.StringIO(), no_color=True)
+    return out.getvalue()
+
+
+def refused(*args: str) -> str:
+    """Run ``manage.py backup ARGS``, expecting a refusal with exit code 1; return its message."""
+    with pytest.raises(CommandError) as caught:
+        backup(*args)
+    assert caught.value.returncode == 1
+    return str(caught.value)
+
+
+def seed() -> dict[str, Any]:
+    """Users, a group with a permission, projects, sessions with output and events, flags."""
+    ana, bo = UserFactory(username="ana"), UserFactory(username="bo")
+    group = Group.objects.create(name="ops")
+    group.permissions.add(
+        Permission.objects.get(content_type__app_label="featureflags", codename="change_flag")
+    )
+    ana.groups.add(group)
+    bo.user_permissions.add(
+        Permission.objects.get(content_type__app_label="sessions_app", codename="view_project")
+    )
+    project = ProjectFactory(owner=ana, name="api", path="/srv/api")
+    ProjectFactory(owner=bo, name="web", path="/srv/web")
+    sessions = []
+    for n in range(3):
+        session = TerminalSession.objects.create(
+            project=project, user=ana, tab_name=f"tab {n}", state="exited", exit_code=n
+        )
+        SessionEvent.objects.create(session=session, kind="created", data={"n": n, "é": [1, 2]})
+        for seq in range(2):
+            data = OUTPUT + bytes([n, seq])
+            OutputChunk.objects.create(
+                session=session, seq=seq, offset=seq * len(data), data=data, text="red"
+            )
+        sessions.append(session)
+    flag_services.flag_rollout(
+        "dynamic_titles", "12.5", actor="command:ana", source="command", reason="canary"
+    )
+    flag_services.flag_rollback(
+        "storage_hybrid", actor="command:ana", source="command", reason="p95 up"
+    )
+    Flag.objects.get(name="session_search").users.add(bo)
+    Switch.objects.create(name="maintenance", active=True)
+    return {"ana": ana, "sessions": sessions}
+
+
+def snapshot() -> dict[str, list[tuple]]:
+    """Every row of every backed-up model, by primary key; binary as bytes, permissions and
+    content types by natural key (their ids are the database's own)."""
+    rows = {}
+    for model in portable.backup_models():
+        names = [f.attname for f in portable.columns(model)]
+        permission = {f.attname for f in portable.columns(model) if f.related_model is Permission}
+        found = []
+        for values in model._base_manager.order_by("pk").values_list(*names):
+            row = []
+            for name, value in zip(names, values, strict=True):
+                if isinstance(value, memoryview):
+                    row.append(bytes(value))
+                elif name in permission:
+                    perm = Permission.objects.select_related("content_type").get(pk=value)
+                    row.append((perm.content_type.app_label, perm.codename))
+                else:
+                    row.append(value)
+            found.append(tuple(row))
+        rows[model._meta.label_lower] = found
+    return rows
+
+
+def search_documents() -> list[tuple]:
+    """The search index's documents, without their ids (a rebuild numbers them afresh)."""
+    fields = ("source", "source_id", "part", "session_id", "body")
+    return sorted(SearchDocument.objects.values_list(*fields), key=repr)
+
+
+def change_data(ana) -> None:
+    """What happens after a backup: a session deleted, a project added, a flag changed."""
+    TerminalSession.objects.filter(tab_name="tab 1").delete()
+    ProjectFactory(owner=ana, name="new", path="/srv/new")
+    flag_services.flag_enable("dynamic_titles", actor="command:ana", source="command")
+
+
+def only_archive(directory: Path) -> Path:
+    (found,) = directory.glob("termsys-backup-*.tar")
+    return found
+
+
+# --- create, restore -------------------------------------------------------------------------
+
+
+def test_restore_brings_back_the_backup_row_for_row_and_byte_for_byte(backup_dir):
+    seeded = seed()
+    before = snapshot()
+    documents = search_documents()
+    assert ("output", "red") in {(d[0], d[4]) for d in documents}
+    printed = backup("create", "--label", "before change")
+    path = only_archive(backup_dir)
+    assert f"Created {path}" in printed
+    assert path.name.endswith("-before-change.tar")
+
+    change_data(seeded["ana"])
+    changed = snapshot()
+    assert changed != before
+
+    dry = backup("restore", str(path), "--dry-run")
+    assert "sessions_app.terminalsession: 2 rows → 3" in dry
+    assert "Dry run: nothing changed." in dry
+    assert snapshot() == changed
+
+    printed = backup("restore", str(path), "--yes")
+    assert "row counts match the manifest" in printed
+    assert snapshot() == before
+    assert search_documents() == documents  # rebuilt once after the load, not by the triggers
+    chunks = OutputChunk.objects.order_by("session_id", "seq")
+    assert [bytes(c.data) for c in chunks] == [
+        OUTPUT + bytes([n, seq]) for n in range(3) for seq in range(2)
+    ]
+    # The data replaced is kept in a safety backup, which restores the changed state.
+    safety = next(backup_dir.glob("*-safety.tar"))
+    assert json.loads(tarfile.open(safety).extractfile("manifest.json").read())["label"] == (
+        "safety"
+    )
+    backup("restore", str(safety), "--yes")
+    assert snapshot() == changed
+
+
+def test_restore_continues_ids_after_the_restored_ones(backup_dir):
+    seed()
+    backup("create")
+    path = only_archive(backup_dir)
+    Project.objects.all().delete()
+    backup("restore", str(path), "--yes")
+    highest = Project.objects.order_by("-pk").first().pk
+    ana = TerminalSession.objects.first().user
+    assert ProjectFactory(owner=ana, name="after").pk > highest
+
+
+def test_the_archive_is_private_and_describes_itself(backup_dir):
+    seed()
+    backup("create")
+    path = only_archive(backup_dir)
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert backup_dir.stat().st_mode & 0o077 == 0
+    assert [p.name for p in backup_dir.iterdir()] == [path.name]  # no temporary files left
+    with tarfile.open(path) as tar:
+        names = tar.getnames()
+        manifest = json.loads(tar.extractfile("manifest.json").read())
+        chunk_member = next(m for m in manifest["models"] if m["model"].endswith("outputchunk"))
+        lines = gzip.decompress(tar.extractfile(chunk_member["member"]).read()).splitlines()
+    assert names[0] == "manifest.json" and names[-1] == "manifest.sha256"
+    assert manifest["format"] == "termsys-backup" and manifest["version"] == 1
+    assert manifest["database"]["vendor"] == connection.vendor
+    assert manifest["migrations"] == migrations.applied()
+    counts = {m["model"]: m["rows"] for m in manifest["models"]}
+    assert counts["sessions_app.terminalsession"] == 3
+    assert counts["sessions_app.outputchunk"] == 6
+    assert counts["auth.group_permissions"] == 1
+    assert "sessions.session" in manifest["skipped"]
+    assert manifest["native"]["member"] in names
+    assert set(manifest["members"]) == set(names) - {"manifest.json", "manifest.sha256"}
+    assert all(len(m["sha256"]) == 64 for m in manifest["members"].values())
+    assert len(lines) == 6
+    assert json.loads(lines[0])["data"]  # base64 of the bytes
+    verified = backup("verify", str(path))
+    assert "OK" in verified and f"{len(names) - 2} members match their sha256" in verified
+
+
+def test_progress_is_plain_lines_when_not_a_terminal():
+    seed()
+    printed = backup("create")
+    assert "\r" not in printed
+    assert "export: 0/" in printed and "(100%)" in printed
+
+
+def test_the_progress_bar_redraws_in_place_on_a_terminal():
+    out = io.StringIO()
+    progress = command.Progress(command.OutputWrapper(out), tty=True)
+    progress.stage("export", 200)
+    progress.advance(100)
+    progress.advance(100)
+    progress.finish()
+    assert "\rexport   [###############...............]  50%" in out.getvalue()
+    assert out.getvalue().endswith("100%\n")
+
+
+# --- refusals ---------------------------------------------------------------------------------
+
+
+def flip_byte_in(path: Path, member: str, at: int = 10) -> None:
+    with tarfile.open(path) as tar:
+        offset = tar.getmember(member).offset_data + at
+    with path.open("r+b") as fh:
+        fh.seek(offset)
+        byte = fh.read(1)
+        fh.seek(offset)
+        fh.write(bytes([byte[0] ^ 0x01]))
+
+
+def corrupt(path: Path, kind: str) -> str:
+    """Damage the archive at ``path``; return the words the refusal must contain."""
+    if kind == "flipped byte in the output":
+        member = next(
+            n for n in tarfile.open(path).getnames() if n.endswith("outputchunk.jsonl.gz")
+        )
+        flip_byte_in(path, member)
+        return "fails its sha256 check"
+    if kind == "flipped byte in the manifest":
+        flip_byte_in(path, "manifest.json", at=40)
+        return "manifest.json does not match manifest.sha256"
+    if kind == "flipped byte in the native copy":
+        flip_byte_in(
+            path,
+            "native/db.sqlite3" if connection.vendor == "sqlite" else "native/db.pgdump",
+            at=100,
+        )
+        return "fails its sha256 check"
+    if kind == "truncated":
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+        return "truncated"
+    if kind == "not an archive":
+        path.write_text("sessions:\n  - id: 1\n")
+        return "not a termsys backup archive"
+    if kind == "empty":
+        path.write_bytes(b"")
+        return "not a termsys backup archive"
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "flipped byte in the output",
+        "flipped byte in the manifest",
+        "flipped byte in the native copy",
+        "truncated",
+        "not an archive",
+        "empty",
+    ],
+)
+def test_a_corrupt_archive_is_refused_and_the_data_is_untouched(backup_dir, kind):
+    seeded = seed()
+    backup("create")
+    path = only_archive(backup_dir)
+    change_data(seeded["ana"])
+    changed = snapshot()
+    words = corrupt(path, kind)
+
+    message = refused("restore", str(path), "--yes")
+    assert words in message and "nothing changed" in message
+    assert str(path) in message
+    assert words in refused("verify", str(path))
+    assert snapshot() == changed
+    assert not list(backup_dir.glob("*-safety.tar"))  # refused before anything was done
+
+
+def test_the_command_exits_1_with_the_reason_on_stderr(tmp_path):
+    junk = tmp_path / "junk.tar"
+    junk.write_bytes(b"\x00" * 100)
+    env = {**os.environ, "TERMSYS_VAR_DIR": str(tmp_path / "var")}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "manage.py"), "backup", "verify", str(junk)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert f"{junk}: not a termsys backup archive" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_missing_file_is_refused():
+    assert "no such file" in refused("restore", "/nonexistent/backup.tar", "--yes")
+
+
+def rewrite(path: Path, edit_manifest=None, edit_rows=None, tmp: Path | None = None) -> None:
+    """Rebuild the archive at ``path`` with an edited manifest and rows (checksums redone)."""
+    work = Path(tmp or path.parent) / "rewrite"
+    work.mkdir()
+    with tarfile.open(path) as tar:
+        manifest = json.loads(tar.extractfile("manifest.json").read())
+        files = {}
+        for name in manifest["members"]:
+            local = work / name.replace("/", "_")
+            local.write_bytes(tar.extractfile(name).read())
+            files[name] = local
+    for entry in manifest["models"]:
+        if edit_rows is not None:
+            local = files[entry["member"]]
+            rows = [json.loads(line) for line in gzip.decompress(local.read_bytes()).splitlines()]
+            rows, entry["fields"] = edit_rows(entry["model"], rows, entry["fields"])
+            entry["rows"] = len(rows)
+            local.write_bytes(gzip.compress(b"".join(json.dumps(r).encode() + b"\n" for r in rows)))
+    if edit_manifest is not None:
+        edit_manifest(manifest)
+    del manifest["members"]
+    path.unlink()
+    archive.write(path, manifest, files)
+
+
+def test_an_archive_from_newer_code_is_refused(backup_dir, tmp_path):
+    seed()
+    backup("create")
+    path = only_archive(backup_dir)
+    rewrite(
+        path,
+        lambda m: m["migrations"]["sessions_app"].append("0099_from_the_future"),
+        tmp=tmp_path,
+    )
+    before = snapshot()
+    message = refused("restore", str(path), "--yes")
+    assert "made by newer code" in message
+    assert "sessions_app.0099_from_the_future" in message and "Nothing changed" in message
+    assert snapshot() == before
+
+
+def test_an_archive_from_an_older_schema_is_loaded_with_defaults(backup_dir, tmp_path):
+    seed()
+    TerminalSession.objects.update(end_reason="exited")
+    backup("create")
+    path = only_archive(backup_dir)
+
+    def before_end_reason(model, rows, fields):
+        if model != "sessions_app.terminalsession":
+            return rows, fields
+        for row in rows:
+            del row["end_reason"]
+        return rows, [f for f in fields if f != "end_reason"]
+
+    def drop_migration(manifest):
+        manifest["migrations"]["sessions_app"] = [
+            name for name in manifest["migrations"]["sessions_app"] if name < "0003"
+        ]
+
+    rewrite(path, drop_migration, before_end_reason, tmp=tmp_path)
+    TerminalSession.objects.all().delete()
+    printed = backup("restore", str(path), "--yes")
+    assert "older schema" in printed and "sessions_app.0003_end_reason" in printed
+    assert "defaulted: end_reason" in printed
+    assert TerminalSession.objects.count() == 3
+    assert set(TerminalSession.objects.values_list("end_reason", flat=True)) == {""}
+    assert OutputChunk.objects.count() == 6
+
+
+def test_a_restore_whose_row_counts_differ_is_rolled_back(backup_dir, tmp_path):
+    seeded = seed()
+    backup("create")
+    path = only_archive(backup_dir)
+    # A manifest that promises a row its data member does not have (as if rows went missing).
+    rewrite(
+        path,
+        lambda m: next(e for e in m["models"] if e["model"].endswith("outputchunk")).update(rows=7),
+        tmp=tmp_path,
+    )
+    change_data(seeded["ana"])
+    changed = snapshot()
+    message = refused("restore", str(path), "--yes")
+    assert "sessions_app.outputchunk has 6 rows, the archive says 7" in message
+    assert "rolled back" in message
+    assert snapshot() == changed
+
+
+def test_restore_without_a_terminal_needs_yes(backup_dir, monkeypatch):
+    seed()
+    backup("create")
+    path = only_archive(backup_dir)
+    TerminalSession.objects.all().delete()
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    assert refused("restore", str(path)) == command.NO_TTY
+    assert TerminalSession.objects.count() == 0
+
+
+def test_restore_asks_on_a_terminal(backup_dir, monkeypatch):
+    seed()
+    backup("create")
+    path = only_archive(backup_dir)
+    TerminalSession.objects.all().delete()
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(sys, "stdin", Terminal("no\n"))
+    assert command.DECLINED in backup("restore", str(path))
+    assert TerminalSession.objects.count() == 0
+    monkeypatch.setattr(sys, "stdin", Terminal("yes\n"))
+    backup("restore", str(path))
+    assert TerminalSession.objects.count() == 3
+
+
+# --- list, prune ------------------------------------------------------------------------------
+
+
+def test_list_shows_archives_newest_first_and_prune_keeps_the_newest(backup_dir):
+    assert "No backups" in backup("list")
+    seed()
+    for label in ("first", "second", "third"):
+        backup("create", "--label", label)
+    (backup_dir / "termsys-backup-junk.tar").write_text("not an archive")
+    listed = backup("list").splitlines()
+    readable = [line for line in listed if "unreadable" not in line]
+    assert [line.split()[-1] for line in readable] == ["third", "second", "first"]
+    assert "3 sessions" in readable[0] and connection.vendor in readable[0]
+    assert any(line.startswith("termsys-backup-junk.tar  unreadable") for line in listed)
+
+    with pytest.raises(CommandError, match="--keep must be 1 or more"):
+        backup("prune", "--keep", "0")
+    printed = backup("prune", "--keep", "1")
+    assert "Pruned 2 archive(s)" in printed
+    kept = {p.name for p in backup_dir.glob("termsys-backup-*.tar")}
+    assert "termsys-backup-junk.tar" in kept  # unreadable: neither kept nor deleted by prune
+    assert [name for name in kept if name.endswith(".tar") and "junk" not in name] == [
+        next(name for name in kept if name.endswith("-third.tar"))
+    ]
+
+
+def test_create_writes_to_output_dir(tmp_path):
+    seed()
+    printed = backup("create", "--output", str(tmp_path / "elsewhere"))
+    path = only_archive(tmp_path / "elsewhere")
+    assert str(path) in printed
+
+
+# --- SQLite → PostgreSQL ----------------------------------------------------------------------
+
+SEED_SQLITE = """
+from decimal import Decimal
+from featureflags import services
+from featureflags.models import Flag
+from sessions_app.models import OutputChunk, SessionEvent, TerminalSession
+from tests.factories import ProjectFactory, UserFactory
+from tests.test_backup import OUTPUT
+ana = UserFactory(username="ana")
+project = ProjectFactory(owner=ana, name="api", path="/srv/api")
+for n in range(4):
+    s = TerminalSession.objects.create(project=project, user=ana, tab_name=f"tab {n}")
+    SessionEvent.objects.create(session=s, kind="created", data={"n": n})
+    OutputChunk.objects.create(session=s, seq=0, offset=0, data=OUTPUT + bytes([n]), text="x")
+services.flag_rollout("dynamic_titles", "12.5", actor="t", source="command", reason="canary")
+Flag.objects.get(name="session_search").users.add(ana)
+"""
+
+
+def test_an_archive_made_on_sqlite_restores_into_postgresql(tmp_path):
+    if connection.vendor != "postgresql":
+        pytest.skip("needs the PostgreSQL configuration (DATABASE_URL=postgres://...)")
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
+    env.update(TERMSYS_VAR_DIR=str(tmp_path / "var"), TERMSYS_FLAG_TASKS="0")
+    manage = [sys.executable, str(ROOT / "manage.py")]
+    for argv in (
+        ["migrate", "--noinput", "-v0"],
+        ["shell", "-v0", "-c", SEED_SQLITE],
+        ["backup", "create", "--output", str(tmp_path / "out"), "--label", "from sqlite"],
+    ):
+        done = subprocess.run(
+            manage + argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, done.stderr
+    path = only_archive(tmp_path / "out")
+    with tarfile.open(path) as tar:
+        manifest = json.loads(tar.extractfile("manifest.json").read())
+    assert manifest["database"]["vendor"] == "sqlite"
+    assert "native/db.sqlite3" in manifest["members"]
+
+    UserFactory(username="someone-else")
+    printed = backup("restore", str(path), "--yes")
+    assert "row counts match the manifest" in printed
+    assert list(TerminalSession.objects.values_list("tab_name", flat=True)) == [
+        f"tab {n}" for n in range(4)
+    ]
+    assert [bytes(c.data) for c in OutputChunk.objects.order_by("session__tab_name")] == [
+        OUTPUT + bytes([n]) for n in range(4)
+    ]
+    assert list(SessionEvent.objects.order_by("pk").values_list("data", flat=True)) == [
+        {"n": n} for n in range(4)
+    ]
+    assert SearchDocument.objects.filter(source="output").count() == 4  # rebuilt on PostgreSQL
+    flag = Flag.objects.get(name="dynamic_titles")
+    assert flag.percent == Decimal("12.50") and flag.everyone is None
+    assert [u.username for u in Flag.objects.get(name="session_search").users.all()] == ["ana"]
+    from django.contrib.auth import get_user_model
+
+    assert list(get_user_model().objects.values_list("username", flat=True)) == ["ana"]
+    # The sequences continue after the restored ids.
+    assert UserFactory().pk > get_user_model().objects.get(username="ana").pk

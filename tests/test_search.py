@@ -1,0 +1,463 @@
+"""Search: the query language, the index kept by triggers, the API, the page and the command.
+
+Runs on whichever database the suite runs on (SQLite by default, PostgreSQL with
+DATABASE_URL): `make test` runs both.
+"""
+
+from __future__ import annotations
+
+import io
+from datetime import timedelta
+from unittest import mock
+
+import pytest
+from django.core.management import call_command
+from django.test import AsyncClient
+from django.utils import timezone
+
+from featureflags.models import Flag
+from featureflags.services import ensure_product_flags
+from sessions_app.errors import Forbidden, ValidationFailed
+from sessions_app.models import SearchDocument, SessionEvent, TerminalSession
+from sessions_app.search.engine import BAD_CURSOR, SEARCH_DISABLED, sessions_search
+from sessions_app.search.query import And, Not, Or, Term, parse
+from sessions_app.storage.database import CHUNK_MIN_BYTES, DatabaseStorage
+from tests.factories import ProjectFactory, UserFactory
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+# ---------------------------------------------------------------- the query language
+
+
+def test_parse_words_phrases_operators_and_filters():
+    query = parse(
+        '(deploy OR "git push") -error AND NOT warning project:api status:active type:system'
+    )
+    assert query.text == And(
+        (
+            Or((Term("deploy", 2), Term("git push", 12, phrase=True))),
+            Not(Term("error", 25), 24),
+            Not(Term("warning", 39), 35),
+        )
+    )
+    assert query.projects == ("api",)
+    assert set(query.states) == {"creating", "active", "detached"}
+    assert query.profiles == ("system",)
+    assert query.terms == ("deploy", "git push")
+
+
+def test_parse_since_date_and_age():
+    assert parse("since:2026-11-01").since.date().isoformat() == "2026-11-01"
+    age = timezone.now() - parse("x since:7d").since
+    assert timedelta(days=7) - timedelta(minutes=1) < age < timedelta(days=7, minutes=1)
+
+
+def test_parse_filters_only_and_quoted_filter_value():
+    query = parse('project:"my app" status:killed')
+    assert query.text is None
+    assert query.projects == ("my app",)
+    assert query.states == ("killed",)
+
+
+@pytest.mark.parametrize(
+    ("text", "position", "fragment"),
+    [
+        ('say "hello', 5, "Unclosed quote"),
+        ("(build OR test", 15, 'Expected ")" to close the "(" at position 1'),
+        ("build )", 7, 'Unexpected ")"'),
+        ("build OR", 9, "ends after 'OR'"),
+        ("OR build", 1, "Unexpected 'OR'"),
+        ("AND build", 1, "Unexpected 'AND'"),
+        ("build AND", 10, "ends after 'AND'"),
+        ("()", 1, "Empty parentheses"),
+        ("-error", 1, "NOT needs a word to subtract from"),
+        ("NOT error", 1, "NOT needs a word to subtract from"),
+        ("build OR -error", 10, "NOT needs a word to subtract from"),
+        ("colour:red", 1, "Unknown filter colour:"),
+        ("x status:sleeping", 3, "Invalid status:sleeping"),
+        ("x since:yesterday", 3, "Invalid since:yesterday"),
+        ("x project:", 3, "Expected a value after project:"),
+        ("(a OR project:api)", 7, "applies to the whole query"),
+        ("a OR project:api", 3, "OR needs"),
+        ("a -project:api", 4, "applies to the whole query"),
+        ("a ___", 3, "no letters or digits"),
+    ],
+)
+def test_parse_bad_syntax_names_the_position(text, position, fragment):
+    with pytest.raises(ValidationFailed) as caught:
+        parse(text)
+    assert fragment in caught.value.message
+    assert f"(at position {position})" in caught.value.message
+    assert caught.value.details == {"position": position}
+
+
+@pytest.mark.parametrize("text", ["", "   "])
+def test_parse_empty_query(text):
+    with pytest.raises(ValidationFailed, match="Type something"):
+        parse(text)
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+def flag_on():
+    ensure_product_flags()
+    flag = Flag.objects.get(name="session_search")
+    flag.everyone = True
+    flag.save()
+
+
+def make_session(user, project, *, output=b"", tab_name="main", state="active", **fields):
+    session = TerminalSession.objects.create(
+        user=user, project=project, tab_name=tab_name, state=state, **fields
+    )
+    if output:
+        DatabaseStorage(scrollback_bytes=1 << 20).append_output(session.pk, 0, output)
+    return session
+
+
+def command(session, line, **data):
+    SessionEvent.objects.create(
+        session=session,
+        kind="command",
+        data={"command": line, "cwd": "/srv/app", "exitCode": 0, "durationMs": 12, **data},
+    )
+
+
+@pytest.fixture
+def corpus():
+    """Two users' sessions; a dict of the first user's, by name."""
+    flag_on()
+    alice, mallory = UserFactory(username="alice"), UserFactory(username="mallory")
+    api = ProjectFactory(owner=alice, name="payments-api")
+    web = ProjectFactory(owner=alice, name="webshop")
+    theirs = ProjectFactory(owner=mallory, name="payments-api")
+    sessions = {
+        "build": make_session(
+            alice,
+            api,
+            tab_name="build",
+            output=(
+                b"\x1b[32m$\x1b[0m python /srv/app/mod12.py\r\n"
+                b"Traceback: undefined symbol frobnicate in <module>\r\n"
+            ),
+        ),
+        "deploy": make_session(
+            alice,
+            web,
+            tab_name="deploy",
+            title="vim release-notes.md",
+            state="exited",
+            profile="claude",
+            output=b"uploading assets\r\nfrobnicate done\r\n",
+        ),
+        "killed": make_session(
+            alice, api, tab_name="scratch", state="killed", output=b"warning: disk nearly full\r\n"
+        ),
+    }
+    command(sessions["deploy"], "git push origin release-2026")
+    make_session(mallory, theirs, tab_name="build", output=b"frobnicate mallory-secret mod12.py\n")
+    return {"user": alice, "other": mallory, "projects": {"api": api, "web": web}, **sessions}
+
+
+def hits(user, text, **kwargs):
+    return sessions_search(user=user, text=text, **kwargs).hits
+
+
+def found(user, text, **kwargs):
+    return {hit.session.tab_name for hit in hits(user, text, **kwargs)}
+
+
+# ---------------------------------------------------------------- what is found
+
+
+def test_finds_words_in_output(corpus):
+    assert found(corpus["user"], "frobnicate") == {"build", "deploy"}
+    assert found(corpus["user"], "FROBNICATE Traceback") == {"build"}
+
+
+def test_finds_a_file_name_inside_a_path(corpus):
+    (hit,) = hits(corpus["user"], "mod12.py")
+    assert hit.session.id == corpus["build"].pk
+    assert hit.source == "output"
+    assert "/srv/app/<mark>mod12</mark>.<mark>py</mark>" in hit.snippet
+    assert found(corpus["user"], "app/mod12.py") == {"build"}
+    assert found(corpus["user"], "mod12") == {"build"}
+
+
+def test_phrase_matches_words_in_order(corpus):
+    assert found(corpus["user"], '"undefined symbol"') == {"build"}
+    assert found(corpus["user"], '"symbol undefined"') == set()
+
+
+def test_finds_command_lines(corpus):
+    (hit,) = hits(corpus["user"], '"git push"')
+    assert hit.source == "command"
+    assert hit.session.id == corpus["deploy"].pk
+    assert hit.snippet == "<mark>git</mark> <mark>push</mark> origin release-2026"
+
+
+def test_finds_titles_tab_names_and_project_names(corpus):
+    assert found(corpus["user"], "release-notes.md") == {"deploy"}
+    assert found(corpus["user"], "scratch") == {"scratch"}
+    assert found(corpus["user"], "webshop") == {"deploy"}
+    corpus["projects"]["web"].name = "storefront"
+    corpus["projects"]["web"].save()
+    assert found(corpus["user"], "webshop") == set()
+    assert found(corpus["user"], "storefront") == {"deploy"}
+    TerminalSession.objects.filter(pk=corpus["build"].pk).update(tab_name="compile")
+    assert found(corpus["user"], "compile") == {"compile"}
+
+
+def test_snippet_is_html_escaped(corpus):
+    (hit,) = hits(corpus["user"], "Traceback")
+    assert "&lt;module&gt;" in hit.snippet
+    assert "<module>" not in hit.snippet
+    assert "\x1b" not in hit.snippet
+
+
+def test_filters(corpus):
+    user = corpus["user"]
+    assert found(user, "frobnicate project:payments-api") == {"build"}
+    assert found(user, "frobnicate project:WEBSHOP") == {"deploy"}
+    assert found(user, "frobnicate status:exited") == {"deploy"}
+    assert found(user, "frobnicate status:active") == {"build"}
+    assert found(user, "status:killed") == {"scratch"}
+    assert found(user, "frobnicate type:claude") == {"deploy"}
+    assert found(user, "project:payments-api") == {"build", "scratch"}
+    assert found(user, "frobnicate since:1d") == {"build", "deploy"}
+
+
+def test_since_excludes_older_hits(corpus):
+    user = corpus["user"]
+    old = timezone.now() - timedelta(days=30)
+    with mock.patch("django.utils.timezone.now", return_value=old):
+        make_session(user, corpus["projects"]["api"], tab_name="old", output=b"frobnicate\n")
+    assert found(user, "frobnicate") == {"build", "deploy", "old"}
+    assert found(user, "frobnicate since:7d") == {"build", "deploy"}
+    since = (old + timedelta(days=1)).date().isoformat()
+    assert found(user, f"frobnicate since:{since}") == {"build", "deploy"}
+
+
+def test_not_and_or(corpus):
+    user = corpus["user"]
+    assert found(user, "frobnicate -assets") == {"build"}
+    assert found(user, "frobnicate AND NOT Traceback") == {"deploy"}
+    assert found(user, "warning OR assets") == {"scratch", "deploy"}
+    assert found(user, "(warning OR assets) -disk") == {"deploy"}
+
+
+def test_another_users_sessions_are_never_found(corpus):
+    assert "mallory-secret" not in str(hits(corpus["user"], "frobnicate"))
+    assert found(corpus["user"], "mallory") == set()
+    assert found(corpus["other"], "frobnicate") == {"build"}
+    (hit,) = hits(corpus["other"], "frobnicate")
+    assert hit.session.user_id == corpus["other"].pk
+
+
+def test_newest_first_and_by_rank(corpus):
+    user, project = corpus["user"], corpus["projects"]["api"]
+    many = make_session(user, project, tab_name="many", output=b"gadget " * 50 + b"\n")
+    once = make_session(user, project, tab_name="once", output=b"a gadget among words\n" * 1)
+    newest = hits(user, "gadget")
+    assert [h.session.id for h in newest] == [once.pk, many.pk]
+    ranked = hits(user, "gadget", order="rank")
+    assert [h.session.id for h in ranked] == [many.pk, once.pk]
+    with pytest.raises(ValidationFailed, match="order must be one of"):
+        hits(user, "gadget", order="oldest")
+
+
+@pytest.mark.parametrize("order", ["newest", "rank"])
+def test_cursor_pages_through_every_hit_once(corpus, order):
+    user, project = corpus["user"], corpus["projects"]["api"]
+    made = {
+        make_session(user, project, tab_name=f"t{i}", output=b"widget " * (i + 1)).pk
+        for i in range(7)
+    }
+    seen, cursor, pages, late = [], None, 0, None
+    while True:
+        page = sessions_search(user=user, text="widget", limit=3, cursor=cursor, order=order)
+        seen += [hit.session.id for hit in page.hits]
+        pages += 1
+        # Output arriving between pages makes no repeat or gap. (By rank on SQLite it may:
+        # bm25 weighs a word by how rare it is, so every new document moves every score.)
+        if pages == 1 and order == "newest":
+            late = make_session(user, project, tab_name="late", output=b"widget\n").pk
+        if page.next_cursor is None:
+            break
+        cursor = page.next_cursor
+    assert len(seen) == len(set(seen))
+    assert set(seen) - {late} == made
+    if order == "newest":  # newer than the first page: it belongs before it, not after
+        assert late not in seen
+        assert pages == 3
+    with pytest.raises(ValidationFailed, match=BAD_CURSOR):
+        sessions_search(user=user, text="widget", cursor="not-a-cursor")
+
+
+def test_pruned_chunks_are_no_longer_found(corpus):
+    user = corpus["user"]
+    session = make_session(user, corpus["projects"]["api"], tab_name="long")
+    storage = DatabaseStorage(scrollback_bytes=100 * 1024)
+    filler = b"x" * (CHUNK_MIN_BYTES + 1000)
+    end = storage.append_output(session.pk, 0, b"ancientword\n" + filler)
+    assert found(user, "ancientword") == {"long"}
+    for _ in range(2):
+        end = storage.append_output(session.pk, end, filler + b"\nrecentword\n")
+    assert found(user, "ancientword") == set()
+    assert found(user, "recentword") == {"long"}
+
+
+def test_output_growing_a_chunk_is_indexed(corpus):
+    """Keystroke-sized batches grow the last chunk (an UPDATE); the new words are found."""
+    user = corpus["user"]
+    session = make_session(user, corpus["projects"]["api"], tab_name="typing")
+    storage = DatabaseStorage(scrollback_bytes=1 << 20)
+    end = 0
+    for word in (b"first ", b"second ", b"third\n"):
+        end = storage.append_output(session.pk, end, word)
+    assert found(user, "first") == found(user, "third") == {"typing"}
+    long_line = b"lorem ipsum " * 5000 + b"tailword /srv/deep/mod99.py\n"  # past 32K characters
+    storage.append_output(session.pk, end, long_line)
+    (hit,) = hits(user, "mod99.py")
+    assert "/srv/deep/<mark>mod99</mark>.<mark>py</mark>" in hit.snippet
+
+
+def test_deleting_a_session_deletes_its_documents(corpus):
+    corpus["build"].delete()
+    assert not SearchDocument.objects.filter(session_id=corpus["build"].pk).exists()
+    assert found(corpus["user"], "mod12.py") == set()
+
+
+def test_flag_off_is_forbidden(corpus):
+    Flag.objects.filter(name="session_search").update(everyone=False)
+    Flag.objects.get(name="session_search").save()  # clear waffle's cached copy
+    with pytest.raises(Forbidden, match="session_search"):
+        hits(corpus["user"], "frobnicate")
+
+
+# ---------------------------------------------------------------- the API, page and command
+
+
+@pytest.fixture
+async def client(corpus):
+    client = AsyncClient()
+    await client.aforce_login(corpus["user"])
+    return client
+
+
+async def test_api_returns_hits(client, corpus):
+    response = await client.get("/api/sessions/search", {"q": "mod12.py", "limit": "5"})
+    assert response.status_code == 200, response.content
+    body = response.json()
+    assert body["success"] is True
+    assert body["nextCursor"] is None
+    (hit,) = body["hits"]
+    assert hit["session"]["id"] == corpus["build"].pk
+    assert hit["session"]["tabName"] == "build"
+    assert hit["project"] == {"id": corpus["projects"]["api"].pk, "name": "payments-api"}
+    assert hit["time"]
+    assert "<mark>mod12</mark>" in hit["snippet"]
+
+
+async def test_api_pages_with_cursor(client, corpus):
+    first = (await client.get("/api/sessions/search", {"q": "frobnicate", "limit": 1})).json()
+    assert len(first["hits"]) == 1 and first["nextCursor"]
+    second = await client.get(
+        "/api/sessions/search", {"q": "frobnicate", "limit": 1, "cursor": first["nextCursor"]}
+    )
+    body = second.json()
+    assert body["nextCursor"] is None
+    assert {first["hits"][0]["session"]["id"], body["hits"][0]["session"]["id"]} == {
+        corpus["build"].pk,
+        corpus["deploy"].pk,
+    }
+
+
+async def test_api_bad_syntax_is_400_with_position(client):
+    response = await client.get("/api/sessions/search", {"q": "(deploy OR"})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["code"] == "validation_failed"
+    assert "(at position 11)" in error["message"]
+    assert error["details"] == {"position": 11}
+    response = await client.get("/api/sessions/search", {"q": "x", "limit": "1000"})
+    assert response.status_code == 400
+    assert "limit" in response.json()["error"]["message"]
+
+
+async def test_api_flag_off_is_403(client):
+    await Flag.objects.filter(name="session_search").aupdate(everyone=False)
+    from django.core.cache import cache
+
+    cache.clear()
+    response = await client.get("/api/sessions/search", {"q": "frobnicate"})
+    assert response.status_code == 403
+    assert response.json()["error"]["message"] == SEARCH_DISABLED
+
+
+async def test_api_needs_login(corpus):
+    response = await AsyncClient().get("/api/sessions/search", {"q": "frobnicate"})
+    assert response.status_code == 401
+
+
+def test_page_shows_the_search_panel_only_with_the_flag(corpus):
+    from django.test import Client
+
+    page = Client()
+    page.force_login(corpus["user"])
+    html = page.get("/").content.decode()
+    assert 'data-search-enabled="true"' in html
+    assert 'id="search-panel"' in html
+    Flag.objects.filter(name="session_search").update(everyone=False)
+    from django.core.cache import cache
+
+    cache.clear()
+    html = page.get("/").content.decode()
+    assert 'data-search-enabled="false"' in html
+    assert 'id="search-panel"' not in html
+
+
+def test_command_searches_as_a_user(corpus):
+    out = io.StringIO()
+    call_command("sessions", "search", "frobnicate", "--user", "alice", "--limit", "5", stdout=out)
+    text = out.getvalue()
+    assert "payments-api" in text and "webshop" in text
+    assert "mallory" not in text
+    assert "[frobnicate]" in text  # the match, marked for a terminal
+
+
+def test_newest_first_is_the_same_whichever_plan(corpus, monkeypatch):
+    """PostgreSQL picks a plan by its estimate of the matches; both give the same pages."""
+    from sessions_app.search import engine
+
+    for i in range(5):
+        make_session(
+            corpus["user"], corpus["projects"]["api"], tab_name=f"w{i}", output=b"frobnicate"
+        )
+    pages = []
+    for few in (0, 10**9):
+        monkeypatch.setattr(engine, "PG_FEW_MATCHES", few)
+        first = sessions_search(user=corpus["user"], text="frobnicate", limit=4)
+        rest = sessions_search(user=corpus["user"], text="frobnicate", cursor=first.next_cursor)
+        pages.append([h.session.tab_name for h in first.hits + rest.hits])
+    assert pages[0] == pages[1] == ["w4", "w3", "w2", "w1", "w0", "deploy", "build"]
+
+
+def test_rebuilding_the_index_orders_it_by_time(corpus):
+    """After a table-by-table bulk load, a rebuild puts documents back in time order."""
+    from sessions_app.search.index import search_index_rebuild
+
+    query = "frobnicate OR push OR scratch"
+    before = [h.snippet for h in hits(corpus["user"], query)]
+    docs = list(SearchDocument.objects.order_by("-id"))  # as a load in the wrong order would
+    SearchDocument.objects.all().delete()
+    for doc in docs:
+        doc.pk = None
+    SearchDocument.objects.bulk_create(docs)
+    assert [h.snippet for h in hits(corpus["user"], query)] == before[::-1]
+    assert search_index_rebuild() == len(docs)
+    times = list(SearchDocument.objects.order_by("id").values_list("at", flat=True))
+    assert times == sorted(times)
+    assert [h.snippet for h in hits(corpus["user"], query)] == before
