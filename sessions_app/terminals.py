@@ -22,8 +22,8 @@ from typing import Any, Protocol
 
 from featureflags import safeguard
 from sessions_app import conf, shellint
-from sessions_app.dbthread import db_call
 from sessions_app.outputtail import OutputTail
+from sessions_app.outputwriter import next_tick, store_output
 from sessions_app.pty import PtyProcess
 from sessions_app.storage import Scrollback, StorageProvider, get_storage
 
@@ -32,6 +32,8 @@ logger = logging.getLogger(__name__)
 NODE_ID = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
 # Output that storage has not taken yet (the database is down) is held in memory up to this
 # much per session; past it the PTY is not read, so the shell blocks instead of output being lost.
+# A provider that skips pruned output (DATABASE) needs no such bound: only the newest
+# scrollback_bytes of what it has not taken are kept for it, the rest it would prune anyway.
 UNSTORED_LIMIT = 8 * 1024 * 1024
 # A read at least this long suggests more output is waiting in the PTY (a keystroke echo is short).
 SHORT_READ = 1024
@@ -124,7 +126,7 @@ class LiveTerminal:
         # Output not yet in storage: [self._stored_offset, self.end_offset).
         self._unstored = bytearray()
         self._stored_offset = start_offset
-        self._flush_handle: asyncio.TimerHandle | None = None
+        self._flush_handle: asyncio.Handle | None = None
         self._flush_task: asyncio.Task | None = None
         # (client or None for every client, payload, session offset of live output or None)
         self._outbox: deque[tuple[Client | None, bytes | dict[str, Any], int | None]] = deque()
@@ -163,7 +165,10 @@ class LiveTerminal:
             self._reading = False
 
     def _on_readable(self) -> None:
-        if self.storage.backpressure() or len(self._unstored) > UNSTORED_LIMIT:
+        storage = self.storage
+        if storage.backpressure() or (
+            len(self._unstored) > UNSTORED_LIMIT and not storage.skips_pruned_output
+        ):
             # Storage cannot take more now: leave the output in the PTY (the shell blocks on
             # write) and look again shortly. Nothing is read that could not be stored.
             self._pause_reading()
@@ -322,6 +327,7 @@ class LiveTerminal:
             _drop_idle_tails(keep=self)
         if not self._store_inline(offset, data):
             self._unstored += data
+            self._skip_beyond_window()
             if len(self._unstored) >= conf.OUTPUT_FLUSH_BYTES:
                 self._schedule_flush(0)
             else:
@@ -365,9 +371,14 @@ class LiveTerminal:
             if delay > 0:
                 return
             self._flush_handle.cancel()
-        self._flush_handle = self.loop.call_later(
-            delay, self._start_flush, context=contextvars.Context()
-        )
+        if delay > 0:  # at the grid's next tick, with every other terminal's batch
+            self._flush_handle = self.loop.call_at(
+                next_tick(self.loop, delay), self._start_flush, context=contextvars.Context()
+            )
+        else:
+            self._flush_handle = self.loop.call_soon(
+                self._start_flush, context=contextvars.Context()
+            )
 
     def _start_flush(self) -> None:
         self._flush_handle = None
@@ -377,11 +388,12 @@ class LiveTerminal:
     async def _flush_pending(self, force: bool = False) -> None:
         delay = 0.25
         while self._unstored and (force or not self.switching):
+            self._skip_beyond_window()
             data = bytes(self._unstored)
             offset = self._stored_offset
             started = time.perf_counter()
             try:
-                await db_call(self.storage.append_output, self.session_id, offset, data)
+                await store_output(self.storage, self.session_id, offset, data)
             except Exception as exc:
                 self._storage_failed(exc)
                 await asyncio.sleep(delay)
@@ -390,21 +402,42 @@ class LiveTerminal:
             # A storage operation, for the flag safeguard (a few a second per busy session).
             elapsed_ms = (time.perf_counter() - started) * 1000
             safeguard.record(self.user_id, ok=True, latency_ms=elapsed_ms)
-            del self._unstored[: len(data)]
-            self._stored_offset = offset + len(data)
+            stored_end = offset + len(data)
+            if stored_end > self._stored_offset:  # else skipped past while it was written
+                del self._unstored[: stored_end - self._stored_offset]
+                self._stored_offset = stored_end
             self._storage_recovered()
-            if not force and 0 < len(self._unstored) < conf.OUTPUT_FLUSH_BYTES:
+            if (
+                not force
+                and self._unstored
+                and (
+                    len(self._unstored) < conf.OUTPUT_FLUSH_BYTES
+                    or self.storage.skips_pruned_output
+                )
+            ):
                 # Output that came during the write waits for the next batch, as the first
                 # did: an interactive session writes a few times a second, not per keystroke.
+                # So does a flood, when what storage cannot take yet is bounded by the window
+                # (skips_pruned_output): the database takes a window a tick, not a stream.
                 if self._flush_handle is not None:
                     self._flush_handle.cancel()
-                self._flush_handle = self.loop.call_later(
-                    conf.OUTPUT_FLUSH_SECONDS, self._start_flush, context=contextvars.Context()
-                )
+                    self._flush_handle = None
+                self._schedule_flush(conf.OUTPUT_FLUSH_SECONDS)
                 return
+
+    def _skip_beyond_window(self) -> None:
+        """Leave out of the next batch what storage would prune as soon as it was stored: the
+        unstored output older than the newest ``scrollback_bytes`` (a flood that outran the
+        database). Memory and the clients have it all; the stored history is the same."""
+        storage = self.storage
+        if storage.skips_pruned_output and len(self._unstored) > storage.scrollback_bytes:
+            skip = len(self._unstored) - storage.scrollback_bytes
+            del self._unstored[:skip]
+            self._stored_offset += skip
 
     def flush_now(self) -> None:
         """Store pending output synchronously: for process exit, when no event loop runs."""
+        self._skip_beyond_window()
         if self._unstored:
             self.storage.append_output(self.session_id, self._stored_offset, bytes(self._unstored))
             self._stored_offset += len(self._unstored)

@@ -261,6 +261,25 @@ def test_output_with_a_gap_is_refused(provider, new):
     assert provider.get(created.id).output_bytes == 6
 
 
+def test_several_sessions_batches_are_stored_together_and_one_bad_batch_spoils_none(provider, new):
+    first, second, third = new(), new(), new()
+    provider.append_output(second.id, 0, b"earlier ")
+    results = provider.append_output_many(
+        [
+            (first.id, 0, b"one"),
+            (second.id, 8, b"two"),
+            (third.id, 5, b"a gap"),  # refused: nothing stored before offset 5
+            (new_session_id(), 0, b"nobody's"),  # no such session
+        ]
+    )
+    assert results[:2] == [3, 11]
+    assert isinstance(results[2], ValueError) and isinstance(results[3], NotFound)
+    assert provider.read_scrollback(first.id, max_bytes=100).data == b"one"
+    assert provider.read_scrollback(second.id, max_bytes=100).data == b"earlier two"
+    assert provider.read_scrollback(third.id, max_bytes=100).data == b""
+    assert provider.get(third.id).output_bytes == 0
+
+
 def test_scrollback_keeps_the_newest_output(provider, new):
     created = new()
     output = ALL_BYTES * 10  # 2560 bytes, well past SCROLLBACK_BYTES
@@ -461,13 +480,9 @@ def test_factory_builds_local_storage_with_the_configured_caps(settings):
     assert get_storage("LOCAL") is storage
 
 
-def test_stored_output_text_is_what_the_user_read_without_escape_sequences(project, user):
-    """The database keeps each chunk's plain text beside its bytes, for search: colours, titles
-    and cursor movement are dropped; line breaks, tabs and non-ASCII text stay."""
-    from sessions_app.models import OutputChunk
-
-    database = DatabaseStorage(scrollback_bytes=SCROLLBACK_BYTES)
-    record = database.create(
+def database_session(database: StorageProvider, project, user) -> SessionRecord:
+    """A new active session created through ``database``."""
+    return database.create(
         SessionRecord(
             id=new_session_id(),
             project_id=project.pk,
@@ -478,6 +493,15 @@ def test_stored_output_text_is_what_the_user_read_without_escape_sequences(proje
             storage_mode="DATABASE",
         )
     )
+
+
+def test_stored_output_text_is_what_the_user_read_without_escape_sequences(project, user):
+    """The database keeps each chunk's plain text beside its bytes, for search: colours, titles
+    and cursor movement are dropped; line breaks, tabs and non-ASCII text stay."""
+    from sessions_app.models import OutputChunk
+
+    database = DatabaseStorage(scrollback_bytes=SCROLLBACK_BYTES)
+    record = database_session(database, project, user)
     screen = (
         b"\x1b]0;build: ~/api\x07\x1b]7;file://host/srv/app\x1b\\"
         b"\x1b[01;34mmod12.py\x1b[0m\tcaf\xc3\xa9\r\n"
@@ -496,17 +520,7 @@ def test_database_keeps_an_interactive_sessions_output_in_few_chunks(project, us
     from sessions_app.storage.database import CHUNK_MIN_BYTES
 
     database = DatabaseStorage(scrollback_bytes=1024 * 1024)
-    record = database.create(
-        SessionRecord(
-            id=new_session_id(),
-            project_id=project.pk,
-            user_id=user.pk,
-            profile="system",
-            tab_name="t",
-            state="active",
-            storage_mode="DATABASE",
-        )
-    )
+    record = database_session(database, project, user)
     written = b""
     for i in range(600):  # 600 batches of 300 bytes: about 176 KiB
         batch = f"{i:05d}".encode() * 60
@@ -516,3 +530,23 @@ def test_database_keeps_an_interactive_sessions_output_in_few_chunks(project, us
     assert len(rows) <= len(written) // CHUNK_MIN_BYTES + 1
     assert b"".join(bytes(r.data) for r in rows) == written
     assert database.read_scrollback(record.id, max_bytes=len(written)).data == written
+
+
+def test_database_takes_a_window_sized_batch_after_output_it_would_have_pruned(project, user):
+    """A terminal whose flood outran the database stores only the newest window's worth: the
+    history reads exactly as if every byte had been stored and the oldest pruned."""
+    window = 8192
+    database = DatabaseStorage(scrollback_bytes=window)
+    record = database_session(database, project, user)
+    flood = b"".join(f"line {i:06d}\r\n".encode() for i in range(5000))  # 65 KiB
+    database.append_output(record.id, 0, flood[:1000])
+    with pytest.raises(ValueError):  # a gap the window would still show is refused
+        database.append_output(record.id, 2000, flood[2000 : 2000 + window - 1])
+    start = len(flood) - window
+    assert database.append_output(record.id, start, flood[start:]) == len(flood)
+
+    back = database.read_scrollback(record.id, max_bytes=10**6)
+    assert (back.data, back.start, back.end) == (flood[start:], start, len(flood))
+    resumed = database.read_scrollback(record.id, max_bytes=10**6, since=500)
+    assert resumed.pruned and resumed.data == flood[start:]
+    assert database.get(record.id).output_bytes == len(flood)

@@ -95,6 +95,11 @@ class StorageProvider(ABC):
     # a live terminal then stores each read before any client sees it. Otherwise the
     # terminal batches output and stores it from a worker thread.
     appends_inline: bool = False
+    # True when append_output accepts a batch at least ``scrollback_bytes`` long after a gap:
+    # a writer that has fallen further behind than the retained window then stores only the
+    # window's worth (the rest would be pruned as soon as it was stored).
+    skips_pruned_output: bool = False
+    scrollback_bytes: int
 
     def backpressure(self) -> bool:
         """Return True while writers should hold back (a write-behind queue is nearly full)."""
@@ -133,7 +138,21 @@ class StorageProvider(ABC):
         """Store ``data`` starting at byte ``offset``; return the new end offset.
 
         Idempotent: bytes before the stored end are skipped, so a retried batch changes nothing.
+        A gap (``offset`` after the stored end) raises ValueError, unless the provider
+        ``skips_pruned_output`` and ``data`` fills the retained window by itself.
         """
+
+    def append_output_many(self, batches: list[tuple[str, int, bytes]]) -> list[int | Exception]:
+        """Store several sessions' output (``(session_id, offset, data)`` each, at most one per
+        session); return each one's new end offset, or the exception that batch raised. One
+        batch failing does not keep the others from being stored."""
+        results: list[int | Exception] = []
+        for session_id, offset, data in batches:
+            try:
+                results.append(self.append_output(session_id, offset, data))
+            except Exception as exc:
+                results.append(exc)
+        return results
 
     @abstractmethod
     def read_scrollback(

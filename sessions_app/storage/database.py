@@ -33,6 +33,7 @@ def _record(row: TerminalSession) -> SessionRecord:
 
 class DatabaseStorage(StorageProvider):
     mode = StorageMode.DATABASE
+    skips_pruned_output = True
 
     def __init__(self, scrollback_bytes: int) -> None:
         self.scrollback_bytes = scrollback_bytes
@@ -86,8 +87,22 @@ class DatabaseStorage(StorageProvider):
     def add_event(self, session_id: str, kind: str, data: dict[str, Any] | None = None) -> None:
         SessionEvent.objects.create(session_id=session_id, kind=kind, data=data or {})
 
+    def append_output_many(self, batches: list[tuple[str, int, bytes]]) -> list[int | Exception]:
+        """Store every session's batch in one transaction (one commit for all of them); when
+        one fails, each is stored in a transaction of its own so the others still are."""
+        if len(batches) > 1:
+            try:
+                with transaction.atomic():
+                    return [self._append(*batch) for batch in batches]
+            except Exception:
+                pass
+        return super().append_output_many(batches)
+
     @transaction.atomic
     def append_output(self, session_id: str, offset: int, data: bytes) -> int:
+        return self._append(session_id, offset, data)
+
+    def _append(self, session_id: str, offset: int, data: bytes) -> int:
         session = (
             TerminalSession.objects.select_for_update().only("output_bytes").filter(pk=session_id)
         ).first()
@@ -96,11 +111,16 @@ class DatabaseStorage(StorageProvider):
         end = session.output_bytes
         if offset + len(data) <= end:
             return end  # already stored: a retried batch
-        if offset > end:
+        gap = offset > end
+        if gap and len(data) < self.scrollback_bytes:
             raise ValueError(f"output of {session_id} has a gap: stored up to {end}, got {offset}")
+        if gap:
+            # The batch alone fills the retained window: the output missing before it would be
+            # pruned as soon as it was stored, so the writer left it out (skips_pruned_output).
+            end = offset
         data = data[end - offset :]
         last = OutputChunk.objects.filter(session_id=session_id).order_by("-seq").first()
-        if last is not None and len(last.data) < CHUNK_MIN_BYTES:
+        if last is not None and not gap and len(last.data) < CHUNK_MIN_BYTES:
             # Small batches (keystroke echoes) grow the last chunk instead of adding rows.
             room = CHUNK_MAX_BYTES - len(last.data)
             merged = bytes(last.data) + data[:room]
