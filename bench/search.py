@@ -65,8 +65,8 @@ def chunk_text(rng: random.Random, index: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def setup_database() -> str:
-    """Point DATABASE_URL at a fresh scratch database; return a label for it."""
+def setup_database(reuse: str | None) -> str:
+    """Point DATABASE_URL at a scratch database (fresh unless ``reuse``); return a label."""
     url = os.environ.get("DATABASE_URL", "")
     if url.startswith(("postgres://", "postgresql://")):
         import psycopg
@@ -74,12 +74,16 @@ def setup_database() -> str:
         parts = urlsplit(url)
         name = parts.path.lstrip("/") + "_search_bench"
         admin = urlunsplit(parts._replace(path="/postgres"))
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
-            conn.execute(f'CREATE DATABASE "{name}"')
+        if not reuse:
+            with psycopg.connect(admin, autocommit=True) as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+                conn.execute(f'CREATE DATABASE "{name}"')
         os.environ["DATABASE_URL"] = urlunsplit(parts._replace(path="/" + name))
         return f"PostgreSQL ({name})"
-    path = Path(tempfile.mkdtemp(prefix="termsys-search-bench-")) / "bench.sqlite3"
+    if reuse:
+        path = Path(reuse)
+    else:
+        path = Path(tempfile.mkdtemp(prefix="termsys-search-bench-")) / "bench.sqlite3"
     os.environ["DATABASE_URL"] = f"sqlite:///{path}"
     return f"SQLite ({path})"
 
@@ -143,9 +147,15 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=10_000)
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--reuse",
+        metavar="SQLITE_PATH_OR_YES",
+        help="measure the database a previous run left (PostgreSQL: any value; SQLite: its "
+        "file) after migrating it, instead of building a new one",
+    )
     args = parser.parse_args()
 
-    label = setup_database()
+    label = setup_database(args.reuse)
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "termsys.settings")
     import django
 
@@ -153,13 +163,25 @@ def main() -> None:
     from django.core.management import call_command
     from django.db import connection
 
+    started = time.perf_counter()
     call_command("migrate", verbosity=0)
-    user, took = populate(args.sessions, args.seed)
+    if args.reuse:
+        from django.contrib.auth import get_user_model
+
+        from sessions_app.models import SearchDocument
+
+        user = get_user_model().objects.get(username="bench")
+        docs = SearchDocument.objects.count()
+        print(
+            f"{label}: reused, {docs} documents, migrated in {time.perf_counter() - started:.1f} s"
+        )
+    else:
+        user, took = populate(args.sessions, args.seed)
+        docs = args.sessions * 7  # a chunk, five commands and the session's names each
+        print(f"{label}: {args.sessions} sessions, {docs} documents indexed in {took:.1f} s")
     if connection.vendor == "postgresql":
         with connection.cursor() as cursor:
             cursor.execute("ANALYZE")
-    docs = args.sessions * 7  # a chunk, five commands and the session's names each
-    print(f"{label}: {args.sessions} sessions, {docs} documents indexed in {took:.1f} s")
     print(f"{'query':44} {'order':7} {'p50 ms':>8} {'p95 ms':>8} {'hits':>5}")
     cases = [
         (f"{RARE} (rare word)", RARE, "newest"),

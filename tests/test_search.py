@@ -221,12 +221,47 @@ def test_filters(corpus):
     user = corpus["user"]
     assert found(user, "frobnicate project:payments-api") == {"build"}
     assert found(user, "frobnicate project:WEBSHOP") == {"deploy"}
+    assert found(user, "frobnicate project:nowhere") == set()
+    assert found(user, "frobnicate project:webshop project:payments-api") == {"build", "deploy"}
     assert found(user, "frobnicate status:exited") == {"deploy"}
     assert found(user, "frobnicate status:active") == {"build"}
     assert found(user, "status:killed") == {"scratch"}
     assert found(user, "frobnicate type:claude") == {"deploy"}
     assert found(user, "project:payments-api") == {"build", "scratch"}
     assert found(user, "frobnicate since:1d") == {"build", "deploy"}
+
+
+def test_filters_follow_a_session_that_changes(corpus):
+    """A session's state, project, profile and owner can change after its output was indexed."""
+    user, other, build = corpus["user"], corpus["other"], corpus["build"]
+    TerminalSession.objects.filter(pk=build.pk).update(state="detached")
+    assert found(user, "frobnicate status:active") == {"build"}
+    build.refresh_from_db()
+    build.state = "exited"
+    build.save()
+    assert found(user, "frobnicate status:active") == set()
+    assert found(user, "frobnicate status:exited") == {"build", "deploy"}
+    assert found(user, "status:exited") == {"build", "deploy"}
+    TerminalSession.objects.filter(pk=build.pk).update(state="creating")  # revived
+    assert found(user, "mod12.py status:active") == {"build"}
+    TerminalSession.objects.filter(pk=build.pk).update(project=corpus["projects"]["web"])
+    assert found(user, "frobnicate project:webshop") == {"build", "deploy"}
+    assert found(user, "frobnicate project:payments-api") == set()
+    TerminalSession.objects.filter(pk=build.pk).update(profile="claude")
+    assert found(user, "frobnicate type:claude") == {"build", "deploy"}
+    TerminalSession.objects.filter(pk=build.pk).update(user=other)
+    assert found(user, "frobnicate") == {"deploy"}
+    assert [hit.session.id for hit in hits(other, "Traceback")] == [build.pk]
+
+
+def test_new_output_of_a_changed_session_has_its_current_filters(corpus):
+    user, build = corpus["user"], corpus["build"]
+    TerminalSession.objects.filter(pk=build.pk).update(
+        state="exited", project=corpus["projects"]["web"]
+    )
+    command(build, "make gizmo")
+    assert found(user, "gizmo status:exited project:webshop") == {"build"}
+    assert found(user, "gizmo status:active") == set()
 
 
 def test_since_excludes_older_hits(corpus):

@@ -23,6 +23,7 @@ from django.db import connection
 from sessions_app.errors import Forbidden, ValidationFailed
 from sessions_app.models import SearchDocument
 from sessions_app.search.query import And, Node, Not, Or, Query, Term, parse
+from sessions_app.states import LIVE_STATES
 from sessions_app.storage.base import RECORD_FIELDS, SessionRecord
 
 SEARCH_FLAG = "session_search"
@@ -91,6 +92,7 @@ def fts5_match(node: Node) -> str:
 
 
 def _filters(query: Query, params: list[Any]) -> list[str]:
+    """Return SQLite conditions on ``s`` (the session), ``p`` (its project) and ``d``."""
     where = []
     if query.projects:
         where.append("lower(p.name) IN (" + ", ".join(["lower(%s)"] * len(query.projects)) + ")")
@@ -107,13 +109,48 @@ def _filters(query: Query, params: list[Any]) -> list[str]:
     return where
 
 
+def _pg_filters(query: Query, user_id: int | None, params: list[Any]) -> list[str]:
+    """Return PostgreSQL conditions on the document alone (migration 0005_search_filters)."""
+    where = []
+    if user_id is not None:
+        where.append("d.user_id = %s")
+        params.append(user_id)
+    if query.projects:
+        # Ids, not a subquery: the planner then estimates the project's documents, and for
+        # one project may walk (project_id, id) backwards, which a join would not let it do.
+        ids = _pg_project_ids(query.projects)
+        where.append("d.project_id IN (" + ", ".join(["%s"] * len(ids)) + ")" if ids else "FALSE")
+        params.extend(ids)
+    if query.states:
+        statuses = sorted({"active" if state in LIVE_STATES else state for state in query.states})
+        where.append("d.status IN (" + ", ".join(["%s"] * len(statuses)) + ")")
+        params.extend(statuses)
+    if query.profiles:
+        where.append("d.profile IN (" + ", ".join(["%s"] * len(query.profiles)) + ")")
+        params.extend(query.profiles)
+    if query.since is not None:
+        where.append("d.at >= %s")
+        params.append(query.since)
+    return where
+
+
+def _pg_project_ids(names: tuple[str, ...]) -> list[int]:
+    """Return the ids of the projects with one of ``names``, any case, whoever owns them."""
+    marks = ", ".join(["lower(%s)"] * len(names))
+    with connection.cursor() as db:
+        db.execute(f"SELECT id FROM sessions_app_project WHERE lower(name) IN ({marks})", names)
+        return [row[0] for row in db.fetchall()]
+
+
 def _select(query: Query, user_id: int | None, rank: bool) -> tuple[str, list[Any]]:
     """Return SQL selecting (id, score) of matching documents, and its parameters."""
-    score, score_params, match_params, doc_id = "0.0", [], [], "d.id"
+    if connection.vendor == "postgresql":
+        return _pg_select(query, user_id, rank)
+    score, match_params, doc_id = "0.0", [], "d.id"
     source = "sessions_app_searchdocument d"
     if query.text is None:
         match = "d.source = 'session'"
-    elif connection.vendor == "sqlite":
+    else:
         source = "sessions_app_search_fts f JOIN sessions_app_searchdocument d ON d.id = f.rowid"
         match = "sessions_app_search_fts MATCH %s"
         match_params.append(fts5_match(query.text))
@@ -122,13 +159,6 @@ def _select(query: Query, user_id: int | None, rank: bool) -> tuple[str, list[An
         doc_id = "f.rowid"
         if rank:
             score = "-bm25(sessions_app_search_fts)"  # bm25: lower is better
-    else:
-        tsquery = _pg_tsquery(query.text, match_params)
-        match = f"d.vector @@ {tsquery}"
-        doc_id = _pg_document_id(match, match_params) if not rank else doc_id
-        if rank:
-            # float8: a float4 read back as decimal text would not equal itself in the cursor
-            score, score_params = f"ts_rank(d.vector, {tsquery})::float8", list(match_params)
     filter_params: list[Any] = []
     owner = ["s.user_id = %s"] if user_id is not None else []
     where = [match, *owner, *_filters(query, filter_params)]
@@ -139,7 +169,31 @@ def _select(query: Query, user_id: int | None, rank: bool) -> tuple[str, list[An
         "WHERE " + " AND ".join(where)
     )
     owner_params = [user_id] if user_id is not None else []
-    return sql, [*score_params, *match_params, *owner_params, *filter_params]
+    return sql, [*match_params, *owner_params, *filter_params]
+
+
+def _pg_select(query: Query, user_id: int | None, rank: bool) -> tuple[str, list[Any]]:
+    """Return PostgreSQL SQL selecting (id, score) of matching documents, and its parameters.
+
+    Owner and filters are columns of the document, so no match is joined to its session.
+    """
+    score, score_params, match_params, doc_id = "0.0", [], [], "d.id"
+    if query.text is None:
+        match = "d.source = 'session'"
+    else:
+        tsquery = _pg_tsquery(query.text, match_params)
+        match = f"d.vector @@ {tsquery}"
+        doc_id = _pg_document_id(match, match_params) if not rank else doc_id
+        if rank:
+            # float8: a float4 read back as decimal text would not equal itself in the cursor
+            score, score_params = f"ts_rank(d.vector, {tsquery})::float8", list(match_params)
+    filter_params: list[Any] = []
+    where = [match, *_pg_filters(query, user_id, filter_params)]
+    sql = (
+        f"SELECT {doc_id} AS id, {score} AS score FROM sessions_app_searchdocument d "
+        "WHERE " + " AND ".join(where)
+    )
+    return sql, [*score_params, *match_params, *filter_params]
 
 
 def _pg_document_id(match: str, params: list[Any]) -> str:

@@ -4,6 +4,8 @@ Triggers keep the index as rows are written; a bulk load (a portable backup's re
 chunks, events and sessions table by table, so their documents get ids in table order, and
 "newest first" (document order) would follow the tables rather than time. This writes every
 document again, oldest first, as migration 0004_search does for what was stored before it.
+On PostgreSQL each document takes its session's owner, project, status and profile from a
+trigger as it is written (migration 0005_search_filters), so the rebuild need not name them.
 """
 
 from __future__ import annotations
