@@ -99,6 +99,33 @@ def empty() -> None:
             cursor.execute("VACUUM")
 
 
+class Phases:
+    """A reporter that times each stage and note of a backup operation (until the next)."""
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[str, float]] = []
+        self.name, self.started = "", time.perf_counter()
+
+    def _next(self, name: str) -> None:
+        now = time.perf_counter()
+        if self.name:
+            self.spans.append((self.name, now - self.started))
+        self.name, self.started = name, now
+
+    def stage(self, name: str, total: int) -> None:
+        self._next(name)
+
+    def advance(self, units: int) -> None:
+        pass
+
+    def note(self, text: str) -> None:
+        self._next(text.split(" /", maxsplit=1)[0][:40])
+
+    def done(self) -> str:
+        self._next("")
+        return ", ".join(f"{name} {seconds:.2f}" for name, seconds in self.spans)
+
+
 def run(sessions: int, scrollback: int, work: Path) -> None:
     from sessions_app.backup import services
 
@@ -109,8 +136,10 @@ def run(sessions: int, scrollback: int, work: Path) -> None:
 
     out = work / f"out-{sessions}"
     started = time.perf_counter()
-    created = services.backup_create(output_dir=out, label=f"bench {sessions}")
+    phases = Phases()
+    created = services.backup_create(output_dir=out, label=f"bench {sessions}", reporter=phases)
     create_s = time.perf_counter() - started
+    create_phases = phases.done()
     size = created.path.stat().st_size
     rows = sum(m["rows"] for m in created.manifest["models"])
 
@@ -120,8 +149,10 @@ def run(sessions: int, scrollback: int, work: Path) -> None:
 
     safety_dir = work / f"safety-{sessions}"
     started = time.perf_counter()
-    services.backup_restore(created.path, safety_dir=safety_dir)
+    phases = Phases()
+    services.backup_restore(created.path, safety_dir=safety_dir, reporter=phases)
     restore_s = time.perf_counter() - started
+    restore_phases = phases.done()
     # The safety backup inside that restore took about as long as a create of the same data.
     started = time.perf_counter()
     services.backup_create(output_dir=work / f"again-{sessions}")
@@ -134,6 +165,8 @@ def run(sessions: int, scrollback: int, work: Path) -> None:
         f"(restore - safety ≈ {restore_s - safety_s:6.2f} s)",
         flush=True,
     )
+    print(f"    create phases (s): {create_phases}", flush=True)
+    print(f"    restore phases (s): {restore_phases}", flush=True)
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ from waffle.models import Switch
 
 from featureflags import services as flag_services
 from featureflags.models import Flag
-from sessions_app.backup import archive, migrations, portable
+from sessions_app.backup import archive, derived, migrations, portable
 from sessions_app.management.commands import backup as command
 from sessions_app.models import (
     OutputChunk,
@@ -177,6 +177,53 @@ def test_restore_brings_back_the_backup_row_for_row_and_byte_for_byte(backup_dir
     )
     backup("restore", str(safety), "--yes")
     assert snapshot() == changed
+
+
+def search_index_state() -> list[tuple]:
+    """What the engine's search index holds: on SQLite each FTS5 table over the documents,
+    checked against them (``integrity-check`` raises on a mismatch) and asked for "red"; on
+    PostgreSQL the documents' indexes (a restore builds them once, after the load)."""
+    table = SearchDocument._meta.db_table
+    with connection.cursor() as cursor:
+        if connection.vendor == "sqlite":
+            found = []
+            for fts in derived._sqlite_fts_over([table]):
+                cursor.execute(f"INSERT INTO {fts}({fts}) VALUES ('integrity-check')")
+                cursor.execute(f"SELECT count(*) FROM {fts} WHERE {fts} MATCH 'red'")
+                found.append((fts, cursor.fetchone()[0]))
+            return found
+        cursor.execute("SELECT indexdef FROM pg_indexes WHERE tablename = %s", [table])
+        return sorted(cursor.fetchall())
+
+
+def test_the_search_index_is_whole_after_a_restore(backup_dir):
+    seeded = seed()
+    before = search_index_state()
+    assert before
+    backup("create")
+    path = only_archive(backup_dir)
+    change_data(seeded["ana"])
+    backup("restore", str(path), "--yes")
+    assert search_index_state() == before
+
+
+def test_create_can_leave_the_native_copy_out_and_the_safety_backup_does(backup_dir):
+    seed()
+    printed = backup("create", "--no-native")
+    path = only_archive(backup_dir)
+    assert f"Created {path}" in printed
+    with tarfile.open(path) as tar:
+        names = tar.getnames()
+        manifest = json.loads(tar.extractfile("manifest.json").read())
+    assert not [name for name in names if name.startswith("native/")]
+    assert manifest["native"]["member"] is None and "on request" in manifest["native"]["reason"]
+    assert "native copy: none" in backup("verify", str(path))
+    TerminalSession.objects.all().delete()
+    backup("restore", str(path), "--yes")
+    assert TerminalSession.objects.count() == 3
+    # The safety backup is restorable (its portable form) and carries no native copy either.
+    safety = next(backup_dir.glob("*-safety.tar"))
+    assert archive.read_manifest(safety)["native"]["member"] is None
 
 
 def test_restore_continues_ids_after_the_restored_ones(backup_dir):

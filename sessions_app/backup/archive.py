@@ -44,28 +44,56 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+class _Hashing:
+    """A file read for the archive, hashed on the way: one pass per member."""
+
+    def __init__(self, fh: IO[bytes]) -> None:
+        self.fh, self.digest = fh, hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        block = self.fh.read(size)
+        self.digest.update(block)
+        return block
+
+
+def _manifest_bytes(manifest: dict[str, Any]) -> bytes:
+    return json.dumps(manifest, indent=2, ensure_ascii=False).encode() + b"\n"
+
+
 def write(path: Path, manifest: dict[str, Any], files: dict[str, Path]) -> None:
-    """Write the archive to ``path`` (0600) atomically: a temporary name, fsync, rename."""
-    manifest = {**manifest, "members": {}}
-    for name, source in files.items():
-        manifest["members"][name] = {"size": source.stat().st_size, "sha256": sha256_file(source)}
-    manifest_bytes = json.dumps(manifest, indent=2, ensure_ascii=False).encode() + b"\n"
-    manifest_sum = hashlib.sha256(manifest_bytes).hexdigest().encode() + b"\n"
+    """Write the archive to ``path`` (0600) atomically: a temporary name, fsync, rename.
+
+    ``manifest.json`` comes first but holds every member's sha256, so its place is kept and it
+    is written last: its size is bounded beforehand (sizes of 16 digits), and the manifest is
+    padded to that size with spaces, which JSON ignores. Members are hashed while copied in.
+    """
+    bound = {name: {"size": 10**15, "sha256": "0" * 64} for name in files}
+    reserved = len(_manifest_bytes({**manifest, "members": bound}))
+    header = _info(MANIFEST, reserved).tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "strict")
+    head = len(header) + -(-reserved // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
     temporary = path.with_name(f".{path.name}.tmp")
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        with (
-            os.fdopen(fd, "wb") as raw,
-            tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar,
-        ):
-            _add_bytes(tar, MANIFEST, manifest_bytes)
-            for name, source in files.items():
-                info = tar.gettarinfo(str(source), arcname=name)
-                info.mode, info.uid, info.gid, info.uname, info.gname = 0o600, 0, 0, "", ""
-                with source.open("rb") as fh:
-                    tar.addfile(info, fh)
-            _add_bytes(tar, MANIFEST_SUM, manifest_sum)
-            tar.close()
+        with os.fdopen(fd, "w+b") as raw:
+            raw.write(b"\0" * head)
+            members: dict[str, dict[str, Any]] = {}
+            with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+                for name, source in files.items():
+                    info = tar.gettarinfo(str(source), arcname=name)
+                    info.mode, info.uid, info.gid, info.uname, info.gname = 0o600, 0, 0, "", ""
+                    with source.open("rb") as fh:
+                        hashing = _Hashing(fh)
+                        tar.addfile(info, hashing)  # type: ignore[arg-type]
+                    members[name] = {"size": info.size, "sha256": hashing.digest.hexdigest()}
+                manifest_bytes = _manifest_bytes({**manifest, "members": members})
+                if len(manifest_bytes) > reserved:  # cannot happen: sizes stay below 10**15
+                    raise ArchiveError(f"{path}: the manifest outgrew its place")
+                manifest_bytes = manifest_bytes.ljust(reserved, b" ")
+                manifest_sum = hashlib.sha256(manifest_bytes).hexdigest().encode() + b"\n"
+                _add_bytes(tar, MANIFEST_SUM, manifest_sum)
+            raw.seek(0)
+            raw.write(header)
+            raw.write(manifest_bytes.ljust(head - len(header), b"\0"))
             raw.flush()
             os.fsync(raw.fileno())
         os.replace(temporary, path)
@@ -79,13 +107,18 @@ def write(path: Path, manifest: dict[str, Any], files: dict[str, Path]) -> None:
         os.close(dir_fd)
 
 
-def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    import io
+def _info(name: str, size: int) -> tarfile.TarInfo:
     import time
 
     info = tarfile.TarInfo(name)
-    info.size, info.mode, info.mtime = len(data), 0o600, int(time.time())
-    tar.addfile(info, io.BytesIO(data))
+    info.size, info.mode, info.mtime = size, 0o600, int(time.time())
+    return info
+
+
+def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    import io
+
+    tar.addfile(_info(name, len(data)), io.BytesIO(data))
 
 
 @dataclass

@@ -1,7 +1,9 @@
 """The engine-native member of a backup: for operators, verified by checksum, not restored.
 
 SQLite: a copy made with the online backup API. PostgreSQL: ``pg_dump -Fc`` of the same
-snapshot the portable form was read from (``--snapshot``).
+snapshot the portable form was read from (``--snapshot``). Either runs beside the export of the
+portable form (``start``, then ``Pending.wait``): a thread of its own for SQLite, whose backup
+API lets go of the GIL, and a process for ``pg_dump``.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import os
 import shutil
 import sqlite3
 import subprocess
+import threading
 from pathlib import Path
 
 from django.db import connection
@@ -43,24 +46,78 @@ def begin_snapshot() -> str | None:
         return cursor.fetchone()[0]
 
 
-def write(path: Path, snapshot: str | None) -> None:
-    """Write the native copy of the database to ``path``."""
+class Pending:
+    """A native copy being written; ``wait`` returns once it is complete or raises why not."""
+
+    def __init__(self) -> None:
+        self.error: NativeUnavailable | None = None
+        self.thread: threading.Thread | None = None
+        self.process: subprocess.Popen[str] | None = None
+
+    def wait(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+        if self.process is not None:
+            try:
+                _, stderr = self.process.communicate(timeout=PG_DUMP_TIMEOUT)
+            except subprocess.TimeoutExpired as exc:
+                self.process.kill()
+                self.process.communicate()
+                raise NativeUnavailable(f"pg_dump did not finish: {exc}") from exc
+            if self.process.returncode != 0:
+                raise NativeUnavailable(
+                    f"pg_dump failed ({self.process.returncode}): {stderr.strip()}"
+                )
+        if self.error is not None:
+            raise self.error
+
+    def cancel(self) -> None:
+        """Stop a copy whose archive will not be written (the export failed)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.communicate()
+        if self.thread is not None:
+            self.thread.join()
+
+
+def start(path: Path, snapshot: str | None) -> Pending:
+    """Start writing the native copy of the database to ``path``; raise if it cannot start."""
+    pending = Pending()
     if connection.vendor == "sqlite":
-        _sqlite_backup(path)
+        name = _sqlite_name()
+
+        def copy() -> None:
+            try:
+                _sqlite_backup(name, path)
+            except NativeUnavailable as exc:
+                pending.error = exc
+
+        pending.thread = threading.Thread(target=copy, name="backup-native", daemon=True)
+        pending.thread.start()
     elif connection.vendor == "postgresql":
-        _pg_dump(path, snapshot)
+        pending.process = _pg_dump(path, snapshot)
     else:
         raise NativeUnavailable(f"no native copy for the {connection.vendor} engine")
+    return pending
 
 
-def _sqlite_backup(path: Path) -> None:
-    # A connection of its own: the backup API would wait forever on Django's connection,
-    # which holds the transaction's write lock. That lock also keeps other writers out,
-    # so this copy shows the same data as the portable form read inside the transaction.
+def write(path: Path, snapshot: str | None) -> None:
+    """Write the native copy of the database to ``path``."""
+    start(path, snapshot).wait()
+
+
+def _sqlite_name() -> str:
     name = str(connection.settings_dict["NAME"])
     if name == ":memory:" or name.startswith("file:"):
         raise NativeUnavailable(f"the SQLite database {name!r} is not a plain file")
-    source = sqlite3.connect(name, timeout=20)
+    return name
+
+
+def _sqlite_backup(name: str, path: Path) -> None:
+    # A connection of its own: the backup API would wait forever on Django's connection,
+    # which holds the transaction's write lock. That lock also keeps other writers out,
+    # so this copy shows the same data as the portable form read inside the transaction.
+    source = sqlite3.connect(name, timeout=20, check_same_thread=False)
     target = sqlite3.connect(path)
     try:
         source.backup(target)
@@ -71,7 +128,7 @@ def _sqlite_backup(path: Path) -> None:
         source.close()
 
 
-def _pg_dump(path: Path, snapshot: str | None) -> None:
+def _pg_dump(path: Path, snapshot: str | None) -> subprocess.Popen[str]:
     pg_dump = shutil.which("pg_dump")
     if pg_dump is None:
         raise NativeUnavailable("pg_dump is not on PATH")
@@ -90,10 +147,8 @@ def _pg_dump(path: Path, snapshot: str | None) -> None:
     if sslmode:
         env["PGSSLMODE"] = str(sslmode)
     try:
-        done = subprocess.run(
-            argv, env=env, capture_output=True, text=True, timeout=PG_DUMP_TIMEOUT, check=False
+        return subprocess.Popen(
+            argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
         )
-    except (OSError, subprocess.TimeoutExpired) as exc:
+    except OSError as exc:
         raise NativeUnavailable(f"pg_dump did not run: {exc}") from exc
-    if done.returncode != 0:
-        raise NativeUnavailable(f"pg_dump failed ({done.returncode}): {done.stderr.strip()}")

@@ -12,6 +12,8 @@ import base64
 import gzip
 import io
 import json
+import queue
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,19 +131,68 @@ def export_model(model: type[models.Model], out: IO[bytes], progress: Progress) 
     keys = _natural_keys()
     encoders = [_encoder(c, keys) for c in cols]
     rows = 0
-    with gzip.GzipFile(fileobj=out, mode="wb", compresslevel=1, mtime=0) as gz:
-        writer = io.BufferedWriter(gz, buffer_size=1024 * 1024)  # type: ignore[arg-type]
+    dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+    with _Compressor(out) as writer:
         query = model._base_manager.order_by("pk").values_list(*names)
         for values in query.iterator(chunk_size=2000):
             row = {n: enc(v) for n, enc, v in zip(names, encoders, values, strict=True)}
-            writer.write(json.dumps(row, ensure_ascii=False, separators=(",", ":")).encode())
-            writer.write(b"\n")
+            writer.write(dumps(row).encode() + b"\n")
             rows += 1
             if rows % BATCH_ROWS == 0:
                 progress(BATCH_ROWS)
-        writer.flush()
     progress(rows % BATCH_ROWS)
     return Export(model._meta.label_lower, model._meta.db_table, rows, names)
+
+
+class _Compressor:
+    """Gzip (level 1) written by a thread of its own: zlib lets go of the GIL, so compressing
+    one block overlaps with reading and encoding the next rows."""
+
+    BLOCK = 1024 * 1024
+
+    def __init__(self, out: IO[bytes]) -> None:
+        self.gz = gzip.GzipFile(fileobj=out, mode="wb", compresslevel=1, mtime=0)
+        self.buffer: list[bytes] = []
+        self.buffered = 0
+        self.blocks: queue.Queue[bytes | None] = queue.Queue(maxsize=4)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="backup-gzip", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        ended = False
+        try:
+            while (block := self.blocks.get()) is not None:
+                self.gz.write(block)
+            ended = True
+            self.gz.close()
+        except BaseException as exc:  # handed to the writer at the next block or at close
+            self.error = exc
+            while not ended and self.blocks.get() is not None:  # let the writer finish
+                pass
+
+    def write(self, data: bytes) -> None:
+        self.buffer.append(data)
+        self.buffered += len(data)
+        if self.buffered >= self.BLOCK:
+            self._put()
+
+    def _put(self) -> None:
+        if self.error is not None:
+            raise self.error
+        self.blocks.put(b"".join(self.buffer))
+        self.buffer, self.buffered = [], 0
+
+    def __enter__(self) -> _Compressor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.buffer and exc[0] is None:
+            self._put()
+        self.blocks.put(None)
+        self.thread.join()
+        if self.error is not None and exc[0] is None:
+            raise self.error
 
 
 def read_rows(member: IO[bytes]) -> Iterator[dict[str, Any]]:
@@ -203,12 +254,10 @@ def load_model(
     decoders = [_decoder(c) for c in cols]
     defaults = {c.attname: _default(c) for c in cols if c.attname in report.defaulted}
     quote = connection.ops.quote_name
-    sql = (
-        f"INSERT INTO {quote(model._meta.db_table)} ({', '.join(quote(c.column) for c in cols)}) "
-        f"VALUES ({', '.join(['%s'] * len(cols))})"
-    )
-    batch: list[list[Any]] = []
-    with connection.cursor() as cursor:
+    table = quote(model._meta.db_table)
+    column_list = ", ".join(quote(c.column) for c in cols)
+
+    def prepared() -> Iterator[list[Any]]:
         for row in rows:
             values = []
             for column, decode in zip(cols, decoders, strict=True):
@@ -221,16 +270,36 @@ def load_model(
                     value = None
                 values.append(column.get_db_prep_save(value, connection))
             else:
+                yield values
+
+    def done(count: int) -> None:
+        report.rows += count
+        progress(count)
+
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            # COPY: one statement streaming every row, several times faster than INSERTs.
+            count = 0
+            with cursor.cursor.copy(f"COPY {table} ({column_list}) FROM STDIN") as copy:
+                for values in prepared():
+                    copy.write_row(values)
+                    count += 1
+                    if count == BATCH_ROWS:
+                        done(count)
+                        count = 0
+            done(count)
+        else:
+            sql = f"INSERT INTO {table} ({column_list}) VALUES ({', '.join(['%s'] * len(cols))})"
+            batch: list[list[Any]] = []
+            for values in prepared():
                 batch.append(values)
-            if len(batch) >= BATCH_ROWS:
+                if len(batch) >= BATCH_ROWS:
+                    cursor.executemany(sql, batch)
+                    done(len(batch))
+                    batch = []
+            if batch:
                 cursor.executemany(sql, batch)
-                report.rows += len(batch)
-                progress(len(batch))
-                batch = []
-        if batch:
-            cursor.executemany(sql, batch)
-            report.rows += len(batch)
-            progress(len(batch))
+                done(len(batch))
     return report
 
 

@@ -28,6 +28,7 @@ COUNT_MISMATCH = (
     "was rolled back and nothing changed."
 )
 LOAD_FAILED = "{file}: loading {model} failed ({error}); the restore was rolled back."
+NATIVE_LEFT_OUT = "left out on request (restore loads the portable form)"
 UNKNOWN_MODEL = "{model}: in the archive, not in this code; its {rows} rows are left out"
 
 
@@ -103,9 +104,16 @@ class Created:
 
 
 def backup_create(
-    *, output_dir: Path | None = None, label: str = "", reporter: Reporter | None = None
+    *,
+    output_dir: Path | None = None,
+    label: str = "",
+    native_copy: bool = True,
+    reporter: Reporter | None = None,
 ) -> Created:
-    """Write an archive of the whole database to ``output_dir`` (default: the backup dir)."""
+    """Write an archive of the whole database to ``output_dir`` (default: the backup dir).
+
+    ``native_copy=False`` leaves the engine's own copy out (``restore`` does not use it).
+    """
     reporter = reporter or Reporter()
     directory = Path(output_dir) if output_dir is not None else backup_dir()
     try:
@@ -122,24 +130,29 @@ def backup_create(
         described: list[dict[str, Any]] = []
         with transaction.atomic():
             snapshot = native.begin_snapshot()  # the first statement of the transaction
-            state = migrations.applied()
-            totals = {model: portable.count_rows(model) for model in found}
-            reporter.stage("export", sum(totals.values()))
-            for index, model in enumerate(found):
-                member = f"data/{index:03d}-{model._meta.label_lower}.jsonl.gz"
-                local = Path(tmp) / member.replace("/", "_")
-                exported = portable.write_member(model, local, reporter.advance)
-                files[member] = local
-                described.append({**exported.__dict__, "member": member})
-            native_info: dict[str, Any] = {"member": native.member_name(), "kind": native.kind()}
-            reporter.note(f"native copy ({native.kind()})")
-            local = Path(tmp) / "native"
+            native_path = Path(tmp) / "native"
+            pending, native_info = _native_start(native_copy, native_path, snapshot, warnings)
             try:
-                native.write(local, snapshot)
-                files[native_info["member"]] = local
-            except native.NativeUnavailable as exc:
-                warnings.append(f"no native copy in the archive: {exc}")
-                native_info = {"member": None, "kind": None, "reason": str(exc)}
+                state = migrations.applied()
+                totals = {model: portable.count_rows(model) for model in found}
+                reporter.stage("export", sum(totals.values()))
+                for index, model in enumerate(found):
+                    member = f"data/{index:03d}-{model._meta.label_lower}.jsonl.gz"
+                    local = Path(tmp) / member.replace("/", "_")
+                    exported = portable.write_member(model, local, reporter.advance)
+                    files[member] = local
+                    described.append({**exported.__dict__, "member": member})
+            except BaseException:
+                if pending is not None:
+                    pending.cancel()
+                raise
+            if pending is not None:
+                reporter.note(f"native copy ({native.kind()})")
+                try:
+                    pending.wait()
+                    files[native_info["member"]] = native_path
+                except native.NativeUnavailable as exc:
+                    native_info = _native_missing(exc, warnings)
         manifest = {
             "format": archive.FORMAT,
             "version": archive.VERSION,
@@ -162,6 +175,24 @@ def backup_create(
     for warning in warnings:
         logger.warning("%s", warning)
     return Created(path, archive.read_manifest(path), warnings)
+
+
+def _native_start(
+    wanted: bool, path: Path, snapshot: str | None, warnings: list[str]
+) -> tuple[native.Pending | None, dict[str, Any]]:
+    """Start the native copy beside the export (pg_dump reads the same snapshot)."""
+    if not wanted:
+        return None, {"member": None, "kind": None, "reason": NATIVE_LEFT_OUT}
+    try:
+        pending = native.start(path, snapshot)
+    except native.NativeUnavailable as exc:
+        return None, _native_missing(exc, warnings)
+    return pending, {"member": native.member_name(), "kind": native.kind()}
+
+
+def _native_missing(exc: Exception, warnings: list[str]) -> dict[str, Any]:
+    warnings.append(f"no native copy in the archive: {exc}")
+    return {"member": None, "kind": None, "reason": str(exc)}
 
 
 def _server_version() -> str:
@@ -264,16 +295,21 @@ def _restore(
         return result
     reporter.note("safety backup of the current data")
     result.safety = backup_create(
-        output_dir=safety_dir or backup_dir(), label=SAFETY_LABEL, reporter=reporter
+        output_dir=safety_dir or backup_dir(),
+        label=SAFETY_LABEL,
+        native_copy=False,  # what undoing this restore needs is the portable form
+        reporter=reporter,
     ).path
     loading = [(by_label[e["model"]], e) for e in manifest["models"] if e["model"] in by_label]
-    reporter.stage("restore", sum(entry["rows"] for _, entry in loading))
     tables = [model._meta.db_table for model in current]
-    with transaction.atomic(), derived.triggers_off(tables):
+    derived_tables = [model._meta.db_table for model in portable.derived_models()]
+    with transaction.atomic(), derived.triggers_off(tables, derived_tables):
+        reporter.note("emptying the tables")
         for model in [*portable.derived_models(), *reversed(current)]:
             portable.delete_rows(model)
         with connection.cursor() as cursor:  # ids in old login sessions may now be other users
             cursor.execute(f"DELETE FROM {connection.ops.quote_name(LOGIN_SESSIONS_TABLE)}")
+        reporter.stage("load", sum(entry["rows"] for _, entry in loading))
         for model, entry in loading:
             try:
                 rows = portable.read_rows(opened.member(entry["member"]))
@@ -303,6 +339,7 @@ def _restore(
                 )
         portable.reset_sequences(current)
         transaction.on_commit(_forget_cached_flags)
+        reporter.note("rebuilding the search index")
     return result
 
 

@@ -91,6 +91,11 @@ class Command(BaseCommand):
         create = sub.add_parser("create", help="Write an archive of the whole database.")
         create.add_argument("--output", type=Path, help="Directory (default TERMSYS_BACKUP_DIR).")
         create.add_argument("--label", default="", help="Kept in the manifest and the file name.")
+        create.add_argument(
+            "--no-native",
+            action="store_true",
+            help="Leave out the engine's own copy (restore does not need it): smaller, faster.",
+        )
         sub.add_parser("list", help="The archives in TERMSYS_BACKUP_DIR, newest first.")
         verify = sub.add_parser("verify", help="Check every member of an archive (sha256).")
         verify.add_argument("file", type=Path)
@@ -112,8 +117,12 @@ class Command(BaseCommand):
             raise CommandError(str(exc)) from exc
         self.progress.finish()
 
-    def handle_create(self, *, output: Path | None, label: str, **options: Any) -> None:
-        created = services.backup_create(output_dir=output, label=label, reporter=self.progress)
+    def handle_create(
+        self, *, output: Path | None, label: str, no_native: bool, **options: Any
+    ) -> None:
+        created = services.backup_create(
+            output_dir=output, label=label, native_copy=not no_native, reporter=self.progress
+        )
         self.progress.finish()
         for warning in created.warnings:
             self.stdout.write(self.style.WARNING(warning))
