@@ -69,12 +69,16 @@ async def _dispatch(name: str) -> None:
 
 
 async def _listen() -> None:
+    channel = None
     while True:
         layer = get_channel_layer()
         if layer is None:
             return
         try:
-            channel = await layer.new_channel()
+            # One channel for the listener's life: a change sent to it while the listener
+            # retries after an error waits there and is read on the next try, not lost.
+            if channel is None:
+                channel = await layer.new_channel()
             while True:
                 await layer.group_add(GROUP, channel)
                 _joined.add(asyncio.get_running_loop())

@@ -166,7 +166,13 @@ if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [REDIS_URL], "prefix": REDIS_PREFIX},
+            "CONFIG": {
+                # A blocking read waits up to 5 s for a message (channels_redis's BZPOPMIN);
+                # redis-py's default socket timeout is 5 s too, so an idle receive would fail
+                # with "Timeout reading" instead of coming back empty: give it room.
+                "hosts": [{"address": REDIS_URL, "socket_timeout": 15}],
+                "prefix": REDIS_PREFIX,
+            },
         }
     }
     CACHES = {
