@@ -2,8 +2,9 @@
 
 ``ShellParser`` reads the marks the prompt hook writes (see shellhook.py; also the ``133``
 spelling of them) and OSC 0/2 titles set by any program, from the output stream split at any
-byte; ``ShellTracker`` turns them into ``command`` events, titles and the session's cwd. The
-marks stay in the output clients see (terminals ignore OSC they do not know).
+byte; ``ShellTracker`` turns them into ``command`` events, titles (and ``title`` events) and
+the session's cwd, following shells started inside the session's shell by the ``aid`` their
+marks carry. The marks stay in the output clients see (terminals ignore OSC they do not know).
 """
 
 from __future__ import annotations
@@ -41,6 +42,12 @@ MASK = "****"
 # Flags are looked up at most this often per terminal; titles stored at most this often.
 FLAG_SECONDS = 1.0
 TITLE_SECONDS = 0.25
+# A title is recorded as a ``title`` event once it has held this long, or, while titles keep
+# changing, once this long after the first one not recorded.
+TITLE_EVENT_SECONDS = 1.0
+TITLE_EVENT_MAX_SECONDS = 30.0
+# Shells inside shells tracked at most (a deeper one loses the outermost).
+MAX_SHELLS = 8
 
 # --- parsing ----------------------------------------------------------------------------------
 
@@ -52,7 +59,7 @@ class ShellEvent:
     ``kind``: ``cwd`` (text: the path, host: who reported it), ``title``, ``prompt`` (A),
     ``input`` (B: the command line is being typed), ``command_line`` (E; text),
     ``executed`` (C), ``finished`` (D; code: the exit code or None; duration_ms: as the
-    shell measured it, or None).
+    shell measured it, or None). ``aid`` (A and D): which shell wrote the mark, when it says.
     """
 
     kind: str
@@ -60,6 +67,7 @@ class ShellEvent:
     code: int | None = None
     host: str = ""
     duration_ms: int | None = None
+    aid: str = ""
 
 
 _MARKS = {b"A": "prompt", b"B": "input", b"C": "executed", b"D": "finished", b"E": "command_line"}
@@ -89,16 +97,23 @@ def _decode_osc(payload: bytes) -> ShellEvent | None:
     kind = _MARKS.get(mark)
     if kind == "finished":
         status, *params = args.split(b";")
-        duration = next((p[9:] for p in params if p.startswith(b"duration=")), b"")
+        duration = _param(params, b"duration=")
         return ShellEvent(
             kind,
             code=int(status) if status.isdigit() else None,
             duration_ms=int(duration) if duration.isdigit() else None,
+            aid=_param(params, b"aid=").decode("ascii", "replace"),
         )
     if kind == "command_line":
         line = args.partition(b";")[0].decode("utf-8", "replace")
         return ShellEvent(kind, _unescape(line))
+    if kind == "prompt":
+        return ShellEvent(kind, aid=_param(args.split(b";"), b"aid=").decode("ascii", "replace"))
     return ShellEvent(kind) if kind else None
+
+
+def _param(params: list[bytes], name: bytes) -> bytes:
+    return next((p[len(name) :] for p in params if p.startswith(name)), b"")
 
 
 class ShellParser:
@@ -231,6 +246,14 @@ class _Running:
     started: float
 
 
+@dataclass
+class _Shell:
+    """A shell in the session (the session's own, or one started inside it)."""
+
+    aid: str  # as its marks name it ("": not known yet)
+    running: _Running | None = None
+
+
 class ShellTracker:
     """What one live terminal's shell reports: commands, titles, its working directory.
 
@@ -242,7 +265,7 @@ class ShellTracker:
         self.terminal = terminal
         self.parser = ShellParser()
         self.cwd = ""  # as the shell last reported it
-        self._running: _Running | None = None
+        self._shells = [_Shell("")]  # the innermost last: the one whose prompt was shown last
         self._command_line: str | None = None
         self._program_title = False  # a program set the title since the last command started
         self._actions: deque[tuple[str, Any]] = deque()
@@ -255,6 +278,9 @@ class ShellTracker:
         self._wanted_title: str | None = None
         self._title_handle: asyncio.TimerHandle | None = None
         self._title_at = -TITLE_SECONDS
+        self._event_title: str | None = None  # the title last recorded as an event
+        self._event_handle: asyncio.TimerHandle | None = None
+        self._event_since = 0.0  # when the first title not recorded yet was shown
 
     def feed(self, data: bytes) -> None:
         """Parse a piece of output; queue what it reports."""
@@ -267,19 +293,50 @@ class ShellTracker:
         if self._actions and (self._task is None or self._task.done()):
             self._task = self.terminal._spawn(self._process())
 
+    def _shell(self, aid: str) -> _Shell:
+        """Return the shell whose mark names ``aid``, forgetting the shells it outlived.
+
+        Shells started in it that ended without a D mark (``exit``, Ctrl-D) are forgotten, and
+        with them their last command: ``exit`` is not recorded.
+        """
+        shells = self._shells
+        if aid:
+            for i in range(len(shells) - 1, -1, -1):
+                if shells[i].aid == aid:
+                    del shells[i + 1 :]
+                    break
+        return shells[-1]
+
+    def _on_prompt(self, aid: str) -> None:
+        if not aid:
+            return
+        shell = self._shell(aid)
+        if shell.aid == aid:
+            shell.running = None  # a command its shell never reported finished (exec)
+        elif shell.running is not None:  # a shell started by the running command
+            self._shells.append(_Shell(aid))
+            del self._shells[:-MAX_SHELLS]
+            if not self._program_title and self.cwd:
+                self._actions.append(("title", cwd_title(self.cwd)))
+        else:
+            shell.aid = aid
+
     def _on_event(self, event: ShellEvent, now: float) -> None:
         kind = event.kind
         if kind == "command_line":
             self._command_line = event.text
+        elif kind == "prompt":
+            self._on_prompt(event.aid)
         elif kind == "executed":
             line = (self._command_line or "")[:COMMAND_MAX]
             self._command_line = None
-            self._running = _Running(line, self.cwd or self.terminal.cwd, now)
+            self._shells[-1].running = _Running(line, self.cwd or self.terminal.cwd, now)
             self._program_title = False
             if line.strip():
                 self._actions.append(("title", line))
         elif kind == "finished":
-            running, self._running = self._running, None
+            shell = self._shell(event.aid)
+            running, shell.running = shell.running, None
             if running is not None:
                 duration = event.duration_ms
                 if duration is None:  # measured here: later by the time the C mark took
@@ -287,9 +344,12 @@ class ShellTracker:
                 self._actions.append(("command", (running, event.code, duration)))
         elif kind == "cwd":
             self.cwd = event.text
-            if _is_local(event.host):
+            at_prompt = self._shells[-1].running is None
+            # The session's cwd is its own shell's (housekeeping reads that one's from /proc
+            # too): not a nested shell's, nor one a program reports while it runs.
+            if at_prompt and len(self._shells) == 1 and _is_local(event.host):
                 self._actions.append(("cwd", event.text))
-            if self._running is None and not self._program_title:
+            if at_prompt and not self._program_title:
                 self._actions.append(("title", cwd_title(event.text)))
         elif kind == "title":
             self._program_title = True
@@ -365,6 +425,36 @@ class ShellTracker:
         self.title = title
         self.terminal.broadcast({"type": "title", "title": title or self.tab_name})
         self.terminal._spawn(self._store_title(title))
+        self._want_title_event()
+
+    def _want_title_event(self) -> None:
+        """Record the title as an event once it has settled (see TITLE_EVENT_SECONDS)."""
+        now = time.monotonic()
+        if self._event_handle is None:
+            self._event_since = now
+        else:
+            self._event_handle.cancel()
+        delay = min(TITLE_EVENT_SECONDS, self._event_since + TITLE_EVENT_MAX_SECONDS - now)
+        self._event_handle = self.terminal.loop.call_later(
+            max(0.0, delay), self._record_title_event, context=contextvars.Context()
+        )
+
+    def _record_title_event(self) -> None:
+        self._event_handle = None
+        title = self.title
+        if title is None or title == self._event_title or self.terminal.ended:
+            return
+        if self.activity:  # a title is often the command line: recorded as commands are
+            self._event_title = title
+            self.terminal._spawn(self._store_title_event(title))
+
+    async def _store_title_event(self, title: str) -> None:
+        try:
+            await db_call(
+                _add_title_event, self.terminal.storage_mode, self.terminal.session_id, title
+            )
+        except Exception:
+            logger.warning("could not record the title of %s", self.terminal.session_id)
 
     async def _store_title(self, title: str) -> None:
         try:
@@ -375,9 +465,15 @@ class ShellTracker:
             logger.warning("could not store the title of %s", self.terminal.session_id)
 
     async def drain(self) -> None:
-        """Wait until what the shell reported so far is stored (the terminal is ending)."""
+        """Wait until what the shell reported so far is stored (the terminal is ending).
+
+        A title that has not settled yet is stored on the session, not recorded as an event.
+        """
         if self._task is not None and not self._task.done():
             await self._task
+        if self._event_handle is not None:
+            self._event_handle.cancel()
+            self._event_handle = None
         if self._title_handle is not None:
             self._title_handle.cancel()
             self._title_handle = None
@@ -410,3 +506,7 @@ def _record_cwd(mode: str, session_id: str, cwd: str) -> None:
 
 def _record_title(mode: str, session_id: str, title: str) -> None:
     get_storage(mode).update(session_id, title=title)
+
+
+def _add_title_event(mode: str, session_id: str, title: str) -> None:
+    get_storage(mode).add_event(session_id, "title", {"title": title})

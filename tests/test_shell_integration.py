@@ -7,6 +7,7 @@ import asyncio
 import io
 import itertools
 import os
+import re
 
 import pytest
 from channels.db import database_sync_to_async
@@ -26,7 +27,7 @@ STREAM = b"".join(
     [
         b"plain text \x1b[1;31mred\x1b[0m ",
         ESC + b"]7;file://vm/srv/my%20dir/%C3%A9" + BEL,
-        ESC + b"]633;A" + BEL + b"$ " + ESC + b"]633;B" + BEL,
+        ESC + b"]633;A;aid=12" + BEL + b"$ " + ESC + b"]633;B" + BEL,
         b"echo 'a;b' x\r\n",
         ESC + b"]633;E;echo 'a\\x3bb\\\\c'\\x0a x" + BEL + ESC + b"]633;C" + BEL,
         b"output\r\n",
@@ -42,13 +43,13 @@ STREAM = b"".join(
 )
 EXPECTED = [
     ShellEvent("cwd", "/srv/my dir/\u00e9", host="vm"),
-    ShellEvent("prompt"),
+    ShellEvent("prompt", aid="12"),
     ShellEvent("input"),
     ShellEvent("command_line", "echo 'a;b\\c'\n x"),
     ShellEvent("executed"),
     ShellEvent("title", "custom title"),
     ShellEvent("title", "other \u00e9"),
-    ShellEvent("finished", code=1, duration_ms=250),
+    ShellEvent("finished", code=1, duration_ms=250, aid="7"),
     ShellEvent("finished", code=None),
 ]
 
@@ -129,6 +130,22 @@ def enable(*names: str) -> None:
 @database_sync_to_async
 def command_events(session_id: str) -> list[dict]:
     return [e.data for e in SessionEvent.objects.filter(session_id=session_id, kind="command")]
+
+
+@database_sync_to_async
+def title_events(session_id: str) -> list[str]:
+    events = SessionEvent.objects.filter(session_id=session_id, kind="title")
+    return [e.data["title"] for e in events]
+
+
+async def wait_title_events(session_id: str, count: int, timeout: float = 10) -> list[str]:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        found = await title_events(session_id)
+        if len(found) >= count or loop.time() > deadline:
+            return found
+        await asyncio.sleep(0.05)
 
 
 async def wait_commands(session_id: str, count: int, timeout: float = 10) -> list[dict]:
@@ -262,6 +279,26 @@ async def test_titles_follow_the_command_and_the_cwd(user, project, live_termina
     await term.type("printf '\\033]2;\\007'\r")  # an empty title: the tab name
     await wait_title(term, "main")
     assert await stored_title(session.id, "") == ""
+    await asyncio.sleep(shellint.TITLE_EVENT_SECONDS + 0.3)
+    assert await title_events(session.id) == []  # only with activity_tracking
+
+
+async def test_settled_titles_are_recorded_as_events(user, project, live_terminals, connect):
+    """A title that holds is a ``title`` event, masked; one soon replaced is not."""
+    session = await start(user, project, "activity_tracking", "dynamic_titles")
+    term = await connect(user, session.id)
+    home = shellint.cwd_title(project.path)
+    assert await wait_title_events(session.id, 1) == [home]
+    spam = "".join(f"\\033]2;t{i}\\007" for i in range(200))
+    await term.type(f"printf '{spam}'; printf '\\033]0;deploy password=hunter2\\007'\r")
+    await wait_title(term, "deploy password=****")
+    assert await wait_title_events(session.id, 2) == [home, "deploy password=****"]
+    await term.type("sleep 2\r")
+    await wait_title(term, home)
+    events = await wait_title_events(session.id, 4)
+    assert events == [home, "deploy password=****", "sleep 2", home]
+    record = await database_sync_to_async(TerminalSession.objects.get)(pk=session.id)
+    assert record.title == home  # the session's own title (searched) is kept as before
 
 
 async def test_titles_stay_the_tab_name_without_the_flag(user, project, live_terminals, connect):
@@ -286,6 +323,85 @@ async def test_the_hook_keeps_what_an_rc_file_put_in_prompt_command(
     await term.read_until(b"RC-42")
     events = await wait_commands(session.id, 2)
     assert [e["command"] for e in events] == ["true", "echo DONE-$((40+2))"]
+
+
+def aids(output: bytes) -> list[bytes]:
+    """Return the shell each prompt in ``output`` was shown by."""
+    return re.findall(rb"\x1b]633;A;aid=(\d+)\x07", output)
+
+
+async def test_a_bash_started_in_the_session_gets_the_hook(
+    user, project, live_terminals, connect, tmp_path
+):
+    """Two shells deep and back: each one's commands and cwd; a shell's own command (``bash``)
+    when it ends, whether by ``exit`` or Ctrl-D; ``exit`` itself not recorded."""
+    sub = os.path.join(project.path, "inner")
+    os.mkdir(sub)
+    rc = tmp_path / "rc"
+    rc.write_text('PROMPT_COMMAND="printf RC-%s $((6*7)); ${PROMPT_COMMAND}"\n')
+    session = await start(user, project, "activity_tracking", "dynamic_titles")
+    term = await connect(user, session.id)
+    await term.read_until(b"\x1b]633;B")
+
+    async def at_prompt(line: str) -> bytes:
+        """Type ``line``; return the output up to the next prompt."""
+        term.output.clear()
+        await term.type(line)
+        return await term.read_until(b"\x1b]633;B\x07")
+
+    outer = aids(term.output)[-1]
+    second = aids(await at_prompt("bash --norc\r"))
+    assert len(second) == 1 and second[0] != outer
+    await at_prompt("cd inner\r")
+    await wait_title(term, shellint.cwd_title(sub))  # titles follow the inner shell
+    third = aids(await at_prompt(f"bash --rcfile {rc}\r"))
+    assert len(third) == 1 and third[0] not in (outer, second[0])
+    output = await at_prompt("false\r")  # marked once: the hook is installed once
+    assert [output.count(m) for m in (b"633;E", b"633;D", b"633;A", b"RC-42")] == [1, 1, 1, 1]
+    assert aids(await at_prompt("exit 3\r")) == second
+    await at_prompt("true\r")
+    assert aids(await at_prompt("\x04")) == [outer]  # Ctrl-D
+    await run(term, "true", "DONE")  # the session's shell goes on as before
+    events = await wait_commands(session.id, 7)
+    assert [(e["command"], e["cwd"], e["exitCode"]) for e in events] == [
+        ("cd inner", project.path, 0),
+        ("false", sub, 1),
+        (f"bash --rcfile {rc}", sub, 3),
+        ("true", sub, 0),
+        ("bash --norc", project.path, 0),
+        ("true", project.path, 0),
+        ("echo DONE-$((40+2))", project.path, 0),
+    ]
+    assert events[4]["durationMs"] >= events[2]["durationMs"] + events[3]["durationMs"]
+    # The session's cwd is its own shell's, where a revived shell would start.
+    record = await database_sync_to_async(TerminalSession.objects.get)(pk=session.id)
+    assert record.cwd == project.path
+
+
+async def test_other_shells_and_scripts_started_in_the_session(
+    user, project, live_terminals, connect
+):
+    """sh (dash) and a bash script inherit the hook's variables: no error, no marks of theirs."""
+    session = await start(user, project, "activity_tracking")
+    term = await connect(user, session.id)
+    await term.read_until(b"\x1b]633;B")
+    outer = aids(term.output)
+    term.output.clear()
+    await term.type("sh\r")
+    await term.read_until(b"\x07# " if os.geteuid() == 0 else b"\x07$ ")  # C mark, sh's prompt
+    await term.type("echo in-sh-$((40+2)); exit\r")
+    await term.read_until(b"in-sh-42")
+    await run(term, "bash -c 'echo script-$((40+2))'", "DONE")
+    output = bytes(term.output)
+    assert b"script-42" in output
+    assert not re.search(rb"not found|rror|TERMSYS|__termsys", output), output
+    assert set(aids(output)) == set(outer)
+    events = await wait_commands(session.id, 3)
+    assert [e["command"] for e in events] == [
+        "sh",
+        "bash -c 'echo script-$((40+2))'",
+        "echo DONE-$((40+2))",
+    ]
 
 
 async def test_other_shells_record_nothing(user, project, live_terminals, connect, settings):
