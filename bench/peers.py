@@ -134,7 +134,7 @@ def stop_process(process: subprocess.Popen | None) -> None:
 
 
 class Termsys(Server):
-    """switch.py's daphne (fresh SQLite, own var dir) with limits for this benchmark."""
+    """switch.py's server (fresh SQLite, own var dir) with limits for this benchmark."""
 
     def __init__(self, mode: str, sessions: int, logs: Path) -> None:
         super().__init__(mode, None, 1, 1)
@@ -158,11 +158,11 @@ class Termsys(Server):
         super().start()
 
     def shutdown(self) -> None:
-        """Stop daphne by PID, then any shell it left, and remove the var dir."""
+        """Stop the server by PID, then any shell it left, and remove the var dir."""
         kids = descendants(self.process.pid) if self.process else []
         self.stop()
         with contextlib.suppress(OSError):
-            shutil.copy(self.workdir / "daphne.log", self.logs / f"termsys-{self.port}.log")
+            shutil.copy(self.workdir / "server.log", self.logs / f"termsys-{self.port}.log")
         self.teardown()
         time.sleep(0.3)
         kill_leftovers(kids)

@@ -8,9 +8,9 @@ Starts termsys as peers.py does and, for each phase, records the server with
 - ``concurrency``: CONNS sessions x RTS echo round trips.
 
 Then prints, per phase, the share of samples per thread, the frames with the most samples on
-top of the stack (self), and the termsys / channels / daphne / twisted functions with the most
-samples anywhere in the stack (inclusive), each as ``function (file:line)``. The raw files
-stay in --out for flame graphs (e.g. ``inferno-flamegraph``).
+top of the stack (self), and the termsys / channels / uvicorn / websockets / asyncio functions
+with the most samples anywhere in the stack (inclusive), each as ``function (file:line)``. The
+raw files stay in --out for flame graphs (e.g. ``inferno-flamegraph``).
 
 Run: .venv/bin/python bench/profile_peers.py [--py-spy /tmp/tools/bin/py-spy]
 (install py-spy with: python3 -m venv /tmp/tools && /tmp/tools/bin/pip install py-spy)
@@ -34,7 +34,7 @@ from switch import PASSWORD, USER
 FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 SPY_TIMEOUT = 30
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-OURS = ("sessions_app/", "termsys/", "channels/", "daphne/", "twisted/", "autobahn/", "asyncio/")
+OURS = ("sessions_app/", "termsys/", "channels/", "uvicorn/", "websockets/", "asyncio/")
 
 
 def short(frame: str) -> str:
@@ -80,7 +80,7 @@ def summarize(raw: Path, top: int) -> str:
     lines = [f"{raw.name}: {total} samples (idle threads included)"]
     lines += block("threads", threads)
     lines += block("self (top of stack)", leaf)
-    lines += block("inclusive (termsys, channels, daphne, twisted, autobahn, asyncio)", inclusive)
+    lines += block("inclusive (termsys, channels, uvicorn, websockets, asyncio)", inclusive)
     return "\n".join(lines)
 
 

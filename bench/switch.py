@@ -1,6 +1,6 @@
 """Project switching and output throughput, per storage mode. Prints figures; asserts nothing.
 
-For each storage mode this starts its own daphne (``manage.py serve`` on a free 127.0.0.1
+For each storage mode this starts its own server (``manage.py serve`` on a free 127.0.0.1
 port, its own TERMSYS_VAR_DIR, a fresh migrated SQLite database or, with --database-url, a
 PostgreSQL database it creates and drops), creates a user, PROJECTS x SESSIONS shells that
 each print about 1 MiB (acknowledging output over the WebSocket, as the page does, so flow
@@ -79,7 +79,7 @@ def percentile(values: list[float], p: float) -> float:
 
 
 class Server:
-    """One daphne process with its own var dir and database; stopped by PID."""
+    """One termsys server process with its own var dir and database; stopped by PID."""
 
     def __init__(self, mode: str, database_url: str | None, projects: int, sessions: int) -> None:
         self.mode = mode
@@ -137,7 +137,7 @@ class Server:
         )
 
     def start(self) -> None:
-        log = (self.workdir / "daphne.log").open("ab")
+        log = (self.workdir / "server.log").open("ab")
         self.process = subprocess.Popen(
             [sys.executable, "manage.py", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
             cwd=ROOT,
@@ -148,7 +148,7 @@ class Server:
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"daphne exited:\n{self.log_tail()}")
+                raise RuntimeError(f"the server exited:\n{self.log_tail()}")
             try:
                 conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
                 conn.request("GET", "/api/health")
@@ -157,11 +157,11 @@ class Server:
             except OSError:
                 pass
             time.sleep(0.2)
-        raise RuntimeError(f"daphne did not answer within {START_TIMEOUT}s:\n{self.log_tail()}")
+        raise RuntimeError(f"the server did not answer within {START_TIMEOUT}s:\n{self.log_tail()}")
 
     def log_tail(self) -> str:
         """Return the end of the server's log, without its access-log lines."""
-        path = self.workdir / "daphne.log"
+        path = self.workdir / "server.log"
         if not path.exists():
             return ""
         lines = path.read_text(errors="replace").splitlines()

@@ -1,8 +1,9 @@
 """Live terminals of this server process: PTY output fan-out, flow control, batched storage.
 
 Everything here runs on the event loop that spawned the terminal. The PTY is read with
-``loop.add_reader``; each read (up to 64 KiB) is sent at once, in order, to every attached
-client through one pump task, so a keystroke's echo never waits on a timer. Output reaches
+``loop.add_reader``; each read (up to 64 KiB) is queued at once, in order, for every attached
+client, and each client's queue is sent by a pump task of its own: a keystroke's echo never
+waits on a timer, and a client whose socket is full never holds up another. Output reaches
 storage in batches off that path.
 """
 
@@ -128,9 +129,10 @@ class LiveTerminal:
         self._stored_offset = start_offset
         self._flush_handle: asyncio.Handle | None = None
         self._flush_task: asyncio.Task | None = None
-        # (client or None for every client, payload, session offset of live output or None)
-        self._outbox: deque[tuple[Client | None, bytes | dict[str, Any], int | None]] = deque()
-        self._pump_task: asyncio.Task | None = None
+        # What each client is still to be sent (output bytes or control messages), in order,
+        # and the task sending it. Bytes count as unacknowledged from the moment they are queued.
+        self._queues: dict[Client, deque[bytes | dict[str, Any]]] = {}
+        self._pumps: dict[Client, asyncio.Task] = {}
         self._pending_input = bytearray()
         self._typist: Client | None = None  # the client that typed last: its size applies
         self._reading = False
@@ -310,8 +312,7 @@ class LiveTerminal:
 
     def send_to(self, client: Client, message: dict[str, Any]) -> None:
         """Queue a control message for one client, after what is already queued for it."""
-        self._outbox.append((client, message, None))
-        self._kick_pump()
+        self._queue(client, message)
 
     def idle_seconds(self) -> float:
         """Return how long the session has had no client attached and no output or input."""
@@ -333,8 +334,10 @@ class LiveTerminal:
             else:
                 self._schedule_flush(conf.OUTPUT_FLUSH_SECONDS)
         if self.clients:
-            self._outbox.append((None, data, offset))
-            self._kick_pump()
+            for client in list(self.clients):
+                part = self._live_part(client, data, offset)
+                if part is not None:
+                    self._queue(client, part)
         self.shell.feed(data)
 
     def _store_inline(self, offset: int, data: bytes) -> bool:
@@ -452,31 +455,39 @@ class LiveTerminal:
             await self._flush_task
         await self._flush_pending(force=True)
 
-    def _kick_pump(self) -> None:
-        if self._pump_task is None or self._pump_task.done():
-            self._pump_task = self._spawn(self._pump())
+    def _queue(self, client: Client, payload: bytes | dict[str, Any]) -> None:
+        """Queue output bytes or a control message for ``client`` and see that it is sent."""
+        queue = self._queues.get(client)
+        if queue is None:
+            queue = self._queues[client] = deque()
+        if isinstance(payload, bytes):
+            client.unacked += len(payload)
+            if client.interactive and client.unacked > conf.FLOW_HIGH_WATER:
+                self._pause_reading()  # the slowest of the owner's clients holds the PTY back
+        queue.append(payload)
+        pump = self._pumps.get(client)
+        if pump is None or pump.done():
+            self._pumps[client] = self._spawn(self._pump(client, queue))
 
-    async def _pump(self) -> None:
-        """Send queued output and control messages, in order, to their clients."""
-        while self._outbox:
-            target, payload, offset = self._outbox.popleft()
-            for client in [target] if target is not None else list(self.clients):
-                if client not in self.clients:
-                    continue
-                data = payload
-                if offset is not None:
-                    data = self._live_part(client, payload, offset)
-                    if data is None:
-                        continue
-                try:
-                    if isinstance(data, bytes):
-                        client.unacked += len(data)
-                        await client.send_output(data)
-                    else:
-                        await client.send_control(data)
-                except Exception:  # a socket that went away; its disconnect detaches it
-                    logger.debug("send to a client of %s failed", self.session_id, exc_info=True)
-            self._apply_flow_control()
+    async def _pump(self, client: Client, queue: deque[bytes | dict[str, Any]]) -> None:
+        """Send ``client``'s queue, in order, while it is attached."""
+        while queue and client in self.clients:
+            payload = queue.popleft()
+            try:
+                if isinstance(payload, bytes):
+                    await client.send_output(payload)
+                else:
+                    await client.send_control(payload)
+            except Exception:  # a socket that went away; its disconnect detaches it
+                logger.debug("send to a client of %s failed", self.session_id, exc_info=True)
+
+    def _drop_queue(self, client: Client) -> None:
+        """Forget what ``client`` has not been sent yet (it resumes, or it left)."""
+        queue = self._queues.get(client)
+        if queue:
+            unsent = sum(len(p) for p in queue if isinstance(p, bytes))
+            client.unacked = max(0, client.unacked - unsent)
+            queue.clear()
 
     @staticmethod
     def _live_part(client: Client, data: bytes, offset: int) -> bytes | None:
@@ -543,7 +554,7 @@ class LiveTerminal:
         What was queued for it and not sent yet is dropped; hello (with ``resumed``) marks
         where the new stream begins, so the client ignores output that arrives before it.
         """
-        self._outbox = deque(item for item in self._outbox if item[0] is not client)
+        self._drop_queue(client)
         client.behind = False
         return self._queue_replay(client, {**hello, "resumed": True}, since, history=history)
 
@@ -578,16 +589,18 @@ class LiveTerminal:
         if pruned is None:
             pruned = since is not None and since < first
         client.position = self.end_offset
-        self._outbox.append(
-            (client, {**hello, "offset": first, "end": self.end_offset, "pruned": pruned}, None)
-        )
+        self._queue(client, {**hello, "offset": first, "end": self.end_offset, "pruned": pruned})
         for start in range(0, len(replay), conf.READ_BYTES):
-            self._outbox.append((client, replay[start : start + conf.READ_BYTES], None))
-        self._kick_pump()
+            self._queue(client, replay[start : start + conf.READ_BYTES])
         return first
 
     def detach(self, client: Client) -> None:
         self.clients.discard(client)
+        self._drop_queue(client)
+        self._queues.pop(client, None)
+        pump = self._pumps.pop(client, None)
+        if pump is not None and not pump.done():
+            pump.cancel()  # it may wait on a socket that is gone
         if self._typist is client:
             self._typist = None
         self._last_activity = time.monotonic()
@@ -595,8 +608,8 @@ class LiveTerminal:
             self._apply_flow_control()
 
     def broadcast(self, message: dict[str, Any]) -> None:
-        self._outbox.append((None, message, None))
-        self._kick_pump()
+        for client in list(self.clients):
+            self._queue(client, message)
 
     # --- input ----------------------------------------------------------------------------
 

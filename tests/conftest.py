@@ -175,8 +175,8 @@ async def connect():
 
 
 @pytest.fixture(scope="session")
-def daphne_server(tmp_path_factory):
-    """A daphne server in a subprocess with its own migrated database and a user."""
+def live_termsys(tmp_path_factory):
+    """A termsys server (manage.py serve) in a subprocess with its own database and a user."""
     from tests.live import serving
 
     with serving(tmp_path_factory.mktemp("live")) as server:
@@ -184,9 +184,9 @@ def daphne_server(tmp_path_factory):
 
 
 @pytest.fixture
-def live_client(daphne_server):
+def live_client(live_termsys):
     from tests.live import Browserless
 
-    client = Browserless(daphne_server)
+    client = Browserless(live_termsys)
     client.login()
     return client

@@ -1,4 +1,4 @@
-"""A real daphne server in a subprocess with its own database: what only a real server shows."""
+"""A real termsys server (manage.py serve) in a subprocess with its own database."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ class LiveServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
-        self.log = workdir / "daphne.log"
+        self.log = workdir / "server.log"
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "DJANGO_"))}
         self.env.update(
             DJANGO_SETTINGS_MODULE="termsys.settings",
@@ -114,14 +114,14 @@ class LiveServer:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"daphne exited: {self.log.read_text()[-3000:]}")
+                raise RuntimeError(f"the server exited: {self.log.read_text()[-3000:]}")
             try:
                 with urllib.request.urlopen(self.url + "/api/health", timeout=2) as response:
                     if response.status == 200:
                         return
             except (urllib.error.URLError, ConnectionError, OSError):
                 time.sleep(0.2)
-        raise RuntimeError(f"daphne did not answer: {self.log.read_text()[-3000:]}")
+        raise RuntimeError(f"the server did not answer: {self.log.read_text()[-3000:]}")
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.process and self.process.poll() is None:

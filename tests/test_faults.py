@@ -121,13 +121,13 @@ def test_hybrid_terminal_keeps_working_while_postgres_is_down(hybrid_server, hyb
 
 @needs_postgres
 def test_database_mode_reports_a_down_database_and_saves_everything_after(
-    daphne_server, live_client
+    live_termsys, live_client
 ):
     body = open_terminal(live_client, "dbdown")
     session_id = body["session"]["id"]
-    url = ws_url(daphne_server, body["connectionUrl"])
+    url = ws_url(live_termsys, body["connectionUrl"])
     with ws_connect(
-        url, origin=daphne_server.url, additional_headers=live_client.ws_headers(), open_timeout=10
+        url, origin=live_termsys.url, additional_headers=live_client.ws_headers(), open_timeout=10
     ) as ws:
         read_until(ws, b"#")
         with postgres_stopped():
@@ -145,7 +145,7 @@ def test_database_mode_reports_a_down_database_and_saves_everything_after(
         ws.send(b"echo back-$((4+4))\r")
         read_until(ws, b"back-8\r\n")
     stored = wait_for(
-        lambda: (o := daphne_server.stored_output(session_id)) and b"back-8\r\n" in o and o
+        lambda: (o := live_termsys.stored_output(session_id)) and b"back-8\r\n" in o and o
     )
     assert stored.count(b"during-7\r\n") == 1 and stored.count(b"back-8\r\n") == 1
 

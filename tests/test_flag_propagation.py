@@ -1,6 +1,6 @@
 """A flag change reaches every server process and every live session within a second.
 
-Two daphne processes share PostgreSQL and Redis (the production shape); the flag is rolled
+Two server processes share PostgreSQL and Redis (the production shape); the flag is rolled
 back through one, and the other's live session and requests see it at once. Needs both
 services, so it runs in the PostgreSQL + Redis configuration.
 """

@@ -1,4 +1,4 @@
-"""What only a real daphne server shows: Origin checks, auth cookies, history after a restart."""
+"""What only a real server shows: Origin checks, auth cookies, history after a restart."""
 
 from __future__ import annotations
 
@@ -40,11 +40,11 @@ def read_until(ws, needle: bytes, timeout: float = 10) -> tuple[bytes, list[dict
     return bytes(out), controls
 
 
-def test_foreign_origin_is_refused_before_anything_spawns(daphne_server, live_client):
+def test_foreign_origin_is_refused_before_anything_spawns(live_termsys, live_client):
     body = open_terminal(live_client, "origin")
     with pytest.raises(InvalidStatus) as refused:
         ws_connect(
-            ws_url(daphne_server, body["connectionUrl"]),
+            ws_url(live_termsys, body["connectionUrl"]),
             origin="http://evil.example",
             additional_headers=live_client.ws_headers(),
             open_timeout=10,
@@ -52,8 +52,8 @@ def test_foreign_origin_is_refused_before_anything_spawns(daphne_server, live_cl
     assert refused.value.response.status_code == 403
     # the same request from the page's own origin is accepted
     with ws_connect(
-        ws_url(daphne_server, body["connectionUrl"]),
-        origin=daphne_server.url,
+        ws_url(live_termsys, body["connectionUrl"]),
+        origin=live_termsys.url,
         additional_headers=live_client.ws_headers(),
         open_timeout=10,
     ) as ws:
@@ -61,10 +61,10 @@ def test_foreign_origin_is_refused_before_anything_spawns(daphne_server, live_cl
         assert hello["type"] == "hello"
 
 
-def test_websocket_without_login_closes_4401(daphne_server, live_client):
+def test_websocket_without_login_closes_4401(live_termsys, live_client):
     body = open_terminal(live_client, "anon")
     with ws_connect(
-        ws_url(daphne_server, body["connectionUrl"]), origin=daphne_server.url, open_timeout=10
+        ws_url(live_termsys, body["connectionUrl"]), origin=live_termsys.url, open_timeout=10
     ) as ws:
         error = json.loads(ws.recv(timeout=10))
         assert error["code"] == "not_authenticated"
@@ -73,17 +73,17 @@ def test_websocket_without_login_closes_4401(daphne_server, live_client):
         assert ws.protocol.close_rcvd.code == 4401
 
 
-def test_history_and_exited_state_survive_a_server_restart(daphne_server, live_client):
+def test_history_and_exited_state_survive_a_server_restart(live_termsys, live_client):
     body = open_terminal(live_client, "restart")
     marker = f"before-restart-{secrets.token_hex(4)}"
-    url = ws_url(daphne_server, body["connectionUrl"])
+    url = ws_url(live_termsys, body["connectionUrl"])
     with ws_connect(
-        url, origin=daphne_server.url, additional_headers=live_client.ws_headers(), open_timeout=10
+        url, origin=live_termsys.url, additional_headers=live_client.ws_headers(), open_timeout=10
     ) as ws:
         ws.send(f"echo {marker}-$((20+22))\r".encode())
         read_until(ws, f"{marker}-42".encode())
     # Restart at once: output still batched in memory must be stored at shutdown.
-    daphne_server.restart()
+    live_termsys.restart()
 
     status, listed = live_client.api(
         "GET", f"/api/workspace/projects/{body['session']['projectId']}/terminals"
@@ -91,13 +91,13 @@ def test_history_and_exited_state_survive_a_server_restart(daphne_server, live_c
     assert status == 200
     assert listed["terminals"][0]["state"] == "exited"
     with ws_connect(
-        url, origin=daphne_server.url, additional_headers=live_client.ws_headers(), open_timeout=10
+        url, origin=live_termsys.url, additional_headers=live_client.ws_headers(), open_timeout=10
     ) as ws:
         _, controls = read_until(ws, f"{marker}-42".encode())
         assert controls[0]["type"] == "hello" and controls[0]["state"] == "exited"
 
 
-def test_admin_filters_sessions_shows_events_and_kills(daphne_server, live_client):
+def test_admin_filters_sessions_shows_events_and_kills(live_termsys, live_client):
     body = open_terminal(live_client, "admin-kill")
     session_id, pid = body["session"]["id"], body["session"]["pid"]
     base = "/admin/sessions_app/terminalsession/"
@@ -121,19 +121,19 @@ def server_rss_kib(server) -> int:
 
 
 def test_a_client_that_stops_reading_during_yes_keeps_server_memory_bounded(
-    daphne_server, live_client
+    live_termsys, live_client
 ):
     """`yes` runs while the client reads nothing: the server stops reading the PTY at the
     flow-control window instead of buffering, and Ctrl-C then gives the prompt back."""
     body = open_terminal(live_client, "flood-" + secrets.token_hex(2))
-    headers = {**live_client.ws_headers(), "Origin": daphne_server.url}
-    url = ws_url(daphne_server, body["connectionUrl"])
+    headers = {**live_client.ws_headers(), "Origin": live_termsys.url}
+    url = ws_url(live_termsys, body["connectionUrl"])
     with ws_connect(url, additional_headers=headers, max_size=None) as ws:
         read_until(ws, b"# ")  # the prompt
-        before = server_rss_kib(daphne_server)
+        before = server_rss_kib(live_termsys)
         ws.send(b"yes termsys-flood\r")
         time.sleep(3)  # `yes` writes hundreds of MB in that time; this client reads none
-        grown = server_rss_kib(daphne_server) - before
+        grown = server_rss_kib(live_termsys) - before
         assert grown < 16 * 1024, f"server grew by {grown} KiB while the client did not read"
 
         ws.send(b"\x03")
@@ -163,14 +163,14 @@ def wait_for_session(client, session_id: str, check, timeout: float = 10) -> dic
 
 
 def test_a_session_is_revived_in_place_after_a_restart_in_its_last_directory(
-    daphne_server, live_client
+    live_termsys, live_client
 ):
     body = open_terminal(live_client, "revive-" + secrets.token_hex(2))
     session_id = body["session"]["id"]
-    url = ws_url(daphne_server, body["connectionUrl"])
+    url = ws_url(live_termsys, body["connectionUrl"])
     folder = f"deep-{secrets.token_hex(3)}"
     headers = live_client.ws_headers()
-    with ws_connect(url, origin=daphne_server.url, additional_headers=headers) as ws:
+    with ws_connect(url, origin=live_termsys.url, additional_headers=headers) as ws:
         ws.send(f"mkdir -p {folder}/x && cd {folder}/x && echo before-$((6*7))\r".encode())
         read_until(ws, b"before-42\r\n")
     # the shell's working directory is recorded (from /proc) within about a second of `cd`
@@ -178,14 +178,14 @@ def test_a_session_is_revived_in_place_after_a_restart_in_its_last_directory(
     assert recorded["cwd"].endswith(f"{folder}/x")
     old_pid = recorded["pid"]
 
-    daphne_server.restart()
+    live_termsys.restart()
     ended = wait_for_session(live_client, session_id, lambda s: s["state"] == "exited")
     assert (ended["state"], ended["revivable"], ended["endReason"]) == (
         "exited",
         True,
         "server_restarted",
     )
-    with ws_connect(url, origin=daphne_server.url, additional_headers=headers) as ws:
+    with ws_connect(url, origin=live_termsys.url, additional_headers=headers) as ws:
         _, controls = read_until(ws, b"before-42")
         exit_message = read_until_control(ws, "exit")
         assert exit_message["revivable"] is True and exit_message["cwd"].endswith("/x")
@@ -194,7 +194,7 @@ def test_a_session_is_revived_in_place_after_a_restart_in_its_last_directory(
     assert status == 200, revived
     assert revived["session"]["id"] == session_id and revived["session"]["state"] == "active"
     assert revived["session"]["pid"] != old_pid and is_running(revived["session"]["pid"])
-    with ws_connect(url, origin=daphne_server.url, additional_headers=headers) as ws:
+    with ws_connect(url, origin=live_termsys.url, additional_headers=headers) as ws:
         ws.send(b"pwd; echo after-$((3*3))\r")
         seen, controls = read_until(ws, b"after-9\r\n")
     assert controls[0]["type"] == "hello" and controls[0]["offset"] == 0

@@ -13,8 +13,8 @@ from tests.browser.test_workspace import log_in, wait_for_text
 pytestmark = pytest.mark.browser
 
 
-def test_export_menu_downloads_text_and_cast(page, daphne_server):
-    log_in(page, daphne_server)
+def test_export_menu_downloads_text_and_cast(page, live_termsys):
+    log_in(page, live_termsys)
     page.fill("#new-project-form input[name=name]", f"export-{secrets.token_hex(3)}")
     page.click("#new-project-form button[type=submit]")
     page.click("#new-terminal")
@@ -48,7 +48,7 @@ def test_export_menu_downloads_text_and_cast(page, daphne_server):
     assert page.console_errors == []
 
 
-def test_an_imported_legacy_session_replays_in_its_tab(page, daphne_server, tmp_path):
+def test_an_imported_legacy_session_replays_in_its_tab(page, live_termsys, tmp_path):
     from tests.live import LIVE_USER
 
     marker = f"legacy-{secrets.token_hex(4)}"
@@ -73,10 +73,10 @@ def test_an_imported_legacy_session_replays_in_its_tab(page, daphne_server, tmp_
             }
         )
     )
-    out = daphne_server.manage("import_legacy_state", str(state), "--default-user", LIVE_USER)
+    out = live_termsys.manage("import_legacy_state", str(state), "--default-user", LIVE_USER)
     assert "read 1, imported 1, skipped 0, already present 0" in out
 
-    log_in(page, daphne_server)
+    log_in(page, live_termsys)
     page.locator(".project-item", has_text=f"legacy-{project}").click()
     tab = page.locator(".tab", has_text="from before")
     expect(tab).to_have_attribute("data-state", "exited")

@@ -26,8 +26,8 @@ def run_action(page, server, flag: str, action_label: str) -> None:
     page.get_by_role("button", name="Go").click()
 
 
-def test_admin_rolls_storage_hybrid_out_and_back_and_the_status_page_shows_it(page, daphne_server):
-    server = daphne_server
+def test_admin_rolls_storage_hybrid_out_and_back_and_the_status_page_shows_it(page, live_termsys):
+    server = live_termsys
     log_in(page, server)  # alice, a superuser
 
     run_action(page, server, "storage_hybrid", "Set rollout %…")

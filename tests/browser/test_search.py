@@ -24,8 +24,8 @@ def set_search_flag(page, server, action: str) -> None:
     expect(page.locator(".messagelist")).to_be_visible()
 
 
-def test_search_panel_finds_output_and_opens_its_tab(page, daphne_server):
-    server = daphne_server
+def test_search_panel_finds_output_and_opens_its_tab(page, live_termsys):
+    server = live_termsys
     log_in(page, server)
     page.goto(server.url + "/")
     expect(page.locator(".layout")).to_have_attribute("data-search-enabled", "false")

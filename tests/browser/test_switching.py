@@ -94,8 +94,8 @@ def once(page, line: str) -> None:
     assert text.count(line) == 1, f"{line!r} appears {text.count(line)} times:\n{text[-1500:]}"
 
 
-def test_switching_projects_shows_each_once_from_one_snapshot(page, daphne_server):
-    log_in(page, daphne_server)
+def test_switching_projects_shows_each_once_from_one_snapshot(page, live_termsys):
+    log_in(page, live_termsys)
     tag = secrets.token_hex(3)
     a_id = create_project(page, f"switch-a-{tag}")
     a1 = new_terminal(page, 1)
@@ -163,9 +163,9 @@ RECORD_SOCKETS = """
 """
 
 
-def test_reconnect_continues_without_repeating_output(page, daphne_server):
+def test_reconnect_continues_without_repeating_output(page, live_termsys):
     page.add_init_script(RECORD_SOCKETS)
-    log_in(page, daphne_server)
+    log_in(page, live_termsys)
     tag = secrets.token_hex(3)
     create_project(page, f"resume-{tag}")
     session_id = new_terminal(page, 1)

@@ -25,20 +25,20 @@ def make_user(server, username: str, password: str) -> None:
     )
 
 
-def test_staff_watch_a_users_terminal_from_the_admin_and_cannot_type(page, daphne_server):
+def test_staff_watch_a_users_terminal_from_the_admin_and_cannot_type(page, live_termsys):
     owner_name, owner_password = f"bob{secrets.token_hex(3)}", "builder-" + secrets.token_hex(6)
-    make_user(daphne_server, owner_name, owner_password)
-    owner = Browserless(daphne_server)
+    make_user(live_termsys, owner_name, owner_password)
+    owner = Browserless(live_termsys)
     owner.login(owner_name, owner_password)
     session = open_terminal(owner, "watched-" + secrets.token_hex(2))["session"]
-    url = ws_url(daphne_server, f"/ws/terminals/{session['id']}/")
-    headers = {**owner.ws_headers(), "Origin": daphne_server.url}
+    url = ws_url(live_termsys, f"/ws/terminals/{session['id']}/")
+    headers = {**owner.ws_headers(), "Origin": live_termsys.url}
     with ws_connect(url, additional_headers=headers) as shell:
         shell.send(b"echo before-$((6*7))-watch\r")
         read_until(shell, b"before-42-watch\r\n")
 
-        log_in(page, daphne_server)  # alice, a superuser
-        admin_url = f"{daphne_server.url}/admin/sessions_app/terminalsession"
+        log_in(page, live_termsys)  # alice, a superuser
+        admin_url = f"{live_termsys.url}/admin/sessions_app/terminalsession"
         change_url = f"{admin_url}/{session['id']}/change/"
         for _ in range(20):  # a HYBRID session reaches the database (the admin) write-behind
             page.goto(change_url)
@@ -66,10 +66,10 @@ def test_staff_watch_a_users_terminal_from_the_admin_and_cannot_type(page, daphn
         watch.screenshot(path=str(ARTIFACTS / "watch.png"))
 
 
-def test_watch_page_is_for_staff_only(daphne_server):
+def test_watch_page_is_for_staff_only(live_termsys):
     name, password = f"eve{secrets.token_hex(3)}", "not-staff-" + secrets.token_hex(6)
-    make_user(daphne_server, name, password)
-    client = Browserless(daphne_server)
+    make_user(live_termsys, name, password)
+    client = Browserless(live_termsys)
     client.login(name, password)
     session = open_terminal(client, "own-" + secrets.token_hex(2))["session"]
     html = client.page(f"/watch/{session['id']}/")  # redirected to the admin login

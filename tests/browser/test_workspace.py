@@ -41,8 +41,8 @@ def log_in(page, server) -> None:
     page.wait_for_url(server.url + "/")
 
 
-def test_type_in_a_real_shell_and_find_it_after_reload(page, daphne_server):
-    log_in(page, daphne_server)
+def test_type_in_a_real_shell_and_find_it_after_reload(page, live_termsys):
+    log_in(page, live_termsys)
     name = f"web-{secrets.token_hex(3)}"
     page.fill("#new-project-form input[name=name]", name)
     page.click("#new-project-form button[type=submit]")
@@ -67,18 +67,18 @@ def test_type_in_a_real_shell_and_find_it_after_reload(page, daphne_server):
     assert page.console_errors == []
 
 
-def test_wrong_password_is_refused_with_a_message(page, daphne_server):
-    page.goto(daphne_server.url + "/accounts/login/")
+def test_wrong_password_is_refused_with_a_message(page, live_termsys):
+    page.goto(live_termsys.url + "/accounts/login/")
     page.fill("input[name=username]", LIVE_USER)
     page.fill("input[name=password]", "not-the-password")
     page.click("button[type=submit]")
-    expect(page).to_have_url(daphne_server.url + "/accounts/login/")
+    expect(page).to_have_url(live_termsys.url + "/accounts/login/")
     expect(page.locator("body")).to_contain_text("correct username and password")
 
 
-def test_a_project_created_while_the_page_loads_stays_selected(page, daphne_server):
+def test_a_project_created_while_the_page_loads_stays_selected(page, live_termsys):
     """On a slow network the user may act before the project list arrives."""
-    log_in(page, daphne_server)
+    log_in(page, live_termsys)
     held = []
 
     def hold_the_list(route):
@@ -100,9 +100,9 @@ def test_a_project_created_while_the_page_loads_stays_selected(page, daphne_serv
     expect(page.locator(".project-item", has_text=name)).to_have_count(1)
 
 
-def test_typing_a_project_name_while_a_terminal_opens_keeps_the_keyboard(page, daphne_server):
+def test_typing_a_project_name_while_a_terminal_opens_keeps_the_keyboard(page, live_termsys):
     """The terminal that opens when the page has loaded must not steal the user's typing."""
-    log_in(page, daphne_server)
+    log_in(page, live_termsys)
     page.fill("#new-project-form input[name=name]", f"first-{secrets.token_hex(3)}")
     page.click("#new-project-form button[type=submit]")
     page.click("#new-terminal")
@@ -124,10 +124,10 @@ def test_typing_a_project_name_while_a_terminal_opens_keeps_the_keyboard(page, d
     assert page.input_value("#new-project-form input[name=name]") == "second-name"
 
 
-def test_ctrl_c_stops_yes_and_the_page_stays_responsive(page, daphne_server):
+def test_ctrl_c_stops_yes_and_the_page_stays_responsive(page, live_termsys):
     """A flood of output does not freeze the page: flow control holds the shell back to what
     the page renders, so Ctrl-C reaches `yes` and the prompt comes back at once."""
-    log_in(page, daphne_server)
+    log_in(page, live_termsys)
     page.fill("#new-project-form input[name=name]", f"flood-{secrets.token_hex(3)}")
     page.click("#new-project-form button[type=submit]")
     page.click("#new-terminal")
@@ -147,8 +147,8 @@ def test_ctrl_c_stops_yes_and_the_page_stays_responsive(page, daphne_server):
     assert page.console_errors == []
 
 
-def test_after_a_server_restart_enter_revives_the_shell_where_it_was(page, daphne_server):
-    log_in(page, daphne_server)
+def test_after_a_server_restart_enter_revives_the_shell_where_it_was(page, live_termsys):
+    log_in(page, live_termsys)
     page.fill("#new-project-form input[name=name]", f"revive-{secrets.token_hex(3)}")
     page.click("#new-project-form button[type=submit]")
     page.click("#new-terminal")
@@ -159,7 +159,7 @@ def test_after_a_server_restart_enter_revives_the_shell_where_it_was(page, daphn
     wait_for_text(page, "old-shell-42")
     page.wait_for_timeout(1500)  # the working directory is recorded about once a second
 
-    daphne_server.restart()
+    live_termsys.restart()
     wait_for_text(page, "history restored", timeout=30)  # the page reconnected by itself
     wait_for_text(page, "Press Enter to start a new shell")
     expect(page.locator("#connection-status")).to_contain_text("server restarted")
