@@ -6,6 +6,7 @@ user sees the same sessions and the same scrollback whichever mode their session
 
 from __future__ import annotations
 
+import itertools
 import logging
 import shutil
 import tempfile
@@ -550,3 +551,70 @@ def test_database_takes_a_window_sized_batch_after_output_it_would_have_pruned(p
     resumed = database.read_scrollback(record.id, max_bytes=10**6, since=500)
     assert resumed.pruned and resumed.data == flood[start:]
     assert database.get(record.id).output_bytes == len(flood)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_database_batches_stored_from_memory_read_back_exactly_and_survive_another_writer(
+    project, user
+):
+    """A busy terminal's batches are stored without reading the session first (the provider
+    remembers what the last committed batch left). What is stored must read back exactly as
+    if every batch had been read-checked: through small echoes that grow the last chunk,
+    batches that fill a chunk, batches longer than one, pruning, a window-sized gap, and a
+    second writer of the same session that makes what the first remembers stale."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from sessions_app.models import OutputChunk
+    from sessions_app.storage import database as db_module
+
+    window = 300 * 1024
+    writer = DatabaseStorage(scrollback_bytes=window)
+    record = database_session(writer, project, user)
+    sizes = [5, 17, 1, 3000, 70_000, 9, 200_000, 300_000, 40, 64 * 1024 - 3, 12, 600_000, 7]
+    stream = b""
+    for i, size in enumerate(sizes):
+        batch = bytes((i * 31 + n) % 251 for n in range(size))
+        if size == 600_000:  # a flood the terminal kept to the newest window (a gap)
+            stream += b"\0" * (size - window)
+            batch = batch[-window:]
+        offset = len(stream)
+        assert writer.append_output(record.id, offset, batch) == offset + len(batch)
+        stream += batch
+        fresh = DatabaseStorage(scrollback_bytes=window).read_scrollback(
+            record.id, max_bytes=window
+        )
+        assert (fresh.data, fresh.end) == (stream[-window:], len(stream)), f"after batch {i}"
+    chunks = list(OutputChunk.objects.filter(session_id=record.id).order_by("seq"))
+    for before, after in itertools.pairwise(chunks):
+        assert after.seq == before.seq + 1 and after.offset == before.offset + len(before.data)
+    assert all(len(c.data) <= db_module.CHUNK_MAX_BYTES for c in chunks)
+
+    # An echo after all that reads nothing: two statements (the session, the last chunk).
+    with CaptureQueriesContext(connection) as queries:
+        writer.append_output(record.id, len(stream), b"x")
+    stream += b"x"
+    statements = [q["sql"] for q in queries.captured_queries if q["sql"].startswith(("SEL", "UP"))]
+    assert len(statements) == 2 and all(s.startswith("UPDATE") for s in statements), statements
+
+    # Another writer (HYBRID's sync, another process) appends: the first one's memory is stale.
+    DatabaseStorage(scrollback_bytes=window).append_output(record.id, len(stream), b"<other>")
+    stream += b"<other>"
+    assert writer.append_output(record.id, len(stream) - 7, b"<other>") == len(stream)  # a retry
+    assert writer.append_output(record.id, len(stream), b"<mine>") == len(stream) + 6
+    stream += b"<mine>"
+    back = DatabaseStorage(scrollback_bytes=window).read_scrollback(record.id, max_bytes=window)
+    assert (back.data, back.end) == (stream[-window:], len(stream))
+
+    # The remembered last chunk vanishes (a restore): the batch is refused, nothing changes,
+    # and the next attempt reads the database and stores it.
+    last = OutputChunk.objects.filter(session_id=record.id).order_by("-seq").first()
+    kept = (last.seq, last.offset, bytes(last.data))
+    last.delete()
+    OutputChunk.objects.create(
+        session_id=record.id, seq=kept[0], offset=kept[1], data=kept[2], text=""
+    )
+    assert writer.append_output(record.id, len(stream), b"<after restore>") == len(stream) + 15
+    stream += b"<after restore>"
+    back = DatabaseStorage(scrollback_bytes=window).read_scrollback(record.id, max_bytes=window)
+    assert (back.data, back.end) == (stream[-window:], len(stream))
