@@ -22,7 +22,7 @@ from waffle.models import Switch
 
 from featureflags import services as flag_services
 from featureflags.models import Flag
-from sessions_app.backup import archive, derived, migrations, portable
+from sessions_app.backup import archive, derived, migrations, portable, services
 from sessions_app.management.commands import backup as command
 from sessions_app.models import (
     OutputChunk,
@@ -462,6 +462,44 @@ def test_a_restore_whose_row_counts_differ_is_rolled_back(backup_dir, tmp_path):
     assert "sessions_app.outputchunk has 6 rows, the archive says 7" in message
     assert "rolled back" in message
     assert snapshot() == changed
+
+
+def test_a_failed_safety_backup_stops_the_restore_before_it_changes_anything(
+    backup_dir, monkeypatch
+):
+    seeded = seed()
+    backup("create")
+    path = only_archive(backup_dir)
+    change_data(seeded["ana"])
+    changed = snapshot()
+    real = services.backup_create
+
+    def failing(**kwargs: Any) -> services.Created:
+        if kwargs["label"] == services.SAFETY_LABEL:
+            raise OSError("No space left on device")
+        return real(**kwargs)
+
+    monkeypatch.setattr(services, "backup_create", failing)
+    message = refused("restore", str(path), "--yes")
+    assert "the safety backup failed (No space left on device)" in message
+    assert "nothing changed" in message
+    assert snapshot() == changed
+
+
+@pytest.mark.skipif(connection.vendor != "sqlite", reason="SQLite's FTS5 settings")
+def test_a_restore_leaves_the_fts5_settings_as_they_were(backup_dir):
+    seed()
+    (fts,) = derived._sqlite_fts_over([SearchDocument._meta.db_table])
+
+    def settings() -> list[tuple]:
+        with connection.cursor() as cursor:
+            cursor.execute(f"SELECT k, v FROM {fts}_config WHERE k <> 'version' ORDER BY k")
+            return [(k, v) for k, v in cursor.fetchall() if not (k == "hashsize" and v == 1 << 20)]
+
+    before = settings()
+    backup("create")
+    backup("restore", str(only_archive(backup_dir)), "--yes")
+    assert settings() == before
 
 
 def test_restore_without_a_terminal_needs_yes(backup_dir, monkeypatch):

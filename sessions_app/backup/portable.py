@@ -8,14 +8,17 @@ by natural key: ``[app_label, model]`` and ``[app_label, model, codename]``.
 
 from __future__ import annotations
 
-import base64
-import gzip
-import io
+import binascii
 import json
+import os
 import queue
 import threading
+import zlib
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
@@ -39,6 +42,8 @@ DERIVED = {
     "events and output once they are loaded (in the form the restoring engine keeps it)",
 }
 BATCH_ROWS = 1000
+COMPRESS_THREADS = 4
+GZIP_WBITS = 31  # zlib's gzip container: header, deflate, CRC-32 and size
 MISSING = object()  # a natural key this database does not have
 
 Progress = Callable[[int], None]
@@ -99,21 +104,24 @@ def _natural_keys() -> tuple[dict[int, list[str]], dict[int, list[str]]]:
     return content_types, permissions
 
 
-def _encoder(column: models.Field, keys: tuple[dict, dict]) -> Callable[[Any], Any]:
+def _encoder(column: models.Field, keys: tuple[dict, dict]) -> Callable[[Any], Any] | None:
+    """Return how to write ``column``'s values to JSON, or None when they go as they are."""
     if column.is_relation and column.related_model is ContentType:
         return lambda value: None if value is None else keys[0].get(value)
     if column.is_relation and column.related_model is Permission:
         return lambda value: None if value is None else keys[1].get(value)
     kind = column.get_internal_type()
     if kind == "BinaryField":
-        return lambda value: None if value is None else base64.b64encode(value).decode("ascii")
+        return lambda value: (
+            None if value is None else binascii.b2a_base64(value, newline=False).decode("ascii")
+        )
     if kind in ("DateTimeField", "DateField", "TimeField"):
         return lambda value: None if value is None else value.isoformat()
     if kind in ("DecimalField", "UUIDField"):
         return lambda value: None if value is None else str(value)
     if kind == "DurationField":
         return lambda value: None if value is None else duration_iso_string(value)
-    return lambda value: value
+    return None
 
 
 @dataclass
@@ -135,7 +143,10 @@ def export_model(model: type[models.Model], out: IO[bytes], progress: Progress) 
     with _Compressor(out) as writer:
         query = model._base_manager.order_by("pk").values_list(*names)
         for values in query.iterator(chunk_size=2000):
-            row = {n: enc(v) for n, enc, v in zip(names, encoders, values, strict=True)}
+            row = {
+                n: v if enc is None else enc(v)
+                for n, enc, v in zip(names, encoders, values, strict=True)
+            }
             writer.write(dumps(row).encode() + b"\n")
             rows += 1
             if rows % BATCH_ROWS == 0:
@@ -145,31 +156,22 @@ def export_model(model: type[models.Model], out: IO[bytes], progress: Progress) 
 
 
 class _Compressor:
-    """Gzip (level 1) written by a thread of its own: zlib lets go of the GIL, so compressing
-    one block overlaps with reading and encoding the next rows."""
+    """Gzip level 1 on every core: each block of about 1 MiB is compressed by a thread pool
+    into a gzip member of its own, and the members are written in order. A file of several
+    members is one gzip stream to every reader (``gzip``, ``zcat``, version 1 of this code);
+    zlib lets go of the GIL, so blocks compress side by side and beside the encoding of the
+    next rows, where one stream could use one core only."""
 
     BLOCK = 1024 * 1024
 
     def __init__(self, out: IO[bytes]) -> None:
-        self.gz = gzip.GzipFile(fileobj=out, mode="wb", compresslevel=1, mtime=0)
+        self.out = out
         self.buffer: list[bytes] = []
         self.buffered = 0
-        self.blocks: queue.Queue[bytes | None] = queue.Queue(maxsize=4)
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="backup-gzip", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        ended = False
-        try:
-            while (block := self.blocks.get()) is not None:
-                self.gz.write(block)
-            ended = True
-            self.gz.close()
-        except BaseException as exc:  # handed to the writer at the next block or at close
-            self.error = exc
-            while not ended and self.blocks.get() is not None:  # let the writer finish
-                pass
+        self.members = 0
+        self.workers = max(1, min(COMPRESS_THREADS, os.cpu_count() or 1))
+        self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="backup-gzip")
+        self.pending: deque[Future[bytes]] = deque()
 
     def write(self, data: bytes) -> None:
         self.buffer.append(data)
@@ -178,27 +180,90 @@ class _Compressor:
             self._put()
 
     def _put(self) -> None:
-        if self.error is not None:
-            raise self.error
-        self.blocks.put(b"".join(self.buffer))
+        block = b"".join(self.buffer)
         self.buffer, self.buffered = [], 0
+        self.pending.append(self.pool.submit(zlib.compress, block, 1, GZIP_WBITS))
+        self.members += 1
+        while len(self.pending) > 2 * self.workers:  # bounded: memory stays a few blocks
+            self.out.write(self.pending.popleft().result())
 
     def __enter__(self) -> _Compressor:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.buffer and exc[0] is None:
-            self._put()
-        self.blocks.put(None)
-        self.thread.join()
-        if self.error is not None and exc[0] is None:
-            raise self.error
+        try:
+            if exc[0] is None:
+                if self.buffer or not self.members:  # an empty model is one empty member
+                    self._put()
+                while self.pending:
+                    self.out.write(self.pending.popleft().result())
+        finally:
+            for future in self.pending:
+                future.cancel()
+            self.pool.shutdown(wait=True)
 
 
 def read_rows(member: IO[bytes]) -> Iterator[dict[str, Any]]:
-    with gzip.GzipFile(fileobj=member, mode="rb") as gz:
-        for line in io.BufferedReader(gz, buffer_size=1024 * 1024):  # type: ignore[arg-type]
-            yield json.loads(line)
+    """Yield the rows of a gzipped JSON-lines member (one gzip member or several)."""
+    for line in _lines(_Decompressed(member)):
+        yield json.loads(line)
+
+
+def _lines(blocks: Iterator[bytes]) -> Iterator[bytes]:
+    tail = b""
+    for block in blocks:
+        lines = (tail + block).split(b"\n") if tail else block.split(b"\n")
+        tail = lines.pop()
+        yield from lines
+    if tail:
+        yield tail
+
+
+class _Decompressed:
+    """The decompressed bytes of a gzip stream, inflated by a thread of its own one block
+    ahead (zlib lets go of the GIL: inflating overlaps with decoding and inserting rows)."""
+
+    READ = 1024 * 1024
+
+    def __init__(self, member: IO[bytes]) -> None:
+        self.member = member
+        self.blocks: queue.Queue[bytes | BaseException | None] = queue.Queue(maxsize=4)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="backup-gunzip", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            inflate, fed = zlib.decompressobj(GZIP_WBITS), False
+            while not self.stop.is_set() and (raw := self.member.read(self.READ)):
+                while raw:
+                    block, fed = inflate.decompress(raw), True
+                    if block:
+                        self.blocks.put(block)
+                    if not inflate.eof:
+                        break
+                    raw = inflate.unused_data  # the next gzip member starts here
+                    inflate, fed = zlib.decompressobj(GZIP_WBITS), False
+            if fed and not self.stop.is_set():
+                raise EOFError("the gzip stream ends inside a member: it is cut short")
+            self.blocks.put(None)
+        except BaseException as exc:  # handed to the reader
+            self.blocks.put(exc)
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            while (block := self.blocks.get()) is not None:
+                if isinstance(block, BaseException):
+                    raise block
+                yield block
+        finally:
+            self.stop.set()
+            while self.thread.is_alive():  # let a thread blocked on a full queue end
+                try:
+                    self.blocks.get(timeout=0.1)
+                except queue.Empty:
+                    pass
+            self.thread.join()
 
 
 @dataclass
@@ -242,6 +307,58 @@ def _default(column: models.Field) -> Any:
     return column.get_default()
 
 
+# Field classes whose value in the archive is already what the database driver takes.
+_PLAIN = (
+    models.AutoField,
+    models.BigAutoField,
+    models.SmallAutoField,
+    models.IntegerField,
+    models.BigIntegerField,
+    models.SmallIntegerField,
+    models.PositiveIntegerField,
+    models.PositiveSmallIntegerField,
+    models.PositiveBigIntegerField,
+    models.BooleanField,
+    models.CharField,
+    models.TextField,
+    models.SlugField,
+    models.EmailField,
+)
+
+
+def _quick(column: models.Field) -> tuple[bool, Callable[[Any], Any] | None]:
+    """Return (True, convert) when ``column``'s archived values need no Field machinery on the
+    way to the database (``convert`` None: as they are), else (False, None).
+
+    Only the exact built-in classes: a subclass may convert in ``get_prep_value``. Everything
+    else, and naive times, go through ``to_python`` and ``get_db_prep_save`` as before.
+    """
+    field = column
+    if type(column) in (models.ForeignKey, models.OneToOneField):
+        if column.related_model in (ContentType, Permission):
+            return False, None  # natural keys, and rows they drop
+        field = column.target_field
+    kind = type(field)
+    if kind in _PLAIN:
+        return True, None
+    if kind is models.BinaryField:
+        return True, lambda value: None if value is None else binascii.a2b_base64(value)
+    if kind is models.DateTimeField:
+        adapt = connection.ops.adapt_datetimefield_value
+        slow = column.to_python
+
+        def when(value: Any) -> Any:
+            if value is None:
+                return None
+            moment = datetime.fromisoformat(value)
+            if moment.tzinfo is None:  # as get_prep_value would: warn, then take it as local
+                return column.get_db_prep_save(slow(value), connection)
+            return adapt(moment)
+
+        return True, when
+    return False, None
+
+
 def load_model(
     model: type[models.Model], archived_fields: list[str], rows: Iterator[dict], progress: Progress
 ) -> LoadReport:
@@ -251,13 +368,20 @@ def load_model(
     names = [c.attname for c in cols]
     report.defaulted = [n for n in names if n not in archived_fields]
     report.ignored = [n for n in archived_fields if n not in names]
-    decoders = [_decoder(c) for c in cols]
+    quick = [_quick(c) for c in cols]
+
+    # Most rows by far: every value goes straight from the archive to the database.
+    straight = not report.defaulted and all(fast for fast, _ in quick)
+    steps = [(name, convert) for name, (_, convert) in zip(names, quick, strict=True)]
+    # Read here, not while COPY holds the connection: decoders may look natural keys up.
+    decoders = [] if straight else [_decoder(c) for c in cols]
     defaults = {c.attname: _default(c) for c in cols if c.attname in report.defaulted}
-    quote = connection.ops.quote_name
-    table = quote(model._meta.db_table)
-    column_list = ", ".join(quote(c.column) for c in cols)
 
     def prepared() -> Iterator[list[Any]]:
+        if straight:
+            for row in rows:
+                yield [row[n] if convert is None else convert(row[n]) for n, convert in steps]
+            return
         for row in rows:
             values = []
             for column, decode in zip(cols, decoders, strict=True):
@@ -276,12 +400,23 @@ def load_model(
         report.rows += count
         progress(count)
 
+    _insert(model, cols, prepared(), done)
+    return report
+
+
+def _insert(
+    model: type[models.Model], cols: list[models.Field], rows: Iterator[list[Any]], done: Progress
+) -> None:
+    """Insert ``rows`` (database values in ``cols`` order); call ``done`` every batch."""
+    quote = connection.ops.quote_name
+    table = quote(model._meta.db_table)
+    column_list = ", ".join(quote(c.column) for c in cols)
     with connection.cursor() as cursor:
         if connection.vendor == "postgresql":
             # COPY: one statement streaming every row, several times faster than INSERTs.
             count = 0
             with cursor.cursor.copy(f"COPY {table} ({column_list}) FROM STDIN") as copy:
-                for values in prepared():
+                for values in rows:
                     copy.write_row(values)
                     count += 1
                     if count == BATCH_ROWS:
@@ -291,7 +426,7 @@ def load_model(
         else:
             sql = f"INSERT INTO {table} ({column_list}) VALUES ({', '.join(['%s'] * len(cols))})"
             batch: list[list[Any]] = []
-            for values in prepared():
+            for values in rows:
                 batch.append(values)
                 if len(batch) >= BATCH_ROWS:
                     cursor.executemany(sql, batch)
@@ -300,7 +435,6 @@ def load_model(
             if batch:
                 cursor.executemany(sql, batch)
                 done(len(batch))
-    return report
 
 
 def count_rows(model: type[models.Model]) -> int:

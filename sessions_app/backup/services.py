@@ -28,6 +28,7 @@ COUNT_MISMATCH = (
     "was rolled back and nothing changed."
 )
 LOAD_FAILED = "{file}: loading {model} failed ({error}); the restore was rolled back."
+SAFETY_FAILED = "the safety backup failed ({error}); nothing was restored, nothing changed."
 NATIVE_LEFT_OUT = "left out on request (restore loads the portable form)"
 UNKNOWN_MODEL = "{model}: in the archive, not in this code; its {rows} rows are left out"
 
@@ -294,12 +295,15 @@ def _restore(
     if dry_run:
         return result
     reporter.note("safety backup of the current data")
-    result.safety = backup_create(
-        output_dir=safety_dir or backup_dir(),
-        label=SAFETY_LABEL,
-        native_copy=False,  # what undoing this restore needs is the portable form
-        reporter=reporter,
-    ).path
+    try:
+        result.safety = backup_create(
+            output_dir=safety_dir or backup_dir(),
+            label=SAFETY_LABEL,
+            native_copy=False,  # what undoing this restore needs is the portable form
+            reporter=reporter,
+        ).path
+    except Exception as exc:
+        raise BackupError(SAFETY_FAILED.format(error=exc)) from exc
     loading = [(by_label[e["model"]], e) for e in manifest["models"] if e["model"] in by_label]
     tables = [model._meta.db_table for model in current]
     derived_tables = [model._meta.db_table for model in portable.derived_models()]
