@@ -8,7 +8,8 @@ A scratch database is built each time: on SQLite a temporary file, on PostgreSQL
 database name with ``_search_bench`` appended (dropped and created). One user owns every
 session (the worst case: nothing is excluded by owner). Each session gets one output chunk
 of 2-8 KB (shell prompts, paths, compiler and test output) and five command events, all
-written through the triggers as production writes are. Timed: the search call as the API
+written through the triggers as production writes are; the oldest 5% of the chunks end with a
+word no newer one has. Timed: the search call as the API
 makes it (query parse, SQL, loading hits, snippets), ``limit=20``.
 """
 
@@ -46,9 +47,11 @@ COMMANDS = [
 ]
 RARE = "frobnicator"  # in RARE_COUNT sessions only
 RARE_COUNT = 3
+OLD = "legacyword"  # in the oldest 5% of sessions only: many matches, none of them recent
+OLD_SHARE = 20
 
 
-def chunk_text(rng: random.Random, index: int) -> str:
+def chunk_text(rng: random.Random, index: int, sessions: int) -> str:
     lines = []
     for _ in range(rng.randint(40, 160)):
         kind = rng.random()
@@ -62,6 +65,8 @@ def chunk_text(rng: random.Random, index: int) -> str:
             lines.append(" ".join(rng.choices(WORDS, k=rng.randint(4, 12))))
     if index < RARE_COUNT:
         lines.insert(rng.randint(0, len(lines)), f"warning: {RARE} deprecated in /opt/x.py")
+    if index < sessions // OLD_SHARE:
+        lines.append(OLD)
     return "\n".join(lines) + "\n"
 
 
@@ -113,7 +118,7 @@ def populate(sessions: int, seed: int) -> tuple[object, float]:
         TerminalSession.objects.bulk_create(rows)
         chunks, events = [], []
         for i, row in enumerate(rows, start=first):
-            text = chunk_text(rng, i)
+            text = chunk_text(rng, i, sessions)
             chunks.append(OutputChunk(session=row, seq=1, offset=0, data=text.encode(), text=text))
             events += [
                 SessionEvent(
@@ -153,6 +158,11 @@ def main() -> None:
         help="measure the database a previous run left (PostgreSQL: any value; SQLite: its "
         "file) after migrating it, instead of building a new one",
     )
+    parser.add_argument(
+        "--only",
+        metavar="TEXT",
+        help="measure only the cases whose name and order contain TEXT (e.g. newest)",
+    )
     args = parser.parse_args()
 
     label = setup_database(args.reuse)
@@ -182,19 +192,25 @@ def main() -> None:
     if connection.vendor == "postgresql":
         with connection.cursor() as cursor:
             cursor.execute("ANALYZE")
+    print(f"load average before: {' '.join(f'{n:.2f}' for n in os.getloadavg())}")
     print(f"{'query':44} {'order':7} {'p50 ms':>8} {'p95 ms':>8} {'hits':>5}")
     cases = [
         (f"{RARE} (rare word)", RARE, "newest"),
         ("error (common word)", "error", "newest"),
+        (f"{OLD} (common, only in old sessions)", OLD, "newest"),
         ("error (common word)", "error", "rank"),
         ("mod12.py (path part)", "mod12.py", "newest"),
         ('"git push" (phrase, commands)', '"git push"', "newest"),
         ("error project:proj7 status:exited", "error project:proj7 status:exited", "newest"),
+        ("mod12.py project:proj7 (path part, filter)", "mod12.py project:proj7", "newest"),
         ("build -deploy (NOT)", "build -deploy", "newest"),
     ]
     for name, text, order in cases:
+        if args.only and args.only not in f"{name} {order}":
+            continue
         p50, p95, hits = measure(user, text, order, args.runs)
         print(f"{name:44} {order:7} {p50:8.1f} {p95:8.1f} {hits:5d}")
+    print(f"load average after: {' '.join(f'{n:.2f}' for n in os.getloadavg())}")
 
 
 if __name__ == "__main__":

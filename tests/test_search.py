@@ -19,8 +19,10 @@ from featureflags.models import Flag
 from featureflags.services import ensure_product_flags
 from sessions_app.errors import Forbidden, ValidationFailed
 from sessions_app.models import SearchDocument, SessionEvent, TerminalSession
+from sessions_app.search import compile as compiler
 from sessions_app.search.engine import BAD_CURSOR, SEARCH_DISABLED, sessions_search
 from sessions_app.search.query import And, Not, Or, Term, parse
+from sessions_app.storage.base import RECORD_FIELDS, SessionRecord
 from sessions_app.storage.database import CHUNK_MIN_BYTES, DatabaseStorage
 from tests.factories import ProjectFactory, UserFactory
 
@@ -184,6 +186,19 @@ def test_finds_a_file_name_inside_a_path(corpus):
     assert "/srv/app/<mark>mod12</mark>.<mark>py</mark>" in hit.snippet
     assert found(corpus["user"], "app/mod12.py") == {"build"}
     assert found(corpus["user"], "mod12") == {"build"}
+
+
+def test_a_hit_carries_its_session_project_and_time(corpus):
+    """What a hit shows is read with its page, as tuples: the same values the ORM gives."""
+    build = TerminalSession.objects.get(pk=corpus["build"].pk)
+    build.last_activity = timezone.now()
+    build.save()
+    (hit,) = hits(corpus["user"], "Traceback")
+    assert hit.session == SessionRecord(**{name: getattr(build, name) for name in RECORD_FIELDS})
+    assert hit.session.created_at.tzinfo is not None
+    assert (hit.project_id, hit.project_name) == (build.project_id, "payments-api")
+    document = SearchDocument.objects.get(session=build, source="output")
+    assert (hit.at, hit.source) == (document.at, "output")
 
 
 def test_phrase_matches_words_in_order(corpus):
@@ -463,21 +478,37 @@ def test_command_searches_as_a_user(corpus):
     assert "[frobnicate]" in text  # the match, marked for a terminal
 
 
-def test_newest_first_is_the_same_whichever_plan(corpus, monkeypatch):
-    """PostgreSQL picks a plan by its estimate of the matches; both give the same pages."""
-    from sessions_app.search import engine
+# PostgreSQL's newest-first plans, as (few matches below, walk this many documents, sort up
+# to this many matches): each plan forced in turn (SQLite has one plan and ignores them).
+PLANS = {
+    "walk": (0, compiler.PG_WALK_DOCS, 0),
+    "sort": (10**9, compiler.PG_WALK_DOCS, 10**9),
+    "walk newest 3, sort older": (0, 3, 10**9),
+}
 
+
+def use_plan(monkeypatch, plan):
+    few, walk_docs, sort_max = PLANS[plan]
+    monkeypatch.setattr(compiler, "PG_FEW_MATCHES", few)
+    monkeypatch.setattr(compiler, "PG_WALK_DOCS", walk_docs)
+    monkeypatch.setattr(compiler, "PG_SORT_MAX", sort_max)
+
+
+@pytest.mark.parametrize("plan", PLANS)
+def test_newest_first_is_the_same_whichever_plan(corpus, monkeypatch, plan):
+    """PostgreSQL picks a plan by its estimate of the matches; all give the same pages."""
+    use_plan(monkeypatch, plan)
     for i in range(5):
         make_session(
             corpus["user"], corpus["projects"]["api"], tab_name=f"w{i}", output=b"frobnicate"
         )
-    pages = []
-    for few in (0, 10**9):
-        monkeypatch.setattr(engine, "PG_FEW_MATCHES", few)
-        first = sessions_search(user=corpus["user"], text="frobnicate", limit=4)
-        rest = sessions_search(user=corpus["user"], text="frobnicate", cursor=first.next_cursor)
-        pages.append([h.session.tab_name for h in first.hits + rest.hits])
-    assert pages[0] == pages[1] == ["w4", "w3", "w2", "w1", "w0", "deploy", "build"]
+    for i in range(4):  # newer documents that do not match: the walk's window holds none
+        make_session(corpus["user"], corpus["projects"]["api"], tab_name=f"x{i}", output=b"x")
+    first = sessions_search(user=corpus["user"], text="frobnicate", limit=4)
+    rest = sessions_search(user=corpus["user"], text="frobnicate", cursor=first.next_cursor)
+    assert rest.next_cursor is None
+    tabs = [h.session.tab_name for h in first.hits + rest.hits]
+    assert tabs == ["w4", "w3", "w2", "w1", "w0", "deploy", "build"]
 
 
 def test_rebuilding_the_index_orders_it_by_time(corpus):
@@ -496,3 +527,41 @@ def test_rebuilding_the_index_orders_it_by_time(corpus):
     times = list(SearchDocument.objects.order_by("id").values_list("at", flat=True))
     assert times == sorted(times)
     assert [h.snippet for h in hits(corpus["user"], query)] == before
+
+
+@pytest.mark.parametrize("plan", PLANS)
+def test_phrases_find_the_same_hits_whichever_plan(corpus, monkeypatch, plan):
+    """A phrase's words apart or in another order are candidates, never hits, on any page.
+
+    With few matches PostgreSQL finds a phrase's candidates by its words alone and checks the
+    phrase on the newest first; here the newest candidates are not hits.
+    """
+    use_plan(monkeypatch, plan)
+    user, api, web = corpus["user"], corpus["projects"]["api"], corpus["projects"]["web"]
+    for i in range(5):
+        state = "exited" if i % 2 else "active"
+        make_session(user, api, tab_name=f"near{i}", state=state, output=b"run /opt/gizmo.py\n")
+        make_session(user, web, tab_name=f"far{i}", output=b"gizmo here, py there\n")
+    for i in range(4):
+        make_session(user, api, tab_name=f"apart{i}", output=b"py, then gizmo\n")
+
+    def every_page(text):
+        seen, cursor = [], None
+        while True:
+            page = sessions_search(user=user, text=text, limit=2, cursor=cursor)
+            seen += [hit.session.tab_name for hit in page.hits]
+            if page.next_cursor is None:
+                return seen
+            cursor = page.next_cursor
+
+    near = [f"near{i}" for i in reversed(range(5))]
+    assert every_page("gizmo.py") == near
+    assert every_page('"opt gizmo py"') == near
+    assert every_page("gizmo.py status:exited") == ["near3", "near1"]
+    assert every_page("gizmo.py project:webshop") == []
+    assert every_page("gizmo.py project:payments-api status:active") == ["near4", "near2", "near0"]
+    far = [f"far{i}" for i in reversed(range(5))]
+    assert set(every_page('gizmo -"gizmo py"')) == {*far, *(f"apart{i}" for i in range(4))}
+    assert every_page('gizmo.py OR "there py"') == near
+    both = [tab for i in reversed(range(5)) for tab in (f"far{i}", f"near{i}")]
+    assert every_page('"gizmo.py" OR "here py"') == both

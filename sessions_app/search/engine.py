@@ -1,4 +1,4 @@
-"""Run a parsed query against the search index: PostgreSQL tsquery or SQLite FTS5 MATCH.
+"""Run a search: parse the query, run the SQL ``compile`` writes for it, page and show the hits.
 
 Hits are documents (an output chunk or a part of one, a command line, a session's names),
 newest first (in the order they were recorded: document ids, which the triggers assign as
@@ -21,22 +21,16 @@ from django.contrib.auth.models import AbstractBaseUser
 from django.db import connection
 
 from sessions_app.errors import Forbidden, ValidationFailed
-from sessions_app.models import SearchDocument
-from sessions_app.search.query import And, Node, Not, Or, Query, Term, parse
-from sessions_app.states import LIVE_STATES
+from sessions_app.models import Project, SearchDocument, TerminalSession
+from sessions_app.search.compile import select_sql
+from sessions_app.search.query import parse
 from sessions_app.storage.base import RECORD_FIELDS, SessionRecord
 
 SEARCH_FLAG = "session_search"
 DEFAULT_LIMIT = 20
 MAX_LIMIT = 100
 ORDERS = ("newest", "rank")
-# Must match the translate() in migration 0004_search: PostgreSQL indexes text with these
-# characters turned into spaces, so a query is normalised the same way before parsing.
-PG_SPLIT_FROM = "/._-@:=+,;~"
 SNIPPET_BEFORE, SNIPPET_AFTER = 60, 160
-# PostgreSQL, newest first: below this many estimated matches, collect them from the GIN index
-# and sort; above, walk the documents newest first and stop after a page (see _pg_document_id)
-PG_FEW_MATCHES = 2000
 
 SEARCH_DISABLED = "Search is not enabled for your account (feature flag session_search is off)."
 BAD_CURSOR = "The cursor is not one this search returned; start again without it."
@@ -58,161 +52,6 @@ class SearchHit:
 class SearchPage:
     hits: tuple[SearchHit, ...]
     next_cursor: str | None
-
-
-# ---------------------------------------------------------------- compiling
-
-
-def _pg_tsquery(node: Node, params: list[Any]) -> str:
-    if isinstance(node, Term):
-        params.append(node.text)
-        spaces = " " * len(PG_SPLIT_FROM)
-        return f"phraseto_tsquery('simple', translate(%s, '{PG_SPLIT_FROM}', '{spaces}'))"
-    if isinstance(node, Not):
-        return f"(!! {_pg_tsquery(node.child, params)})"
-    assert isinstance(node, And | Or)
-    joiner = " && " if isinstance(node, And) else " || "
-    return "(" + joiner.join(_pg_tsquery(c, params) for c in node.children) + ")"
-
-
-def fts5_match(node: Node) -> str:
-    """Return the FTS5 MATCH expression for ``node`` (NOT only ever subtracts, as FTS5 needs)."""
-    if isinstance(node, Term):
-        return '"' + node.text.replace('"', '""') + '"'
-    if isinstance(node, Or):
-        return "(" + " OR ".join(fts5_match(c) for c in node.children) + ")"
-    if isinstance(node, And):
-        kept = [fts5_match(c) for c in node.children if not isinstance(c, Not)]
-        expression = "(" + " AND ".join(kept) + ")"
-        for child in node.children:
-            if isinstance(child, Not):
-                expression = f"({expression} NOT {fts5_match(child.child)})"
-        return expression
-    raise AssertionError(f"a lone NOT reached the compiler: {node!r}")  # parse() refuses it
-
-
-def _filters(query: Query, params: list[Any]) -> list[str]:
-    """Return SQLite conditions on ``s`` (the session), ``p`` (its project) and ``d``."""
-    where = []
-    if query.projects:
-        where.append("lower(p.name) IN (" + ", ".join(["lower(%s)"] * len(query.projects)) + ")")
-        params.extend(query.projects)
-    if query.states:
-        where.append("s.state IN (" + ", ".join(["%s"] * len(query.states)) + ")")
-        params.extend(query.states)
-    if query.profiles:
-        where.append("s.profile IN (" + ", ".join(["%s"] * len(query.profiles)) + ")")
-        params.extend(query.profiles)
-    if query.since is not None:
-        where.append("d.at >= %s")
-        params.append(connection.ops.adapt_datetimefield_value(query.since))
-    return where
-
-
-def _pg_filters(query: Query, user_id: int | None, params: list[Any]) -> list[str]:
-    """Return PostgreSQL conditions on the document alone (migration 0005_search_filters)."""
-    where = []
-    if user_id is not None:
-        where.append("d.user_id = %s")
-        params.append(user_id)
-    if query.projects:
-        # Ids, not a subquery: the planner then estimates the project's documents, and for
-        # one project may walk (project_id, id) backwards, which a join would not let it do.
-        ids = _pg_project_ids(query.projects)
-        where.append("d.project_id IN (" + ", ".join(["%s"] * len(ids)) + ")" if ids else "FALSE")
-        params.extend(ids)
-    if query.states:
-        statuses = sorted({"active" if state in LIVE_STATES else state for state in query.states})
-        where.append("d.status IN (" + ", ".join(["%s"] * len(statuses)) + ")")
-        params.extend(statuses)
-    if query.profiles:
-        where.append("d.profile IN (" + ", ".join(["%s"] * len(query.profiles)) + ")")
-        params.extend(query.profiles)
-    if query.since is not None:
-        where.append("d.at >= %s")
-        params.append(query.since)
-    return where
-
-
-def _pg_project_ids(names: tuple[str, ...]) -> list[int]:
-    """Return the ids of the projects with one of ``names``, any case, whoever owns them."""
-    marks = ", ".join(["lower(%s)"] * len(names))
-    with connection.cursor() as db:
-        db.execute(f"SELECT id FROM sessions_app_project WHERE lower(name) IN ({marks})", names)
-        return [row[0] for row in db.fetchall()]
-
-
-def _select(query: Query, user_id: int | None, rank: bool) -> tuple[str, list[Any]]:
-    """Return SQL selecting (id, score) of matching documents, and its parameters."""
-    if connection.vendor == "postgresql":
-        return _pg_select(query, user_id, rank)
-    score, match_params, doc_id = "0.0", [], "d.id"
-    source = "sessions_app_searchdocument d"
-    if query.text is None:
-        match = "d.source = 'session'"
-    else:
-        source = "sessions_app_search_fts f JOIN sessions_app_searchdocument d ON d.id = f.rowid"
-        match = "sessions_app_search_fts MATCH %s"
-        match_params.append(fts5_match(query.text))
-        # ordered and bounded by the FTS table's own rowid, FTS5 walks its index backwards and
-        # stops after a page instead of sorting every match (60 ms -> 0.1 ms at 10k sessions)
-        doc_id = "f.rowid"
-        if rank:
-            score = "-bm25(sessions_app_search_fts)"  # bm25: lower is better
-    filter_params: list[Any] = []
-    owner = ["s.user_id = %s"] if user_id is not None else []
-    where = [match, *owner, *_filters(query, filter_params)]
-    sql = (
-        f"SELECT {doc_id} AS id, {score} AS score FROM {source} "
-        "JOIN sessions_app_terminalsession s ON s.id = d.session_id "
-        "JOIN sessions_app_project p ON p.id = s.project_id "
-        "WHERE " + " AND ".join(where)
-    )
-    owner_params = [user_id] if user_id is not None else []
-    return sql, [*match_params, *owner_params, *filter_params]
-
-
-def _pg_select(query: Query, user_id: int | None, rank: bool) -> tuple[str, list[Any]]:
-    """Return PostgreSQL SQL selecting (id, score) of matching documents, and its parameters.
-
-    Owner and filters are columns of the document, so no match is joined to its session.
-    """
-    score, score_params, match_params, doc_id = "0.0", [], [], "d.id"
-    if query.text is None:
-        match = "d.source = 'session'"
-    else:
-        tsquery = _pg_tsquery(query.text, match_params)
-        match = f"d.vector @@ {tsquery}"
-        doc_id = _pg_document_id(match, match_params) if not rank else doc_id
-        if rank:
-            # float8: a float4 read back as decimal text would not equal itself in the cursor
-            score, score_params = f"ts_rank(d.vector, {tsquery})::float8", list(match_params)
-    filter_params: list[Any] = []
-    where = [match, *_pg_filters(query, user_id, filter_params)]
-    sql = (
-        f"SELECT {doc_id} AS id, {score} AS score FROM sessions_app_searchdocument d "
-        "WHERE " + " AND ".join(where)
-    )
-    return sql, [*score_params, *match_params, *filter_params]
-
-
-def _pg_document_id(match: str, params: list[Any]) -> str:
-    """Return the id expression that steers PostgreSQL to the faster plan, newest first.
-
-    The planner walks the primary key backwards and filters, which stops after a page for a
-    common word, but reads every document for a rare one (its estimate spreads the few matches
-    evenly). ``d.id + 0`` hides the ordering index, so the GIN index finds the matches and
-    they are sorted: chosen when the planner's own estimate says they are few.
-    """
-    with connection.cursor() as db:
-        db.execute(
-            f"EXPLAIN (FORMAT JSON) SELECT 1 FROM sessions_app_searchdocument d WHERE {match}",
-            params,
-        )
-        plan = db.fetchone()[0]
-    if isinstance(plan, str):
-        plan = json.loads(plan)
-    return "d.id + 0" if plan[0]["Plan"]["Plan Rows"] < PG_FEW_MATCHES else "d.id"
 
 
 # ---------------------------------------------------------------- cursors
@@ -272,8 +111,77 @@ def snippet(body: str, terms: tuple[str, ...]) -> str:
 # ---------------------------------------------------------------- running
 
 
-def _record(session: Any) -> SessionRecord:
-    return SessionRecord(**{name: getattr(session, name) for name in RECORD_FIELDS})
+# What a hit shows, read with its page in the same query, as tuples: the ORM's model instances
+# (or even its values_list) for a page of hits cost more than the search itself on a short one.
+_DOC_FIELDS = ("at", "source", "body")
+
+
+def _hit_columns() -> list[tuple[str, Any, list[Any]]]:
+    """Return (SQL, column, converters) of a hit's document fields, project name, session."""
+    quote = connection.ops.quote_name
+    fields = [
+        *(("d", SearchDocument._meta.get_field(name)) for name in _DOC_FIELDS),
+        ("p", Project._meta.get_field("name")),
+        *(("s", TerminalSession._meta.get_field(name)) for name in RECORD_FIELDS),
+    ]
+    columns = []
+    for alias, field in fields:
+        column = field.get_col(alias)
+        converters = connection.ops.get_db_converters(column) + column.get_db_converters(connection)
+        columns.append((f"{alias}.{quote(field.column)}", column, converters))
+    return columns
+
+
+def _convert(row: tuple[Any, ...], columns: list[tuple[str, Any, list[Any]]]) -> list[Any]:
+    """Return ``row``'s values as the ORM reads them (SQLite returns datetimes as text)."""
+    values = []
+    for raw, (_, column, converters) in zip(row, columns, strict=True):
+        value = raw
+        for converter in converters:
+            value = converter(value, column, connection)
+        values.append(value)
+    return values
+
+
+def _page_sql(
+    inner: str, params: list[Any], rank: bool, after: tuple[Any, int] | None, limit: int
+) -> tuple[str, list[Any]]:
+    """Return SQL selecting the (id, score) rows of ``inner`` past cursor ``after``, in order."""
+    sql, params = f"SELECT id, score FROM ({inner}) hits", list(params)
+    if after:
+        key, doc_id = after
+        if rank:
+            sql += " WHERE (score < %s OR (score = %s AND id < %s))"
+            params += [key, key, doc_id]
+        else:
+            sql += " WHERE id < %s"
+            params.append(doc_id)
+    sql += " ORDER BY score DESC, id DESC LIMIT %s" if rank else " ORDER BY id DESC LIMIT %s"
+    return sql, [*params, limit]
+
+
+def _hits_sql(page: str, rank: bool, columns: list[tuple[str, Any, list[Any]]]) -> str:
+    """Return SQL reading ``page``'s (id, score) rows with what each hit shows, in order."""
+    return (
+        "SELECT h.id, h.score, " + ", ".join(sql for sql, _, _ in columns) + f" FROM ({page}) h "
+        f"JOIN {SearchDocument._meta.db_table} d ON d.id = h.id "
+        f"JOIN {TerminalSession._meta.db_table} s ON s.id = d.session_id "
+        f"JOIN {Project._meta.db_table} p ON p.id = s.project_id "
+        + ("ORDER BY h.score DESC, h.id DESC" if rank else "ORDER BY h.id DESC")
+    )
+
+
+def _hit(values: list[Any], terms: tuple[str, ...]) -> SearchHit:
+    at, source, body, project_name, *fields = values
+    session = SessionRecord(**dict(zip(RECORD_FIELDS, fields, strict=True)))
+    return SearchHit(
+        session=session,
+        project_id=session.project_id,
+        project_name=project_name,
+        at=at,
+        source=source,
+        snippet=snippet(body, terms),
+    )
 
 
 def search_enabled(user: AbstractBaseUser) -> bool:
@@ -319,41 +227,27 @@ def sessions_search(
     query = parse(text or "")
     rank = order == "rank" and query.text is not None
     kind = "rank" if rank else "newest"  # a filters-only query has nothing to rank by
-    inner, params = _select(query, user.pk if user is not None else None, rank)
-    sql = f"SELECT id, score FROM ({inner}) hits"
-    if cursor:
-        key, doc_id = _decode_cursor(cursor, kind)
-        if rank:
-            sql += " WHERE (score < %s OR (score = %s AND id < %s))"
-            params += [key, key, doc_id]
-        else:
-            sql += " WHERE id < %s"
-            params.append(doc_id)
-    sql += " ORDER BY score DESC, id DESC LIMIT %s" if rank else " ORDER BY id DESC LIMIT %s"
-    params.append(size + 1)
-    with connection.cursor() as db:
-        db.execute(sql, params)
-        rows = db.fetchall()
+    after = _decode_cursor(cursor, kind) if cursor else None
+    parts = select_sql(
+        query,
+        user_id=user.pk if user is not None else None,
+        rank=rank,
+        before=after[1] if after and not rank else None,
+    )
+    columns = _hit_columns()
+    rows: list[tuple[Any, ...]] = []
+    for inner, inner_params in parts:  # newest first: each part's documents older than the last's
+        sql, params = _page_sql(inner, inner_params, rank, after, size + 1 - len(rows))
+        with connection.cursor() as db:
+            db.execute(_hits_sql(sql, rank, columns), params)
+            rows += db.fetchall()
+        if len(rows) > size:
+            break
     more = len(rows) > size
     rows = rows[:size]
-    docs = SearchDocument.objects.select_related("session__project").in_bulk(
-        [row[0] for row in rows]
-    )
-    hits = []
-    for doc_id, _ in rows:
-        doc = docs[doc_id]
-        hits.append(
-            SearchHit(
-                session=_record(doc.session),
-                project_id=doc.session.project_id,
-                project_name=doc.session.project.name,
-                at=doc.at,
-                source=doc.source,
-                snippet=snippet(doc.body, query.terms),
-            )
-        )
+    hits = [_hit(_convert(row[2:], columns), query.terms) for row in rows]
     next_cursor = None
     if more and rows:
-        last_id, last_score = rows[-1]
+        last_id, last_score = rows[-1][:2]
         next_cursor = _encode_cursor(kind, last_score if rank else None, last_id)
     return SearchPage(hits=tuple(hits), next_cursor=next_cursor)
