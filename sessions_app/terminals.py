@@ -329,9 +329,15 @@ class LiveTerminal:
         if not self._store_inline(offset, data):
             self._unstored += data
             self._skip_beyond_window()
-            if len(self._unstored) >= conf.OUTPUT_FLUSH_BYTES:
+            if (
+                len(self._unstored) >= conf.OUTPUT_FLUSH_BYTES
+                and not self.storage.skips_pruned_output
+            ):
                 self._schedule_flush(0)
             else:
+                # A provider that skips pruned output keeps what waits to a window anyway: a
+                # flood is stored on the grid's ticks, a window a tick, not as fast as the
+                # database can go (each window stored is a window tokenised for search).
                 self._schedule_flush(conf.OUTPUT_FLUSH_SECONDS)
         if self.clients:
             for client in list(self.clients):
