@@ -350,7 +350,7 @@ def test_pruned_chunks_are_no_longer_found(corpus):
     user = corpus["user"]
     session = make_session(user, corpus["projects"]["api"], tab_name="long")
     storage = DatabaseStorage(scrollback_bytes=100 * 1024)
-    filler = b"x" * (CHUNK_MIN_BYTES + 1000)
+    filler = b"x" * max(CHUNK_MIN_BYTES + 1000, 60 * 1024)  # three of them pass the window
     end = storage.append_output(session.pk, 0, b"ancientword\n" + filler)
     assert found(user, "ancientword") == {"long"}
     for _ in range(2):

@@ -514,6 +514,31 @@ def test_stored_output_text_is_what_the_user_read_without_escape_sequences(proje
     assert text == "mod12.py\tcafé\ndone\nplain line\n"
 
 
+def test_text_of_a_grown_chunk_is_the_same_whether_read_whole_or_added_to():
+    """A chunk that grows by small batches gets its search text by reading only the new bytes
+    where nothing can span the boundary: the result is exactly what reading the whole chunk
+    gives, wherever the batches split it (inside colours, titles, DCS strings, CR LF pairs,
+    UTF-8 characters)."""
+    from sessions_app.storage.base import plain_text, plain_text_after
+
+    stream = (
+        b"\x1b]0;build: ~/api\x07\x1b]7;file://host/srv/app\x1b\\"
+        b"\x1b[01;34mmod12.py\x1b[0m\tcaf\xc3\xa9 \xe2\x82\xac\r\n"
+        b"\x1bP1$r0m\x1b\\\x1b[2K\x1b[1Gdone\x07\x1bM\r\n"
+        b"\x1b]133;D;0\x07\x1b]133;A\x07$ \x1b[?2004hls\r\r\nplain\x00line\x7f\r\n\x1b"
+    )
+    for cut in range(len(stream) + 1):
+        first, more = stream[:cut], stream[cut:]
+        assert plain_text_after(first, plain_text(first), more) == plain_text(stream), cut
+        for second in range(cut, len(stream) + 1):  # and a third batch after that
+            middle, rest = stream[cut:second], stream[second:]
+            text = plain_text_after(first, plain_text(first), middle)
+            assert plain_text_after(stream[:second], text, rest) == plain_text(stream), (
+                cut,
+                second,
+            )
+
+
 def test_database_keeps_an_interactive_sessions_output_in_few_chunks(project, user):
     """Keystroke-sized batches do not leave a row each: they grow the last chunk up to
     64 KiB, and the output reads back byte for byte."""
@@ -571,7 +596,8 @@ def test_database_batches_stored_from_memory_read_back_exactly_and_survive_anoth
     window = 300 * 1024
     writer = DatabaseStorage(scrollback_bytes=window)
     record = database_session(writer, project, user)
-    sizes = [5, 17, 1, 3000, 70_000, 9, 200_000, 300_000, 40, 64 * 1024 - 3, 12, 600_000, 7]
+    just_under = db_module.CHUNK_MIN_BYTES - 3  # leaves a chunk one batch short of full
+    sizes = [5, 17, 1, 3000, 70_000, 9, 200_000, 300_000, 40, just_under, 12, 600_000, 7]
     stream = b""
     for i, size in enumerate(sizes):
         batch = bytes((i * 31 + n) % 251 for n in range(size))

@@ -19,6 +19,9 @@ ANSI_RE = re.compile(
     rb"|[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]"  # other control bytes (keep \t \n \r)
 )
 CONTROL_BYTES = bytes([*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F])
+# ESC ] (OSC), P (DCS), X, ^ and _ read as two-byte escapes at the very end of the output so far,
+# but begin longer sequences once their text and terminator arrive.
+STRING_STARTS = {b"\x1b]", b"\x1bP", b"\x1bX", b"\x1b^", b"\x1b_"}
 
 
 def plain_text(data: bytes) -> str:
@@ -26,6 +29,29 @@ def plain_text(data: bytes) -> str:
     if len(data.translate(None, CONTROL_BYTES)) != len(data):  # else: nothing to remove
         data = ANSI_RE.sub(b"", data)
     return data.replace(b"\r\n", b"\n").decode("utf-8", "replace")
+
+
+def plain_text_after(data: bytes, text: str, more: bytes) -> str:
+    """Return ``plain_text(data + more)``, given ``text == plain_text(data)``.
+
+    Only ``more`` is read when nothing can span the boundary: ``data`` ends neither inside an
+    escape sequence, nor with ``\r`` (a ``\r\n`` pair), nor with a non-ASCII byte (a UTF-8
+    character cut in two). Otherwise the whole is read again.
+    """
+    if not data:
+        return plain_text(more)
+    last_escape = data.rfind(b"\x1b")
+    if last_escape >= 0:
+        match = ANSI_RE.match(data, last_escape)
+        if (
+            match is None
+            or match.end() - last_escape < 2  # ESC alone, or an unfinished CSI
+            or match.group() in STRING_STARTS  # an OSC or DCS whose text is still to come
+        ):
+            return plain_text(data + more)
+    if data[-1] == 0x0D or data[-1] >= 0x80:
+        return plain_text(data + more)
+    return text + plain_text(more)
 
 
 @dataclass(frozen=True)

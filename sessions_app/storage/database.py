@@ -21,11 +21,13 @@ from sessions_app.storage.base import (
     StorageProvider,
     check_update_fields,
     plain_text,
+    plain_text_after,
 )
 
-# Output is stored in chunks of 64-256 KiB: small batches grow the last chunk until it is big
-# enough, so an interactive session does not write a row per keystroke echo.
-CHUNK_MIN_BYTES = 64 * 1024
+# Output is stored in chunks of 16-256 KiB: small batches grow the last chunk until it is big
+# enough, so an interactive session does not write a row per keystroke echo. Growing it
+# rewrites it (and its search text): a small minimum keeps that rewrite cheap.
+CHUNK_MIN_BYTES = 16 * 1024
 CHUNK_MAX_BYTES = 256 * 1024
 # How many sessions' last batch (and last chunk, under CHUNK_MIN_BYTES) a process remembers.
 KNOWN_SESSIONS = 256
@@ -41,6 +43,7 @@ class _Stored:
     last_pk: int
     last_seq: int
     last_data: bytes | None  # None: the last chunk is full, the next batch starts a new one
+    last_text: str  # plain_text(last_data): a merge reads only the new bytes for it
 
 
 class _Stale(Exception):
@@ -166,10 +169,11 @@ class DatabaseStorage(StorageProvider):
             )
         start = offset if gap else known.end
         data = data[start - offset :]
-        merged = None
+        merged, merged_text = None, ""
         if not gap and known.last_data is not None:
             room = CHUNK_MAX_BYTES - len(known.last_data)
             merged = known.last_data + data[:room]
+            merged_text = plain_text_after(known.last_data, known.last_text, data[:room])
             data = data[room:]
         position = start + (len(merged) - len(known.last_data) if merged is not None else 0)
         end = position + len(data)
@@ -185,22 +189,22 @@ class DatabaseStorage(StorageProvider):
             if cursor.rowcount != 1:
                 return None
             offsets, last_pk, last_seq = list(known.offsets), known.last_pk, known.last_seq
-            last_data = merged
+            last_data, last_text = merged, merged_text
             if merged is not None:
                 cursor.execute(
                     f"UPDATE {quote(OutputChunk._meta.db_table)} "
                     f"SET {quote('data')} = %s, {quote('text')} = %s WHERE {quote('id')} = %s",
-                    [merged, plain_text(merged), known.last_pk],
+                    [merged, merged_text, known.last_pk],
                 )
                 if cursor.rowcount != 1:
                     raise _Stale(f"the last output chunk of {session_id} is gone")
         for piece_start in range(0, len(data), CHUNK_MAX_BYTES):
             piece = data[piece_start : piece_start + CHUNK_MAX_BYTES]
             last_seq += 1
+            last_text = plain_text(piece)
             chunk = OutputChunk.objects.create(
-                session_id=session_id, seq=last_seq, offset=position, data=piece,
-                text=plain_text(piece),
-            )  # fmt: skip
+                session_id=session_id, seq=last_seq, offset=position, data=piece, text=last_text
+            )
             offsets.append(position)
             last_pk, last_data = chunk.pk, piece
             position += len(piece)
@@ -208,14 +212,15 @@ class DatabaseStorage(StorageProvider):
         if offsets and first_kept > offsets[0]:
             OutputChunk.objects.filter(session_id=session_id, offset__lt=first_kept).delete()
             offsets = [o for o in offsets if o >= first_kept]
+        growing = last_data is not None and len(last_data) < CHUNK_MIN_BYTES
         stored = _Stored(
             end=end,
             offsets=tuple(offsets),
             last_pk=last_pk,
             last_seq=last_seq,
-            last_data=last_data if last_data is not None and len(last_data) < CHUNK_MIN_BYTES
-            else None,
-        )  # fmt: skip
+            last_data=last_data if growing else None,
+            last_text=last_text if growing else "",
+        )
         transaction.on_commit(partial(self._keep, session_id, stored))
         return end
 
@@ -229,14 +234,17 @@ class DatabaseStorage(StorageProvider):
         if not chunks:
             return
         last_pk, last_seq, _ = chunks[-1]
-        last = bytes(OutputChunk.objects.filter(pk=last_pk).values_list("data", flat=True)[0])
+        last, text = OutputChunk.objects.filter(pk=last_pk).values_list("data", "text")[0]
+        last = bytes(last)
         end = TerminalSession.objects.filter(pk=session_id).values_list("output_bytes", flat=True)
+        growing = len(last) < CHUNK_MIN_BYTES
         stored = _Stored(
             end=end[0],
             offsets=tuple(offset for _, _, offset in chunks),
             last_pk=last_pk,
             last_seq=last_seq,
-            last_data=last if len(last) < CHUNK_MIN_BYTES else None,
+            last_data=last if growing else None,
+            last_text=text if growing else "",
         )
         transaction.on_commit(partial(self._keep, session_id, stored))
 
