@@ -292,3 +292,24 @@ async def test_health_names_the_failing_check(db, settings):
     body = response.json()
     assert body["status"] == "unavailable" and body["failing"] == ["cache"]
     assert body["checks"]["database"] == "ok" and body["checks"]["cache"] != "ok"
+
+
+def test_the_watch_page_links_back_to_the_sessions_admin_page_whatever_its_id(project):
+    """Session ids hold underscores; the admin reads "_40" in a URL as "@", so its links must
+    be quoted as the admin quotes them, or some sessions' "Back to admin" leads nowhere."""
+    from django.contrib.auth import get_user_model
+    from django.test import Client
+
+    client = Client()
+    staff = get_user_model().objects.create_user("root-watch", password="x" * 12)
+    staff.is_staff = staff.is_superuser = True
+    staff.save()
+    client.force_login(staff)
+    session = TerminalSession.objects.create(
+        id="session_1795303845870_40rs9i94", project=project, user=project.owner, state="exited"
+    )
+    page = client.get(f"/watch/{session.id}/").content.decode()
+    back = re.search(r'href="([^"]+)"[^>]*>Back to admin', page).group(1)
+    assert back == "/admin/sessions_app/terminalsession/session_5F1795303845870_5F40rs9i94/change/"
+    detail = client.get(back)
+    assert detail.status_code == 200 and session.id in detail.content.decode()

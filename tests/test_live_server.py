@@ -8,6 +8,7 @@ import secrets
 import time
 
 import pytest
+from django.contrib.admin.utils import quote
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect as ws_connect
 
@@ -103,7 +104,7 @@ def test_admin_filters_sessions_shows_events_and_kills(live_termsys, live_client
     base = "/admin/sessions_app/terminalsession/"
     assert session_id in live_client.page(base + "?state__exact=active")
     assert session_id not in live_client.page(base + "?state__exact=exited")
-    detail = live_client.page(f"{base}{session_id}/change/")
+    detail = live_client.page(f"{base}{quote(session_id)}/change/")  # as the admin's links
     assert "started" in detail and "created" in detail  # events inline
 
     result = live_client.page(
