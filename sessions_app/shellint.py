@@ -449,20 +449,17 @@ class ShellTracker:
             self.terminal._spawn(self._store_title_event(title))
 
     async def _store_title_event(self, title: str) -> None:
-        try:
-            await db_call(
-                _add_title_event, self.terminal.storage_mode, self.terminal.session_id, title
-            )
-        except Exception:
-            logger.warning("could not record the title of %s", self.terminal.session_id)
+        await self._title_to_storage(_add_title_event, title, "record")
 
     async def _store_title(self, title: str) -> None:
+        await self._title_to_storage(_record_title, title, "store")
+
+    async def _title_to_storage(self, write: Any, title: str, verb: str) -> None:
+        terminal = self.terminal
         try:
-            await db_call(
-                _record_title, self.terminal.storage_mode, self.terminal.session_id, title
-            )
+            await db_call(write, terminal.storage_mode, terminal.session_id, title)
         except Exception:
-            logger.warning("could not store the title of %s", self.terminal.session_id)
+            logger.warning("could not %s the title of %s", verb, terminal.session_id)
 
     async def drain(self) -> None:
         """Wait until what the shell reported so far is stored (the terminal is ending).

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from functools import partial
+from functools import cache, partial
 from typing import Any
 
 from django.db import connection, transaction
@@ -40,7 +40,7 @@ class _Stored:
 
     end: int
     offsets: tuple[int, ...]
-    last_pk: int
+    last_pk: int | None  # None: no chunk yet
     last_seq: int
     last_data: bytes | None  # None: the last chunk is full, the next batch starts a new one
     last_text: str  # plain_text(last_data): a merge reads only the new bytes for it
@@ -48,6 +48,20 @@ class _Stored:
 
 class _Stale(Exception):
     """The database does not hold what ``_Stored`` says (a restore, another writer)."""
+
+
+@cache
+def _hot_statements(vendor: str) -> tuple[str, str]:
+    """The two statements of a remembered batch: the session's end (only if it is still what
+    was remembered), and the last chunk's bytes and text."""
+    quote = connection.ops.quote_name
+    return (
+        f"UPDATE {quote(TerminalSession._meta.db_table)} "
+        f"SET {quote('output_bytes')} = %s, {quote('last_activity')} = %s "
+        f"WHERE {quote('id')} = %s AND {quote('output_bytes')} = %s",
+        f"UPDATE {quote(OutputChunk._meta.db_table)} "
+        f"SET {quote('data')} = %s, {quote('text')} = %s WHERE {quote('id')} = %s",
+    )
 
 
 def _record(row: TerminalSession) -> SessionRecord:
@@ -150,23 +164,60 @@ class DatabaseStorage(StorageProvider):
                 raise
             if end is not None:
                 return end
-        end = self._append_read(session_id, offset, data)
-        self._remember(session_id)
+        # Not remembered, or the database differs: read the state with the session locked.
+        known = self._read_stored(session_id)
+        if offset + len(data) <= known.end:
+            transaction.on_commit(partial(self._keep, session_id, known))
+            return known.end  # already stored: a retried batch
+        end = self._append_known(known, session_id, offset, data)
+        if end is None:  # cannot happen with the row locked; never store blind
+            raise _Stale(f"the stored end of {session_id} moved while it was locked")
         return end
+
+    def _read_stored(self, session_id: str) -> _Stored:
+        """Read what storage holds of a session's output, locking the session's row."""
+        end = (
+            TerminalSession.objects.select_for_update()
+            .filter(pk=session_id)
+            .values_list("output_bytes", flat=True)
+            .first()
+        )
+        if end is None:
+            raise NotFound(f"No session {session_id}.")
+        chunks = list(
+            OutputChunk.objects.filter(session_id=session_id)
+            .order_by("seq")
+            .values_list("pk", "seq", "offset")
+        )
+        if not chunks:
+            return _Stored(end, (), None, 0, None, "")
+        last_pk, last_seq, _ = chunks[-1]
+        last, text = OutputChunk.objects.filter(pk=last_pk).values_list("data", "text")[0]
+        growing = len(last) < CHUNK_MIN_BYTES
+        return _Stored(
+            end=end,
+            offsets=tuple(offset for _, _, offset in chunks),
+            last_pk=last_pk,
+            last_seq=last_seq,
+            last_data=bytes(last) if growing else None,
+            last_text=text if growing else "",
+        )
 
     def _append_known(
         self, known: _Stored, session_id: str, offset: int, data: bytes
     ) -> int | None:
-        """Store a batch with no reads, from what the last batch left: the hot path of a busy
-        terminal (two statements instead of six). Return None, having changed nothing, when
-        the session's stored end is not what ``known`` says."""
+        """Store a batch from what ``known`` says is stored, with no reads: for a busy
+        terminal, two statements (the session, its last chunk). Return None, having changed
+        nothing, when the session's stored end is not what ``known`` says."""
         if offset + len(data) <= known.end:
-            return None  # a retried batch: the careful path checks it against the database
+            return None  # a retried batch: checked against the database by the caller
         gap = offset > known.end
         if gap and len(data) < self.scrollback_bytes:
             raise ValueError(
                 f"output of {session_id} has a gap: stored up to {known.end}, got {offset}"
             )
+        # A gap the batch fills the retained window after: the output missing before it would
+        # be pruned as soon as it was stored, so the writer left it out (skips_pruned_output).
         start = offset if gap else known.end
         data = data[start - offset :]
         merged, merged_text = None, ""
@@ -177,12 +228,10 @@ class DatabaseStorage(StorageProvider):
             data = data[room:]
         position = start + (len(merged) - len(known.last_data) if merged is not None else 0)
         end = position + len(data)
-        quote = connection.ops.quote_name
+        update_session, update_chunk = _hot_statements(connection.vendor)
         with connection.cursor() as cursor:
             cursor.execute(
-                f"UPDATE {quote(TerminalSession._meta.db_table)} "
-                f"SET {quote('output_bytes')} = %s, {quote('last_activity')} = %s "
-                f"WHERE {quote('id')} = %s AND {quote('output_bytes')} = %s",
+                update_session,
                 [end, connection.ops.adapt_datetimefield_value(timezone.now()), session_id,
                  known.end],
             )  # fmt: skip
@@ -191,11 +240,7 @@ class DatabaseStorage(StorageProvider):
             offsets, last_pk, last_seq = list(known.offsets), known.last_pk, known.last_seq
             last_data, last_text = merged, merged_text
             if merged is not None:
-                cursor.execute(
-                    f"UPDATE {quote(OutputChunk._meta.db_table)} "
-                    f"SET {quote('data')} = %s, {quote('text')} = %s WHERE {quote('id')} = %s",
-                    [merged, merged_text, known.last_pk],
-                )
+                cursor.execute(update_chunk, [merged, merged_text, known.last_pk])
                 if cursor.rowcount != 1:
                     raise _Stale(f"the last output chunk of {session_id} is gone")
         for piece_start in range(0, len(data), CHUNK_MAX_BYTES):
@@ -223,80 +268,6 @@ class DatabaseStorage(StorageProvider):
         )
         transaction.on_commit(partial(self._keep, session_id, stored))
         return end
-
-    def _remember(self, session_id: str) -> None:
-        """After a batch stored the careful way, note what it left for the next (on commit)."""
-        chunks = list(
-            OutputChunk.objects.filter(session_id=session_id)
-            .order_by("seq")
-            .values_list("pk", "seq", "offset")
-        )
-        if not chunks:
-            return
-        last_pk, last_seq, _ = chunks[-1]
-        last, text = OutputChunk.objects.filter(pk=last_pk).values_list("data", "text")[0]
-        last = bytes(last)
-        end = TerminalSession.objects.filter(pk=session_id).values_list("output_bytes", flat=True)
-        growing = len(last) < CHUNK_MIN_BYTES
-        stored = _Stored(
-            end=end[0],
-            offsets=tuple(offset for _, _, offset in chunks),
-            last_pk=last_pk,
-            last_seq=last_seq,
-            last_data=last if growing else None,
-            last_text=text if growing else "",
-        )
-        transaction.on_commit(partial(self._keep, session_id, stored))
-
-    def _append_read(self, session_id: str, offset: int, data: bytes) -> int:
-        session = (
-            TerminalSession.objects.select_for_update().only("output_bytes").filter(pk=session_id)
-        ).first()
-        if session is None:
-            raise NotFound(f"No session {session_id}.")
-        end = session.output_bytes
-        if offset + len(data) <= end:
-            return end  # already stored: a retried batch
-        gap = offset > end
-        if gap and len(data) < self.scrollback_bytes:
-            raise ValueError(f"output of {session_id} has a gap: stored up to {end}, got {offset}")
-        if gap:
-            # The batch alone fills the retained window: the output missing before it would be
-            # pruned as soon as it was stored, so the writer left it out (skips_pruned_output).
-            end = offset
-        data = data[end - offset :]
-        last = OutputChunk.objects.filter(session_id=session_id).order_by("-seq").first()
-        if last is not None and not gap and len(last.data) < CHUNK_MIN_BYTES:
-            # Small batches (keystroke echoes) grow the last chunk instead of adding rows.
-            room = CHUNK_MAX_BYTES - len(last.data)
-            merged = bytes(last.data) + data[:room]
-            OutputChunk.objects.filter(pk=last.pk).update(data=merged, text=plain_text(merged))
-            consumed = min(room, len(data))
-            seq = last.seq
-        else:
-            consumed, seq = 0, last.seq if last else 0
-        position = end + consumed
-        for start in range(consumed, len(data), CHUNK_MAX_BYTES):
-            piece = data[start : start + CHUNK_MAX_BYTES]
-            seq += 1
-            OutputChunk.objects.create(
-                session_id=session_id, seq=seq, offset=position, data=piece, text=plain_text(piece)
-            )
-            position += len(piece)
-        TerminalSession.objects.filter(pk=session_id).update(
-            output_bytes=position, last_activity=timezone.now()
-        )
-        self._prune(session_id, position)
-        return position
-
-    def _prune(self, session_id: str, end: int) -> None:
-        """Delete chunks wholly before the retained scrollback window."""
-        cutoff = end - self.scrollback_bytes
-        if cutoff <= 0:
-            return
-        first_kept = self._chunk_offset_at(session_id, cutoff)
-        if first_kept:
-            OutputChunk.objects.filter(session_id=session_id, offset__lt=first_kept).delete()
 
     @staticmethod
     def _chunk_offset_at(session_id: str, position: int) -> int:
