@@ -22,6 +22,10 @@ FLOW_HIGH_WATER = 512 * 1024
 FLOW_LOW_WATER = 128 * 1024
 # Storage writes of output are batched: flushed after this delay or at this size.
 OUTPUT_FLUSH_SECONDS = 0.25
+# A flood that outran storage's window since its last batch (a provider that skips pruned
+# output, DATABASE) is stored on this coarser grid instead: each batch replaces the whole
+# window, so storing it four times a second cost a core's worth of writes and search indexing.
+FLOOD_FLUSH_SECONDS = 1.0
 OUTPUT_FLUSH_BYTES = 256 * 1024
 # Terminal size bounds; anything outside is clamped.
 MIN_COLS, MAX_COLS = 2, 1000

@@ -127,6 +127,7 @@ class LiveTerminal:
         # Output not yet in storage: [self._stored_offset, self.end_offset).
         self._unstored = bytearray()
         self._stored_offset = start_offset
+        self._flooding = False  # output outran storage's window since the last batch
         self._flush_handle: asyncio.Handle | None = None
         self._flush_task: asyncio.Task | None = None
         # What each client is still to be sent (output bytes or control messages), in order,
@@ -400,6 +401,7 @@ class LiveTerminal:
             self._skip_beyond_window()
             data = bytes(self._unstored)
             offset = self._stored_offset
+            flooding, self._flooding = self._flooding, False
             started = time.perf_counter()
             try:
                 await store_output(self.storage, self.session_id, offset, data)
@@ -427,11 +429,15 @@ class LiveTerminal:
                 # Output that came during the write waits for the next batch, as the first
                 # did: an interactive session writes a few times a second, not per keystroke.
                 # So does a flood, when what storage cannot take yet is bounded by the window
-                # (skips_pruned_output): the database takes a window a tick, not a stream.
+                # (skips_pruned_output): the database takes a window a tick, not a stream, and
+                # while output outruns the window, a window a FLOOD_FLUSH_SECONDS tick.
                 if self._flush_handle is not None:
                     self._flush_handle.cancel()
                     self._flush_handle = None
-                self._schedule_flush(conf.OUTPUT_FLUSH_SECONDS)
+                flooding = flooding or self._flooding
+                self._schedule_flush(
+                    conf.FLOOD_FLUSH_SECONDS if flooding else conf.OUTPUT_FLUSH_SECONDS
+                )
                 return
 
     def _skip_beyond_window(self) -> None:
@@ -443,6 +449,7 @@ class LiveTerminal:
             skip = len(self._unstored) - storage.scrollback_bytes
             del self._unstored[:skip]
             self._stored_offset += skip
+            self._flooding = True
 
     def flush_now(self) -> None:
         """Store pending output synchronously: for process exit, when no event loop runs."""

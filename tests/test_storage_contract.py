@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import re
 import shutil
 import tempfile
 import threading
@@ -620,7 +621,7 @@ def test_database_batches_stored_from_memory_read_back_exactly_and_survive_anoth
     with CaptureQueriesContext(connection) as queries:
         writer.append_output(record.id, len(stream), b"x")
     stream += b"x"
-    statements = [q["sql"] for q in queries.captured_queries if q["sql"].startswith(("SEL", "UP"))]
+    statements = written_statements(queries)
     assert len(statements) == 2 and all(s.startswith("UPDATE") for s in statements), statements
 
     # Another writer (HYBRID's sync, another process) appends: the first one's memory is stale.
@@ -644,3 +645,51 @@ def test_database_batches_stored_from_memory_read_back_exactly_and_survive_anoth
     stream += b"<after restore>"
     back = DatabaseStorage(scrollback_bytes=window).read_scrollback(record.id, max_bytes=window)
     assert (back.data, back.end) == (stream[-window:], len(stream))
+
+
+def written_statements(queries) -> list[str]:
+    """The SELECT and UPDATE statements captured, one per execute or executemany call."""
+    sql = [re.sub(r"^\d+ times: ", "", q["sql"]) for q in queries.captured_queries]
+    return [q for q in sql if q.startswith(("SEL", "UP"))]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_busy_tick_of_many_terminals_is_two_statements_and_a_stale_one_spoils_none(project, user):
+    """A tick where every terminal's batch only grows its last chunk (many users typing) is
+    stored with two statements for all of them. When one session's stored end is not what
+    the writer remembers (another writer appended), nothing of the tick is lost: every
+    batch is stored, the stale one after reading the database."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    window = 64 * 1024
+    writer = DatabaseStorage(scrollback_bytes=window)
+    records = [database_session(writer, project, user) for _ in range(6)]
+    streams = {r.id: b"" for r in records}
+
+    def tick(text: bytes) -> list:
+        batches = [(r.id, len(streams[r.id]), text + r.id[-4:].encode()) for r in records]
+        ends = writer.append_output_many(batches)
+        for session_id, _offset, data in batches:
+            streams[session_id] += data
+        return ends
+
+    tick(b"$ ls\r\n")  # the first batches read what is stored; from then on it is known
+    with CaptureQueriesContext(connection) as queries:
+        ends = tick(b"x")
+    assert ends == [len(streams[r.id]) for r in records]
+    statements = written_statements(queries)
+    assert len(statements) == 2 and all(s.startswith("UPDATE") for s in statements), statements
+
+    other = records[3]
+    DatabaseStorage(scrollback_bytes=window).append_output(
+        other.id, len(streams[other.id]), b"<other>"
+    )
+    streams[other.id] += b"<other>"
+    ends = tick(b"after")
+    assert ends == [len(streams[r.id]) for r in records]
+    reader = DatabaseStorage(scrollback_bytes=window)
+    for record in records:
+        back = reader.read_scrollback(record.id, max_bytes=window)
+        assert (back.data, back.end) == (streams[record.id], len(streams[record.id]))
+    assert tick(b"again") == [len(streams[r.id]) for r in records]

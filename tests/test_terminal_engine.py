@@ -431,3 +431,47 @@ async def test_a_server_fault_on_one_frame_is_reported_and_the_terminal_stays_op
     assert error["code"] == "internal_error" and "stays open" in error["message"]
     await term.type("echo survived-$((8*8))\r")
     await term.read_until(b"survived-64")
+
+
+async def test_a_flood_is_stored_a_window_a_second_and_exactly_once_it_ends(
+    user, session, connect, monkeypatch
+):
+    """While output outruns the stored window (DATABASE), each batch replaces the whole
+    window: storing it on every 0.25 s tick was a core's worth of writes and search
+    indexing for nothing. The newest window is stored about once a second instead, and what
+    the flood left is stored once it ends: the history then reads exactly what the client saw."""
+    from sessions_app import conf
+    from sessions_app.storage.database import DatabaseStorage
+
+    stored_batches: list[int] = []
+    real = DatabaseStorage.append_output_many
+
+    def counting(self, batches):
+        stored_batches.extend(len(data) for sid, _offset, data in batches if sid == session.id)
+        return real(self, batches)
+
+    monkeypatch.setattr(DatabaseStorage, "append_output_many", counting)
+    terminal = terminals.get(session.id)
+    window = 64 * 1024  # a flood outruns it on a slow machine too
+    monkeypatch.setattr(terminal.storage, "scrollback_bytes", window)
+    term = await connect(user, session.id)
+    await term.control("hello")
+    received = bytearray()
+    await term.type("timeout 3 yes termsys-flood; echo FLOOD-$((6*7))-OVER\r")
+    reader = Reader(term, received)
+    await reader.until(marker=b"FLOOD-42-OVER")
+    await reader.until(marker=b"\x1b]633;B\x07")  # its prompt: it prints no more
+    await terminal.flush()
+
+    assert len(received) > 16 * window  # it did outrun the window, many times over
+    # 3 s of flood on the 0.25 s grid are a dozen windows; a window a second, four or five
+    # (the first tick's, and the one after the flood, included).
+    ticks = 3 / conf.OUTPUT_FLUSH_SECONDS
+    assert len(stored_batches) <= ticks / 2, stored_batches
+    history = await database_sync_to_async(terminal.storage.read_scrollback)(
+        session.id, max_bytes=window
+    )
+    assert (history.end, len(history.data)) == (terminal.end_offset, window)
+    assert history.data[: len(received) - history.start] == received[history.start :]
+    tail = terminal.tail(window)
+    assert (history.start, history.data) == (tail.start, tail.data)

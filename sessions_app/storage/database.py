@@ -46,6 +46,16 @@ class _Stored:
     last_text: str  # plain_text(last_data): a merge reads only the new bytes for it
 
 
+@dataclass(frozen=True)
+class _Grown:
+    """A batch that only grows a session's last chunk: the chunk's new bytes and text, and
+    what is stored once it is written."""
+
+    data: bytes
+    text: str
+    stored: _Stored
+
+
 class _Stale(Exception):
     """The database does not hold what ``_Stored`` says (a restore, another writer)."""
 
@@ -129,14 +139,34 @@ class DatabaseStorage(StorageProvider):
 
     def append_output_many(self, batches: list[tuple[str, int, bytes]]) -> list[int | Exception]:
         """Store every session's batch in one transaction (one commit for all of them); when
-        one fails, each is stored in a transaction of its own so the others still are."""
+        one fails, each is stored in a transaction of its own so the others still are.
+
+        The batches that only grow their session's last chunk (typing: most of a busy tick)
+        are stored together, two statements for all of them."""
         if len(batches) > 1:
             try:
                 with transaction.atomic():
-                    return [self._append(*batch) for batch in batches]
+                    return self._append_all(batches)
             except Exception:
                 pass
         return super().append_output_many(batches)
+
+    def _append_all(self, batches: list[tuple[str, int, bytes]]) -> list[int]:
+        ends: list[int] = []
+        grown: list[tuple[str, _Stored, _Grown]] = []
+        for session_id, offset, data in batches:
+            known = self._stored.get(session_id)
+            growth = self._grown(known, offset, data) if known is not None else None
+            if growth is None:
+                ends.append(self._append(session_id, offset, data))
+            else:
+                grown.append((session_id, known, growth))
+                ends.append(growth.stored.end)
+        if grown and not self._store_grown(grown):
+            for session_id, _known, _growth in grown:  # the careful path for them next time
+                self._stored.pop(session_id, None)
+            raise _Stale("a session's stored end is not what this process remembered")
+        return ends
 
     def append_output(self, session_id: str, offset: int, data: bytes) -> int:
         try:
@@ -156,6 +186,8 @@ class DatabaseStorage(StorageProvider):
 
     def _append(self, session_id: str, offset: int, data: bytes) -> int:
         known = self._stored.get(session_id)
+        if known is not None and offset > known.end and len(data) < self.scrollback_bytes:
+            known = None  # a gap, unless another writer appended since: read the database
         if known is not None:
             try:
                 end = self._append_known(known, session_id, offset, data)
@@ -211,6 +243,9 @@ class DatabaseStorage(StorageProvider):
         nothing, when the session's stored end is not what ``known`` says."""
         if offset + len(data) <= known.end:
             return None  # a retried batch: checked against the database by the caller
+        growth = self._grown(known, offset, data)
+        if growth is not None:
+            return growth.stored.end if self._store_grown([(session_id, known, growth)]) else None
         gap = offset > known.end
         if gap and len(data) < self.scrollback_bytes:
             raise ValueError(
@@ -253,7 +288,7 @@ class DatabaseStorage(StorageProvider):
             offsets.append(position)
             last_pk, last_data = chunk.pk, piece
             position += len(piece)
-        first_kept = max((o for o in offsets if o <= end - self.scrollback_bytes), default=0)
+        first_kept = self._first_kept(offsets, end)
         if offsets and first_kept > offsets[0]:
             OutputChunk.objects.filter(session_id=session_id, offset__lt=first_kept).delete()
             offsets = [o for o in offsets if o >= first_kept]
@@ -268,6 +303,55 @@ class DatabaseStorage(StorageProvider):
         )
         transaction.on_commit(partial(self._keep, session_id, stored))
         return end
+
+    def _grown(self, known: _Stored, offset: int, data: bytes) -> _Grown | None:
+        """Return the batch as a growth of the last chunk, or None when it needs more: a new
+        chunk, pruning, a gap, or it is a retry."""
+        if known.last_data is None or not offset <= known.end < offset + len(data):
+            return None
+        more = data[known.end - offset :]
+        merged = known.last_data + more
+        end = known.end + len(more)
+        if len(merged) > CHUNK_MAX_BYTES or self._first_kept(known.offsets, end) > known.offsets[0]:
+            return None
+        text = plain_text_after(known.last_data, known.last_text, more)
+        growing = len(merged) < CHUNK_MIN_BYTES
+        stored = _Stored(
+            end=end,
+            offsets=known.offsets,
+            last_pk=known.last_pk,
+            last_seq=known.last_seq,
+            last_data=merged if growing else None,
+            last_text=text if growing else "",
+        )
+        return _Grown(merged, text, stored)
+
+    def _store_grown(self, grown: list[tuple[str, _Stored, _Grown]]) -> bool:
+        """Write batches that grow their last chunk: two statements for all of them. Return
+        False when a session's stored end differs from what was remembered: for one batch,
+        having changed nothing; for several, the caller rolls back."""
+        update_session, update_chunk = _hot_statements(connection.vendor)
+        now = connection.ops.adapt_datetimefield_value(timezone.now())
+        with connection.cursor() as cursor:
+            cursor.executemany(
+                update_session,
+                [[g.stored.end, now, session_id, known.end] for session_id, known, g in grown],
+            )
+            if cursor.rowcount != len(grown):
+                return False
+            cursor.executemany(update_chunk, [[g.data, g.text, k.last_pk] for _, k, g in grown])
+            if cursor.rowcount != len(grown):
+                raise _Stale("the last output chunk of a session is gone")
+        transaction.on_commit(partial(self._keep_all, [(sid, g.stored) for sid, _, g in grown]))
+        return True
+
+    def _keep_all(self, stored: list[tuple[str, _Stored]]) -> None:
+        for session_id, state in stored:
+            self._keep(session_id, state)
+
+    def _first_kept(self, offsets: tuple[int, ...] | list[int], end: int) -> int:
+        """Return the offset of the oldest chunk to keep when the output ends at ``end``."""
+        return max((o for o in offsets if o <= end - self.scrollback_bytes), default=0)
 
     @staticmethod
     def _chunk_offset_at(session_id: str, position: int) -> int:
