@@ -16,6 +16,7 @@ from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
 from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
+from channels.sessions import InstanceSessionWrapper
 
 from featureflags import safeguard
 from sessions_app import conf, ratelimit, selectors, services, terminals
@@ -58,6 +59,19 @@ MSG_OTHER_PROCESS = "The session's shell runs in another server process ({node})
 MSG_TOO_LARGE = "{kind} frame of {size} bytes is over the limit of {limit} bytes."
 
 
+def _past_session_wrapper(send: Any) -> Any:
+    """Return the server's own send when ``send`` is Channels' session wrapper, which saves
+    the session only on the message types it names (an HTTP response's start): terminal
+    output, most of what this consumer sends, skips its checks of the session on every frame."""
+    wrapper = getattr(send, "__self__", None)
+    if (
+        isinstance(wrapper, InstanceSessionWrapper)
+        and "websocket.send" not in wrapper.save_message_types
+    ):
+        return wrapper.real_send
+    return send
+
+
 def _clamp(value: int, low: int, high: int) -> int:
     return max(low, min(high, value))
 
@@ -86,6 +100,7 @@ class TerminalConsumer(AsyncWebsocketConsumer):
         self.scope = scope
         self.channel_layer = None
         self.base_send = send
+        self._send_frame = _past_session_wrapper(send)
         try:
             while True:
                 await self.dispatch(await receive())
@@ -382,7 +397,7 @@ class TerminalConsumer(AsyncWebsocketConsumer):
 
     async def send_output(self, data: bytes) -> None:
         # Straight to the server (the hot path): what AsyncWebsocketConsumer.send would do.
-        await self.base_send({"type": "websocket.send", "bytes": data})
+        await self._send_frame({"type": "websocket.send", "bytes": data})
 
     async def send_control(self, message: dict[str, Any]) -> None:
         await self.send(text_data=json.dumps(message))

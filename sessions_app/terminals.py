@@ -477,10 +477,64 @@ class LiveTerminal:
             client.unacked += len(payload)
             if client.interactive and client.unacked > conf.FLOW_HIGH_WATER:
                 self._pause_reading()  # the slowest of the owner's clients holds the PTY back
-        queue.append(payload)
         pump = self._pumps.get(client)
         if pump is None or pump.done():
+            if not queue and client in self.clients:
+                self._send_now(client, queue, payload)
+                return
+            queue.append(payload)
             self._pumps[client] = self._spawn(self._pump(client, queue))
+        else:
+            queue.append(payload)
+
+    def _send_now(
+        self, client: Client, queue: deque[bytes | dict[str, Any]], payload: bytes | dict
+    ) -> None:
+        """Send ``payload`` without a task when nothing is queued for ``client``: the server
+        takes it at once unless the socket's buffer is full; only then does a task wait on
+        it (and send what is queued meanwhile)."""
+        if isinstance(payload, bytes):
+            sending = client.send_output(payload)
+        else:
+            sending = client.send_control(payload)
+        try:
+            waiting = sending.send(None)
+        except StopIteration:
+            return
+        except Exception:  # a socket that went away; its disconnect detaches it
+            logger.debug("send to a client of %s failed", self.session_id, exc_info=True)
+            return
+        self._pumps[client] = self._spawn(self._finish_send(client, queue, sending, waiting))
+
+    async def _finish_send(
+        self,
+        client: Client,
+        queue: deque[bytes | dict[str, Any]],
+        sending: Coroutine[Any, Any, None],
+        waiting: Any,
+    ) -> None:
+        """Drive a send that had to wait to its end, as a task would have, then send what
+        was queued meanwhile. ``waiting`` is what the send yielded: the future it waits on."""
+        try:
+            while True:
+                try:
+                    if waiting is None:  # a bare yield: give the loop one turn
+                        await asyncio.sleep(0)
+                    else:
+                        waiting._asyncio_future_blocking = False  # ours to wait on now
+                        await waiting
+                except asyncio.CancelledError:  # the client left
+                    sending.close()
+                    raise
+                except Exception as exc:
+                    waiting = sending.throw(exc)
+                else:
+                    waiting = sending.send(None)
+        except StopIteration:
+            pass
+        except Exception:  # a socket that went away; its disconnect detaches it
+            logger.debug("send to a client of %s failed", self.session_id, exc_info=True)
+        await self._pump(client, queue)
 
     async def _pump(self, client: Client, queue: deque[bytes | dict[str, Any]]) -> None:
         """Send ``client``'s queue, in order, while it is attached."""

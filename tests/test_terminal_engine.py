@@ -343,6 +343,62 @@ async def test_a_client_attaching_while_output_is_queued_gets_each_byte_once(
         terminal.detach(resuming)
 
 
+class StalledClient(FakeClient):
+    """A client whose socket is full until ``drained`` is set (a send that has to wait)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import asyncio
+
+        self.drained = asyncio.Event()
+        self.drained.set()
+
+    async def send_output(self, data: bytes) -> None:
+        await self.drained.wait()
+        self.frames.append(data)
+
+
+async def test_output_that_waits_for_a_full_socket_keeps_its_order_and_holds_up_no_one(
+    user, session, connect
+):
+    """Output is sent at once while a client's socket takes it; when one has to wait, what
+    follows waits behind it, in order, and the other clients keep getting theirs."""
+    import asyncio
+
+    term = await connect(user, session.id)
+    await term.type("echo ready-$((2+2))\r")
+    await term.read_until(b"ready-4")
+    terminal = terminals.get(session.id)
+    stalled, other = StalledClient(), FakeClient()
+    terminal.attach(stalled, {"type": "hello"})
+    terminal.attach(other, {"type": "hello"})
+    await asyncio.sleep(0.05)
+    try:
+        stalled.drained.clear()
+        for part in (b"<one>", b"<two>", b"<three>"):
+            terminal._emit(part)
+        await asyncio.sleep(0.05)
+        assert other.stream().endswith(b"<one><two><three>")  # not held up
+        assert not stalled.stream().endswith(b"<one>")  # still waiting
+        stalled.drained.set()
+        await asyncio.sleep(0.05)
+        assert stalled.stream().endswith(b"<one><two><three>")
+        terminal._emit(b"<four>")
+        assert stalled.stream().endswith(b"<three><four>")  # sent at once again
+
+        stalled.drained.clear()  # a client that leaves while a send waits
+        terminal._emit(b"<five>")
+        terminal.detach(stalled)
+        await asyncio.sleep(0.05)
+        assert not stalled.stream().endswith(b"<five>")
+        assert other.stream().endswith(b"<four><five>")
+    finally:
+        terminal.detach(stalled)
+        terminal.detach(other)
+    await term.type("echo still-$((5*5))\r")
+    await term.read_until(b"still-25")
+
+
 # --- revival ------------------------------------------------------------------------------
 
 
