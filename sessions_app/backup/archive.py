@@ -3,32 +3,44 @@
 Written to a hidden temporary name in the target directory with mode 0600, fsynced, then
 renamed, so a crash never leaves a partial archive under a backup's name. Verification reads
 every member and compares its size and sha256 with the manifest before anything trusts it.
+
+Members are copied in by the kernel (``copy_file_range``) while a thread hashes them, both
+letting go of the GIL; a member can be started before the others exist (``Writer.add``), so the
+native copy of a SQLite database goes into the archive beside the export of the portable form.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import subprocess
+import sys
 import tarfile
+import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 FORMAT = "termsys-backup"
-VERSION = 1
+VERSION = 2
+READS = (1, 2)  # version 1: every member is the portable form or the native copy for operators
 MANIFEST = "manifest.json"
 MANIFEST_SUM = "manifest.sha256"
 SUFFIX = ".tar"
 HASH_BLOCK = 1024 * 1024
+COPY_BLOCK = 64 * 1024 * 1024
+MANIFEST_SLACK = 64 * 1024  # bytes kept beyond a manifest's bound (see Writer)
 
 NOT_AN_ARCHIVE = "{file}: not a termsys backup archive ({why}); nothing changed."
 CORRUPT = "{file}: corrupt archive: {why}; nothing changed."
 UNSUPPORTED = (
     "{file}: archive format {format!r} version {version!r}; this termsys reads "
-    f"{FORMAT!r} version {VERSION}. Nothing changed."
+    f"{FORMAT!r} versions {', '.join(map(str, READS))}. Nothing changed."
 )
 
 
@@ -44,83 +56,223 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-class _Hashing:
-    """A file read for the archive, hashed on the way: one pass per member."""
-
-    def __init__(self, fh: IO[bytes]) -> None:
-        self.fh, self.digest = fh, hashlib.sha256()
-
-    def read(self, size: int = -1) -> bytes:
-        block = self.fh.read(size)
-        self.digest.update(block)
-        return block
-
-
 def _manifest_bytes(manifest: dict[str, Any]) -> bytes:
     return json.dumps(manifest, indent=2, ensure_ascii=False).encode() + b"\n"
 
 
-def write(path: Path, manifest: dict[str, Any], files: dict[str, Path]) -> None:
-    """Write the archive to ``path`` (0600) atomically: a temporary name, fsync, rename.
+def manifest_bound(manifest: dict[str, Any], names: list[str]) -> int:
+    """Return room enough for ``manifest`` once its counts and member hashes are known.
 
-    ``manifest.json`` comes first but holds every member's sha256, so its place is kept and it
-    is written last: its size is bounded beforehand (sizes of 16 digits), and the manifest is
-    padded to that size with spaces, which JSON ignores. Members are hashed while copied in.
+    Numbers it holds may grow (row counts are bounded by 16 digits here), and texts may change
+    (a native copy that failed says why), hence the slack.
     """
-    bound = {name: {"size": 10**15, "sha256": "0" * 64} for name in files}
-    reserved = len(_manifest_bytes({**manifest, "members": bound}))
-    header = _info(MANIFEST, reserved).tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "strict")
-    head = len(header) + -(-reserved // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
-    temporary = path.with_name(f".{path.name}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "w+b") as raw:
-            raw.write(b"\0" * head)
-            members: dict[str, dict[str, Any]] = {}
-            with tarfile.open(
-                fileobj=raw, mode="w", format=tarfile.PAX_FORMAT, copybufsize=HASH_BLOCK
-            ) as tar:  # 1 MiB reads (as verify does), not tarfile's 16 KiB
-                for name, source in files.items():
-                    info = tar.gettarinfo(str(source), arcname=name)
-                    info.mode, info.uid, info.gid, info.uname, info.gname = 0o600, 0, 0, "", ""
-                    with source.open("rb") as fh:
-                        hashing = _Hashing(fh)
-                        tar.addfile(info, hashing)  # type: ignore[arg-type]
-                    members[name] = {"size": info.size, "sha256": hashing.digest.hexdigest()}
-                manifest_bytes = _manifest_bytes({**manifest, "members": members})
-                if len(manifest_bytes) > reserved:  # cannot happen: sizes stay below 10**15
-                    raise ArchiveError(f"{path}: the manifest outgrew its place")
-                manifest_bytes = manifest_bytes.ljust(reserved, b" ")
-                manifest_sum = hashlib.sha256(manifest_bytes).hexdigest().encode() + b"\n"
-                _add_bytes(tar, MANIFEST_SUM, manifest_sum)
-            raw.seek(0)
-            raw.write(header)
-            raw.write(manifest_bytes.ljust(head - len(header), b"\0"))
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    bound = {name: {"size": 10**15, "sha256": "0" * 64} for name in names}
+    return len(_manifest_bytes({**manifest, "members": bound})) + MANIFEST_SLACK
 
 
-def _info(name: str, size: int) -> tarfile.TarInfo:
-    import time
-
+def _header(name: str, size: int) -> bytes:
     info = tarfile.TarInfo(name)
     info.size, info.mode, info.mtime = size, 0o600, int(time.time())
-    return info
+    return info.tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "strict")
 
 
-def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    import io
+def _padded(size: int) -> int:
+    return -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
 
-    tar.addfile(_info(name, len(data)), io.BytesIO(data))
+
+def _sha256(path: Path, size: int) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while size > 0 and (block := fh.read(min(HASH_BLOCK, size))):
+            digest.update(block)
+            size -= len(block)
+    return digest.hexdigest()
+
+
+def copy_range(source: int, target: int, size: int, at_source: int, at_target: int) -> None:
+    """Copy ``size`` bytes between open files in the kernel, with a plain loop as fallback."""
+    done = 0
+    try:
+        while done < size:
+            step = os.copy_file_range(
+                source, target, min(COPY_BLOCK, size - done), at_source + done, at_target + done
+            )
+            if step == 0:
+                raise OSError(f"copy_file_range copied nothing at {done} of {size} bytes")
+            done += step
+        return
+    except OSError as exc:
+        if done or exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+            raise
+    while done < size:  # file systems without copy_file_range between these two files
+        block = os.pread(source, min(HASH_BLOCK, size - done), at_source + done)
+        if not block:
+            raise OSError(f"short read at {done} of {size} bytes")
+        os.pwrite(target, block, at_target + done)
+        done += len(block)
+
+
+# Run by ``Writer.add(own_process=True)``: copy (the kernel) and hash (a thread) side by side.
+_COPY_APART = """
+import hashlib, os, sys, threading
+source, target, at, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+fd = os.open(source, os.O_RDONLY)
+digest = hashlib.sha256()
+def hash_():
+    pos = 0
+    while pos < size:
+        block = os.pread(fd, min(1 << 20, size - pos), pos)
+        if not block:
+            raise OSError("short read")
+        digest.update(block)
+        pos += len(block)
+thread = threading.Thread(target=hash_)
+thread.start()
+done = 0
+try:
+    while done < size:
+        step = os.copy_file_range(fd, target, min(1 << 26, size - done), done, at + done)
+        if step == 0:
+            raise OSError("copy_file_range copied nothing")
+        done += step
+except OSError:
+    if done:
+        raise
+    while done < size:
+        block = os.pread(fd, min(1 << 20, size - done), done)
+        os.pwrite(target, block, at + done)
+        done += len(block)
+thread.join()
+print(digest.hexdigest())
+"""
+
+
+class Writer:
+    """An archive being written: ``add`` members (copied and hashed in threads), ``finish``.
+
+    ``manifest.json`` comes first but holds every member's sha256, so its place (``reserve``
+    bytes, see ``manifest_bound``) is kept and it is written last, padded with spaces to that
+    size, which JSON ignores.
+    """
+
+    def __init__(self, path: Path, reserve: int) -> None:
+        self.path = path
+        self.temporary = path.with_name(f".{path.name}.tmp")
+        self.reserve = reserve
+        self.fd = os.open(self.temporary, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        self.offset = len(_header(MANIFEST, reserve)) + _padded(reserve)
+        self.pool = ThreadPoolExecutor(4, thread_name_prefix="backup-archive")
+        self.members: dict[str, tuple[int, Future[str]]] = {}
+
+    def add(
+        self, name: str, source: Path, size: int | None = None, *, own_process: bool = False
+    ) -> None:
+        """Copy the first ``size`` bytes of ``source`` (all of it by default) in as ``name``.
+
+        It runs in threads; the source must keep those bytes until ``finish`` (or ``wait``).
+        ``own_process``: read ``source`` from a process of its own, for a file SQLite has open
+        in this one: closing any descriptor of a file drops every POSIX lock this process holds
+        on it, SQLite's included (https://sqlite.org/howtocorrupt.html, 2.2).
+        """
+        size = source.stat().st_size if size is None else size
+        header = _header(name, size)
+        at = self.offset + len(header)
+        os.pwrite(self.fd, header, self.offset)
+        self.offset = at + _padded(size)
+        os.ftruncate(self.fd, self.offset)  # the padding: zeros
+        if own_process:
+            self.members[name] = (size, self.pool.submit(self._copy_apart, source, size, at))
+            return
+
+        def copy() -> None:
+            with source.open("rb") as fh:
+                copy_range(fh.fileno(), self.fd, size, 0, at)
+
+        copied = self.pool.submit(copy)
+        hashed = self.pool.submit(_sha256, source, size)
+        self.members[name] = (size, self._both(copied, hashed))
+
+    def _copy_apart(self, source: Path, size: int, at: int) -> str:
+        done = subprocess.run(
+            [sys.executable, "-c", _COPY_APART, str(source), str(self.fd), str(at), str(size)],
+            pass_fds=(self.fd,),
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise OSError(f"copying {source} failed: {done.stderr.strip()}")
+        return done.stdout.strip()
+
+    def _both(self, copied: Future[None], hashed: Future[str]) -> Future[str]:
+        done: Future[str] = Future()
+
+        def check(_: Future[Any]) -> None:
+            if copied.done() and hashed.done() and not done.done():
+                error = copied.exception() or hashed.exception()
+                if error is not None:
+                    done.set_exception(error)
+                else:
+                    done.set_result(hashed.result())
+
+        copied.add_done_callback(check)
+        hashed.add_done_callback(check)
+        return done
+
+    def wait(self, name: str) -> None:
+        """Return once member ``name`` is in (its source may change from then on)."""
+        self.members[name][1].result()
+
+    def finish(self, manifest: dict[str, Any]) -> None:
+        """Write the manifest with every member's size and sha256, fsync and rename."""
+        members = {
+            name: {"size": size, "sha256": digest.result()}
+            for name, (size, digest) in self.members.items()
+        }
+        manifest_bytes = _manifest_bytes({**manifest, "members": members})
+        if len(manifest_bytes) > self.reserve:
+            raise ArchiveError(f"{self.path}: the manifest outgrew its place")
+        manifest_bytes = manifest_bytes.ljust(self.reserve, b" ")
+        manifest_sum = hashlib.sha256(manifest_bytes).hexdigest().encode() + b"\n"
+        tail = _header(MANIFEST_SUM, len(manifest_sum)) + manifest_sum
+        tail = tail.ljust(len(tail) - len(manifest_sum) + _padded(len(manifest_sum)), b"\0")
+        end = self.offset + len(tail) + 2 * tarfile.BLOCKSIZE
+        end = -(-end // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
+        os.pwrite(self.fd, tail, self.offset)
+        os.ftruncate(self.fd, end)  # the end-of-archive blocks and the record's padding: zeros
+        head = _header(MANIFEST, self.reserve) + manifest_bytes
+        os.pwrite(self.fd, head.ljust(len(head) + _padded(self.reserve) - self.reserve, b"\0"), 0)
+        os.fsync(self.fd)
+        self.close()
+        os.replace(self.temporary, self.path)
+        dir_fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def abort(self) -> None:
+        """Drop the archive being written."""
+        self.close()
+        self.temporary.unlink(missing_ok=True)
+
+
+def write(path: Path, manifest: dict[str, Any], files: dict[str, Path]) -> None:
+    """Write the archive to ``path`` (0600) atomically: a temporary name, fsync, rename."""
+    writer = Writer(path, manifest_bound(manifest, list(files)))
+    try:
+        for name, source in files.items():
+            writer.add(name, source)
+        writer.finish(manifest)
+    except BaseException:
+        writer.abort()
+        raise
 
 
 @dataclass
@@ -136,6 +288,16 @@ class Archive:
         if fh is None:
             raise ArchiveError(CORRUPT.format(file=self.path, why=f"{name} is not a file"))
         return fh
+
+    def extract(self, name: str, target: Path) -> None:
+        """Copy member ``name`` to the new file ``target`` (0600), in the kernel."""
+        info = self.tar.getmember(name)
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with self.path.open("rb") as source:
+                copy_range(source.fileno(), fd, info.size, info.offset_data, 0)
+        finally:
+            os.close(fd)
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
@@ -158,7 +320,7 @@ def _parse_manifest(path: Path, data: bytes) -> dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         got = manifest.get("format") if isinstance(manifest, dict) else None
         raise ArchiveError(NOT_AN_ARCHIVE.format(file=path, why=f"format {got!r}"))
-    if manifest.get("version") != VERSION:
+    if manifest.get("version") not in READS:
         raise ArchiveError(
             UNSUPPORTED.format(file=path, format=FORMAT, version=manifest.get("version"))
         )

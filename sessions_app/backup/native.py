@@ -1,9 +1,13 @@
-"""The engine-native member of a backup: for operators, verified by checksum, not restored.
+"""The engine-native member of a backup: for operators, verified by checksum.
 
-SQLite: a copy made with the online backup API. PostgreSQL: ``pg_dump -Fc`` of the same
-snapshot the portable form was read from (``--snapshot``). Either runs beside the export of the
-portable form (``start``, then ``Pending.wait``): a thread of its own for SQLite, whose backup
-API lets go of the GIL, and a process for ``pg_dump``.
+SQLite: the database file itself, copied into the archive while the backup's transaction keeps
+it unchanged (``sqlite-file``: the write-ahead log was checkpointed first and is empty, so the
+file alone is the database), or where it is not, a copy made with the online backup API
+(``sqlite-backup-api``). ``restore`` into SQLite loads either when the schemas match
+(``sqlite_native``). PostgreSQL: ``pg_dump -Fc`` of the same snapshot the portable form was
+read from (``--snapshot``), for operators (``pg_restore``); ``restore`` does not use it. Either
+runs beside the export of the portable form (``start``, then ``Pending.wait``): the kernel's
+copy and a hashing thread, the backup API's thread, or a process for ``pg_dump``.
 """
 
 from __future__ import annotations
@@ -15,9 +19,16 @@ import subprocess
 import threading
 from pathlib import Path
 
-from django.db import connection
+from django.db import DatabaseError, connection
+
+from sessions_app.backup.archive import Writer
 
 PG_DUMP_TIMEOUT = 3600
+# gzip level of pg_dump's table data: its default (6) took 4.7 s of CPU at 10k sessions, level
+# 1 1.8 s, for a copy 45% larger (51 → 74 MB); it runs beside the export, on the same 2 cores.
+PG_DUMP_COMPRESS = 1
+SQLITE_FILE = "sqlite-file"
+SQLITE_BACKUP_API = "sqlite-backup-api"
 
 
 class NativeUnavailable(Exception):
@@ -29,7 +40,19 @@ def member_name() -> str:
 
 
 def kind() -> str:
-    return "sqlite-backup-api" if connection.vendor == "sqlite" else "pg_dump-custom"
+    return SQLITE_BACKUP_API if connection.vendor == "sqlite" else "pg_dump-custom"
+
+
+def prepare() -> None:
+    """Before the backup's transaction: on SQLite, checkpoint the write-ahead log into the
+    database file and empty it, so that the file alone is the database (``start``)."""
+    if connection.vendor != "sqlite" or connection.in_atomic_block:
+        return
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    except DatabaseError:  # busy: the backup API copy is the fallback
+        pass
 
 
 def begin_snapshot() -> str | None:
@@ -47,12 +70,16 @@ def begin_snapshot() -> str | None:
 
 
 class Pending:
-    """A native copy being written; ``wait`` returns once it is complete or raises why not."""
+    """A native copy being written; ``wait`` returns once it is in the archive or raises why
+    not. SQLite's file copy must be waited for inside the transaction that keeps it whole."""
 
-    def __init__(self) -> None:
+    def __init__(self, writer: Writer, path: Path) -> None:
+        self.writer, self.path = writer, path
+        self.kind = kind()
         self.error: NativeUnavailable | None = None
         self.thread: threading.Thread | None = None
         self.process: subprocess.Popen[str] | None = None
+        self.added = False  # already handed to the writer
 
     def wait(self) -> None:
         if self.thread is not None:
@@ -70,6 +97,9 @@ class Pending:
                 )
         if self.error is not None:
             raise self.error
+        if not self.added:
+            self.writer.add(member_name(), self.path)
+        self.writer.wait(member_name())
 
     def cancel(self) -> None:
         """Stop a copy whose archive will not be written (the export failed)."""
@@ -80,11 +110,16 @@ class Pending:
             self.thread.join()
 
 
-def start(path: Path, snapshot: str | None) -> Pending:
-    """Start writing the native copy of the database to ``path``; raise if it cannot start."""
-    pending = Pending()
+def start(writer: Writer, path: Path, snapshot: str | None) -> Pending:
+    """Start putting the native copy of the database into ``writer`` (``path``: a temporary
+    file, where one is needed); raise if it cannot start."""
+    pending = Pending(writer, path)
     if connection.vendor == "sqlite":
         name = _sqlite_name()
+        if _sqlite_file_is_whole(name):
+            pending.kind, pending.added = SQLITE_FILE, True
+            writer.add(member_name(), Path(name), own_process=True)
+            return pending
 
         def copy() -> None:
             try:
@@ -101,16 +136,28 @@ def start(path: Path, snapshot: str | None) -> Pending:
     return pending
 
 
-def write(path: Path, snapshot: str | None) -> None:
-    """Write the native copy of the database to ``path``."""
-    start(path, snapshot).wait()
-
-
 def _sqlite_name() -> str:
     name = str(connection.settings_dict["NAME"])
     if name == ":memory:" or name.startswith("file:"):
         raise NativeUnavailable(f"the SQLite database {name!r} is not a plain file")
     return name
+
+
+def _sqlite_file_is_whole(name: str) -> bool:
+    """Whether the database file alone holds this transaction's data and stays unchanged
+    until it ends: the write-ahead log is empty (``prepare``) and, read from the file only,
+    this transaction keeps any checkpoint from writing into it; without a write-ahead log,
+    its read lock keeps writers out."""
+    if not connection.in_atomic_block:
+        return False
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM sqlite_master")  # the snapshot starts here
+        cursor.execute("PRAGMA journal_mode")
+        mode = str(cursor.fetchone()[0]).lower()
+    if mode != "wal":
+        return mode in ("delete", "truncate", "persist")
+    wal = Path(f"{name}-wal")
+    return not wal.exists() or wal.stat().st_size == 0
 
 
 def _sqlite_backup(name: str, path: Path) -> None:
@@ -133,12 +180,24 @@ def _pg_dump(path: Path, snapshot: str | None) -> subprocess.Popen[str]:
     if pg_dump is None:
         raise NativeUnavailable("pg_dump is not on PATH")
     db = connection.settings_dict
-    argv = [pg_dump, "--format=custom", "--no-password", f"--file={path}"]
+    argv = [
+        pg_dump,
+        "--format=custom",
+        f"--compress={PG_DUMP_COMPRESS}",
+        "--no-password",
+        f"--file={path}",
+    ]
     if snapshot:
         argv.append(f"--snapshot={snapshot}")
     for option, key in (("--host", "HOST"), ("--port", "PORT"), ("--username", "USER")):
         if db.get(key):
             argv.append(f"{option}={db[key]}")
+    # The search documents are derived, and the archive holds them in a form restore loads
+    # (searchindex); in pg_dump's copy they were its costliest part (their vectors as text).
+    from sessions_app.backup.portable import derived_models
+
+    for model in derived_models():
+        argv.append(f"--exclude-table-data={model._meta.db_table}")
     argv.append(f"--dbname={db['NAME']}")
     env = dict(os.environ)
     if db.get("PASSWORD"):

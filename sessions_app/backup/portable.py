@@ -22,13 +22,17 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
+import orjson
 from django.apps import apps
+from django.conf import settings
 from django.contrib.auth.models import Permission
 from django.contrib.contenttypes.models import ContentType
 from django.core.management.color import no_style
-from django.db import connection, models
+from django.db import DEFAULT_DB_ALIAS, connection, connections, models
 from django.utils.dateparse import parse_duration
 from django.utils.duration import duration_iso_string
+
+from sessions_app.backup import pgcopy
 
 # Models a backup leaves out, and why (shown by ``backup verify`` and in the manifest).
 SKIPPED = {
@@ -92,16 +96,29 @@ def columns(model: type[models.Model]) -> list[models.Field]:
     return [f for f in model._meta.concrete_fields if not getattr(f, "generated", False)]
 
 
-def _natural_keys() -> tuple[dict[int, list[str]], dict[int, list[str]]]:
+def _natural_keys(using: str) -> tuple[dict[int, list[str]], dict[int, list[str]]]:
     content_types = {
         pk: [app, model]
-        for pk, app, model in ContentType.objects.values_list("pk", "app_label", "model")
+        for pk, app, model in ContentType.objects.using(using).values_list(
+            "pk", "app_label", "model"
+        )
     }
     permissions = {
         pk: [*content_types.get(ct, ["?", "?"]), codename]
-        for pk, ct, codename in Permission.objects.values_list("pk", "content_type", "codename")
+        for pk, ct, codename in Permission.objects.using(using).values_list(
+            "pk", "content_type", "codename"
+        )
     }
     return content_types, permissions
+
+
+def dumps(row: dict[str, Any]) -> bytes:
+    """Return one JSON line's bytes (orjson; the standard library for what orjson refuses,
+    integers past 64 bits in a JSON column)."""
+    try:
+        return orjson.dumps(row)
+    except TypeError:
+        return json.dumps(row, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def _encoder(column: models.Field, keys: tuple[dict, dict]) -> Callable[[Any], Any] | None:
@@ -132,22 +149,54 @@ class Export:
     fields: list[str]
 
 
+def binary_copy_ok(column: models.Field) -> bool:
+    """Whether ``column``'s values read by PostgreSQL's binary COPY are what Django's query
+    returns: the exact built-in integer, text, boolean, binary and (aware) time fields, and
+    foreign keys to them."""
+    field = column
+    if type(column) in (models.ForeignKey, models.OneToOneField):
+        field = column.target_field
+    kind = type(field)
+    if kind is models.DateTimeField:
+        return bool(settings.USE_TZ)
+    return kind in _PLAIN or kind is models.BinaryField
+
+
+def rows_of(
+    model: type[models.Model], using: str = DEFAULT_DB_ALIAS, names: list[str] | None = None
+) -> Iterator[dict[str, Any]]:
+    """Yield every row of ``model`` in the portable form (a dict by attname), by primary key.
+
+    ``names`` limits the columns (a native copy of an older schema lacks some).
+    """
+    cols = [c for c in columns(model) if names is None or c.attname in names]
+    names = [c.attname for c in cols]
+    keys = _natural_keys(using)
+    encoders = [_encoder(c, keys) for c in cols]
+    database = connections[using]
+    plain_copy = all(binary_copy_ok(c) for c in cols)
+    if using == DEFAULT_DB_ALIAS and database.vendor == "postgresql" and plain_copy:
+        # Read in C by psycopg, bytes as they are (not hex), and not through a server-side
+        # cursor's FETCH per batch: the export of the output chunks in about half the time.
+        found: Iterator[tuple[Any, ...]] = pgcopy.read(
+            model._meta.db_table, [c.column for c in cols], model._meta.pk.column
+        )
+    else:
+        query = model._base_manager.using(using).order_by("pk").values_list(*names)
+        found = query.iterator(chunk_size=2000)
+    plain = [(n, enc) for n, enc in zip(names, encoders, strict=True)]
+    for values in found:
+        yield {n: v if enc is None else enc(v) for (n, enc), v in zip(plain, values, strict=True)}
+
+
 def export_model(model: type[models.Model], out: IO[bytes], progress: Progress) -> Export:
     """Write every row of ``model`` as gzipped JSON lines to ``out``; return what was written."""
-    cols = columns(model)
-    names = [c.attname for c in cols]
-    keys = _natural_keys()
-    encoders = [_encoder(c, keys) for c in cols]
+    names = [c.attname for c in columns(model)]
     rows = 0
-    dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
     with _Compressor(out) as writer:
-        query = model._base_manager.order_by("pk").values_list(*names)
-        for values in query.iterator(chunk_size=2000):
-            row = {
-                n: v if enc is None else enc(v)
-                for n, enc, v in zip(names, encoders, values, strict=True)
-            }
-            writer.write(dumps(row).encode() + b"\n")
+        for row in rows_of(model):
+            writer.write(dumps(row))
+            writer.write(b"\n")
             rows += 1
             if rows % BATCH_ROWS == 0:
                 progress(BATCH_ROWS)
@@ -203,10 +252,30 @@ class _Compressor:
             self.pool.shutdown(wait=True)
 
 
-def read_rows(member: IO[bytes]) -> Iterator[dict[str, Any]]:
-    """Yield the rows of a gzipped JSON-lines member (one gzip member or several)."""
+def read_rows(
+    member: IO[bytes], model: type[models.Model] | None = None
+) -> Iterator[dict[str, Any]]:
+    """Yield the rows of a gzipped JSON-lines member (one gzip member or several).
+
+    orjson decodes them, except for a model with a JSON column: orjson reads an integer past
+    64 bits as a float, and a JSON column may hold one; the standard library keeps it exact.
+    """
+    exact = model is None or any(
+        c.get_internal_type() == "JSONField" for c in model._meta.concrete_fields
+    )
+    loads = json.loads if exact else orjson.loads
     for line in _lines(_Decompressed(member)):
-        yield json.loads(line)
+        yield loads(line)
+
+
+def inflated(member: IO[bytes]) -> Iterator[bytes]:
+    """Yield the decompressed bytes of a gzip stream in blocks (one gzip member or several)."""
+    return iter(_Decompressed(member))
+
+
+def compressor(out: IO[bytes]) -> _Compressor:
+    """Return a writer that gzips what it is given to ``out`` on every core."""
+    return _Compressor(out)
 
 
 def _lines(blocks: Iterator[bytes]) -> Iterator[bytes]:
@@ -400,7 +469,11 @@ def load_model(
         report.rows += count
         progress(count)
 
-    _insert(model, cols, prepared(), done)
+    if straight and connection.vendor == "postgresql" and settings.USE_TZ:
+        # Values as the driver takes them: binary COPY (see pgcopy), about twice as fast.
+        pgcopy.write(model._meta.db_table, [c.column for c in cols], prepared(), done)
+    else:
+        _insert(model, cols, prepared(), done)
     return report
 
 
@@ -414,15 +487,8 @@ def _insert(
     with connection.cursor() as cursor:
         if connection.vendor == "postgresql":
             # COPY: one statement streaming every row, several times faster than INSERTs.
-            count = 0
             with cursor.cursor.copy(f"COPY {table} ({column_list}) FROM STDIN") as copy:
-                for values in rows:
-                    copy.write_row(values)
-                    count += 1
-                    if count == BATCH_ROWS:
-                        done(count)
-                        count = 0
-            done(count)
+                pgcopy.write_rows(copy, rows, done)
         else:
             sql = f"INSERT INTO {table} ({column_list}) VALUES ({', '.join(['%s'] * len(cols))})"
             batch: list[list[Any]] = []

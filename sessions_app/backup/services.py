@@ -6,28 +6,35 @@ import logging
 import re
 import subprocess
 import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from django.conf import settings
+from django.contrib.contenttypes.models import ContentType
 from django.db import connection, transaction
 
-from sessions_app.backup import archive, derived, migrations, native, portable
+from sessions_app.backup import (
+    archive,
+    load,
+    migrations,
+    native,
+    portable,
+    searchindex,
+    sqlite_native,
+)
 
 logger = logging.getLogger(__name__)
 
 APP_VERSION = "0.1.0"
 NAME_PREFIX = "termsys-backup-"
 SAFETY_LABEL = "safety"
-LOGIN_SESSIONS_TABLE = "django_session"
 
-COUNT_MISMATCH = (
-    "{file}: after loading, {model} has {found} rows, the archive says {expected}; the restore "
-    "was rolled back and nothing changed."
+NOTHING_TO_LOAD = (
+    "{file}: the archive holds neither the portable form nor a SQLite copy; nothing changed."
 )
-LOAD_FAILED = "{file}: loading {model} failed ({error}); the restore was rolled back."
 SAFETY_FAILED = "the safety backup failed ({error}); nothing was restored, nothing changed."
 NATIVE_LEFT_OUT = "left out on request (restore loads the portable form)"
 UNKNOWN_MODEL = "{model}: in the archive, not in this code; its {rows} rows are left out"
@@ -109,11 +116,15 @@ def backup_create(
     output_dir: Path | None = None,
     label: str = "",
     native_copy: bool = True,
+    portable_form: bool = True,
+    search_index: bool = True,
     reporter: Reporter | None = None,
 ) -> Created:
     """Write an archive of the whole database to ``output_dir`` (default: the backup dir).
 
-    ``native_copy=False`` leaves the engine's own copy out (``restore`` does not use it).
+    ``native_copy=False`` leaves the engine's own copy out; ``portable_form=False`` the JSON
+    lines (kept if there is no native copy: an archive always holds the data once);
+    ``search_index=False`` PostgreSQL's stored search documents (see ``searchindex``).
     """
     reporter = reporter or Reporter()
     directory = Path(output_dir) if output_dir is not None else backup_dir()
@@ -126,69 +137,153 @@ def backup_create(
     path = _file_name(directory, label, now)
     warnings: list[str] = []
     found = portable.backup_models()
+    members = {
+        model: f"data/{i:03d}-{model._meta.label_lower}.jsonl.gz" for i, model in enumerate(found)
+    }
+    index_wanted = search_index and connection.vendor == "postgresql"
+    native.prepare()
     with tempfile.TemporaryDirectory(dir=directory, prefix=".backup-") as tmp:
-        files: dict[str, Path] = {}
-        described: list[dict[str, Any]] = []
-        with transaction.atomic():
-            snapshot = native.begin_snapshot()  # the first statement of the transaction
-            native_path = Path(tmp) / "native"
-            pending, native_info = _native_start(native_copy, native_path, snapshot, warnings)
-            try:
-                state = migrations.applied()
+        writer: archive.Writer | None = None
+        try:
+            with transaction.atomic():
+                snapshot = native.begin_snapshot()  # the first statement of the transaction
                 totals = {model: portable.count_rows(model) for model in found}
-                reporter.stage("export", sum(totals.values()))
-                for index, model in enumerate(found):
-                    member = f"data/{index:03d}-{model._meta.label_lower}.jsonl.gz"
-                    local = Path(tmp) / member.replace("/", "_")
-                    exported = portable.write_member(model, local, reporter.advance)
-                    files[member] = local
-                    described.append({**exported.__dict__, "member": member})
-            except BaseException:
-                if pending is not None:
-                    pending.cancel()
-                raise
-            if pending is not None:
-                reporter.note(f"native copy ({native.kind()})")
-                try:
-                    pending.wait()
-                    files[native_info["member"]] = native_path
-                except native.NativeUnavailable as exc:
-                    native_info = _native_missing(exc, warnings)
-        manifest = {
-            "format": archive.FORMAT,
-            "version": archive.VERSION,
-            "app_version": app_version(),
-            "created_at": now.isoformat(),
-            "label": label,
-            "database": {
-                "vendor": connection.vendor,
-                "engine": connection.settings_dict["ENGINE"],
-                "server_version": _server_version(),
-            },
-            "migrations": state,
-            "models": described,
-            "skipped": portable.SKIPPED,
-            "derived": portable.DERIVED,
-            "native": native_info,
-        }
-        reporter.note(f"writing {path}")
-        archive.write(path, manifest, files)
+                manifest = _manifest(
+                    now=now,
+                    label=label,
+                    totals=totals,
+                    members=members,
+                    with_portable=portable_form,
+                )
+                names = [*members.values(), native.member_name(), searchindex.MEMBER]
+                writer = archive.Writer(path, archive.manifest_bound(manifest, names))
+                pending, manifest["native"] = _native_start(
+                    native_copy, writer, Path(tmp) / "native", snapshot, warnings
+                )
+                _fill(
+                    writer=writer,
+                    manifest=manifest,
+                    found=found,
+                    members=members,
+                    work=Path(tmp),
+                    pending=pending,
+                    snapshot=snapshot,
+                    index_wanted=index_wanted,
+                    reporter=reporter,
+                    warnings=warnings,
+                )
+            reporter.note(f"writing {path}")
+            writer.finish(manifest)
+        except BaseException:
+            if writer is not None:
+                writer.abort()
+            raise
     for warning in warnings:
         logger.warning("%s", warning)
     return Created(path, archive.read_manifest(path), warnings)
 
 
+def _fill(
+    *,
+    writer: archive.Writer,
+    manifest: dict[str, Any],
+    found: list[type[Any]],
+    members: dict[type[Any], str],
+    work: Path,
+    pending: native.Pending | None,
+    snapshot: str | None,
+    index_wanted: bool,
+    reporter: Reporter,
+    warnings: list[str],
+) -> None:
+    """Put the members into ``writer`` (inside the backup's transaction) and complete the
+    manifest's description of them."""
+    if not manifest["portable"] and pending is None:  # the data must be in the archive once
+        manifest["portable"] = True
+        for entry, model in zip(manifest["models"], found, strict=True):
+            entry["member"] = members[model]
+    index = None
+    if index_wanted and snapshot:  # beside the export, reading the same snapshot
+        index = searchindex.start(work / "search-index", snapshot, portable.compressor)
+    try:
+        if manifest["portable"]:
+            reporter.stage("export", sum(entry["rows"] for entry in manifest["models"]))
+            for model in found:
+                local = work / members[model].replace("/", "_")
+                portable.write_member(model, local, reporter.advance)
+                writer.add(members[model], local)
+    finally:
+        if index is not None:
+            reporter.note("search index")
+            index.exception()  # wait for it, also when the export failed
+    if index_wanted:
+        manifest["search_index"] = (
+            index.result()
+            if index is not None
+            else searchindex.write(work / "search-index", portable.compressor)
+        )
+        writer.add(searchindex.MEMBER, work / "search-index")
+    if pending is not None:
+        reporter.note(f"native copy ({pending.kind})")
+        try:
+            pending.wait()  # SQLite's file: inside the transaction that keeps it whole
+            manifest["native"]["kind"] = pending.kind
+        except native.NativeUnavailable as exc:
+            manifest["native"] = _native_missing(exc, warnings)
+
+
+def _manifest(
+    *,
+    now: datetime,
+    label: str,
+    totals: dict[type[Any], int],
+    members: dict[type[Any], str],
+    with_portable: bool,
+) -> dict[str, Any]:
+    """Return the manifest of an archive about to be written (``members`` comes last)."""
+    return {
+        "format": archive.FORMAT,
+        "version": archive.VERSION,
+        "app_version": app_version(),
+        "created_at": now.isoformat(),
+        "label": label,
+        "database": {
+            "vendor": connection.vendor,
+            "engine": connection.settings_dict["ENGINE"],
+            "server_version": _server_version(),
+        },
+        "migrations": migrations.applied(),
+        "portable": with_portable,
+        "models": [
+            {
+                "model": model._meta.label_lower,
+                "table": model._meta.db_table,
+                "rows": totals[model],
+                "fields": [c.attname for c in portable.columns(model)],
+                "member": members[model] if with_portable else None,
+            }
+            for model in totals
+        ],
+        "skipped": portable.SKIPPED,
+        "derived": portable.DERIVED,
+        "search_index": searchindex.absent(
+            searchindex.LEFT_OUT if connection.vendor == "postgresql" else searchindex.NOT_HERE
+        ),
+        "native": {"member": None, "kind": None, "reason": NATIVE_LEFT_OUT},
+    }
+
+
 def _native_start(
-    wanted: bool, path: Path, snapshot: str | None, warnings: list[str]
+    wanted: bool, writer: archive.Writer, path: Path, snapshot: str | None, warnings: list[str]
 ) -> tuple[native.Pending | None, dict[str, Any]]:
     """Start the native copy beside the export (pg_dump reads the same snapshot)."""
     if not wanted:
         return None, {"member": None, "kind": None, "reason": NATIVE_LEFT_OUT}
     try:
-        pending = native.start(path, snapshot)
+        pending = native.start(writer, path, snapshot)
     except native.NativeUnavailable as exc:
         return None, _native_missing(exc, warnings)
-    return pending, {"member": native.member_name(), "kind": native.kind()}
+    return pending, {"member": native.member_name(), "kind": pending.kind}
 
 
 def _native_missing(exc: Exception, warnings: list[str]) -> dict[str, Any]:
@@ -294,57 +389,153 @@ def _restore(
     )
     if dry_run:
         return result
-    reporter.note("safety backup of the current data")
+    has_portable = manifest.get("portable", True)
+    if not has_portable and not sqlite_native.has_copy(manifest):
+        raise BackupError(NOTHING_TO_LOAD.format(file=file))
+    work = Path(safety_dir) if safety_dir is not None else backup_dir()
     try:
-        result.safety = backup_create(
+        work.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise BackupError(SAFETY_FAILED.format(error=exc)) from exc
+    with tempfile.TemporaryDirectory(dir=work, prefix=".restore-") as tmp:
+        try:
+            _replace(
+                opened,
+                result,
+                current=current,
+                tmp=Path(tmp),
+                safety_dir=safety_dir,
+                reporter=reporter,
+            )
+        except load.LoadError as exc:
+            raise BackupError(str(exc)) from exc
+    ContentType.objects.clear_cache()
+    _forget_cached_flags()
+    return result
+
+
+def _replace(
+    opened: archive.Archive,
+    result: Restored,
+    *,
+    current: list[type[Any]],
+    tmp: Path,
+    safety_dir: Path | None,
+    reporter: Reporter,
+) -> None:
+    """Take the safety backup and replace the data, in the fastest way that fits:
+
+    - SQLite, the archive's SQLite copy of this very schema: its pages (``sqlite_native``),
+      extracted from the archive while the safety backup is written;
+    - the portable form (on PostgreSQL with the stored search documents, the safety backup is
+      written beside their load and index builds, ``load.load``);
+    - an archive holding only a SQLite copy, of another schema or for PostgreSQL: its rows.
+    """
+    manifest, file = opened.manifest, opened.path
+    same_migrations = manifest["migrations"] == migrations.applied()
+    page_copy = sqlite_native.candidate(manifest, same_migrations)
+    has_portable = manifest.get("portable", True)
+    copy = tmp / "native.sqlite3"
+    beside = None
+    if page_copy or not has_portable:  # extracted beside the safety backup: both I/O
+        with ThreadPoolExecutor(1, thread_name_prefix="backup-extract") as pool:
+            extracting = pool.submit(opened.extract, manifest["native"]["member"], copy)
+            try:
+                result.safety = _safety_backup(safety_dir, reporter)
+            finally:
+                extracting.exception()
+        extracting.result()
+    elif connection.vendor == "postgresql" and _index_fits(manifest, same_migrations):
+        beside = _safety_beside(safety_dir)
+    else:
+        result.safety = _safety_backup(safety_dir, reporter)
+    if page_copy and (why := sqlite_native.unfit(copy)) is not None:
+        logger.info("%s: the native copy is loaded row by row: %s", file, why)
+        page_copy = False
+    if page_copy:
+        _load_pages(opened, copy, current, reporter)
+        return
+    if not has_portable:
+        with sqlite_native.opened(copy) as alias:
+            loaded = load.load(opened, load.from_native(alias), current, same_migrations, reporter)
+        result.warnings.extend(loaded.warnings)
+        return
+    try:
+        loaded = load.load(
+            opened, load.from_members(opened), current, same_migrations, reporter, beside=beside
+        )
+    finally:
+        if beside is not None:
+            beside.exception()  # done, whatever happened to the restore
+    if beside is not None:
+        result.safety = beside.result()
+    result.warnings.extend(loaded.warnings)
+
+
+def _index_fits(manifest: dict[str, Any], same_migrations: bool) -> bool:
+    return searchindex.unusable(manifest.get("search_index"), same_migrations) is None
+
+
+def _safety_beside(safety_dir: Path | None) -> Future[Path]:
+    """Start the safety backup in a thread, on a connection of its own (closed after)."""
+    pool = ThreadPoolExecutor(1, thread_name_prefix="backup-safety")
+
+    def run() -> Path:
+        try:
+            return _safety_backup(safety_dir, Reporter())
+        finally:
+            connection.close()  # this thread's own
+
+    future = pool.submit(run)
+    pool.shutdown(wait=False)
+    return future
+
+
+def _safety_backup(safety_dir: Path | None, reporter: Reporter) -> Path:
+    """Back up the current data before a restore replaces it; the archive is restorable.
+
+    SQLite: the database file only (the native copy, which a restore into the same schema
+    copies back page for page); PostgreSQL: the portable form only, without the search index
+    (restoring it rebuilds the index).
+    """
+    reporter.note("safety backup of the current data")
+    sqlite = connection.vendor == "sqlite"
+    try:
+        return backup_create(
             output_dir=safety_dir or backup_dir(),
             label=SAFETY_LABEL,
-            native_copy=False,  # what undoing this restore needs is the portable form
+            native_copy=sqlite,
+            portable_form=not sqlite,
+            search_index=False,
             reporter=reporter,
         ).path
     except Exception as exc:
         raise BackupError(SAFETY_FAILED.format(error=exc)) from exc
-    loading = [(by_label[e["model"]], e) for e in manifest["models"] if e["model"] in by_label]
-    tables = [model._meta.db_table for model in current]
-    derived_tables = [model._meta.db_table for model in portable.derived_models()]
-    with transaction.atomic(), derived.triggers_off(tables, derived_tables):
-        reporter.note("emptying the tables")
-        for model in [*portable.derived_models(), *reversed(current)]:
-            portable.delete_rows(model)
-        with connection.cursor() as cursor:  # ids in old login sessions may now be other users
-            cursor.execute(f"DELETE FROM {connection.ops.quote_name(LOGIN_SESSIONS_TABLE)}")
-        reporter.stage("load", sum(entry["rows"] for _, entry in loading))
-        for model, entry in loading:
-            try:
-                rows = portable.read_rows(opened.member(entry["member"]))
-                report = portable.load_model(model, entry["fields"], rows, reporter.advance)
-            except archive.ArchiveError:
-                raise
-            except Exception as exc:
-                message = LOAD_FAILED.format(file=file, model=entry["model"], error=exc)
-                raise BackupError(message) from exc
-            warnings.extend(report.dropped)
-            if report.defaulted:
-                warnings.append(
-                    f"{report.model}: not in the archive, defaulted: {', '.join(report.defaulted)}"
-                )
-            if report.ignored:
-                warnings.append(
-                    f"{report.model}: columns this code lacks, left out: "
-                    f"{', '.join(report.ignored)}"
-                )
-            expected = entry["rows"] - len(report.dropped)
-            found = portable.count_rows(model)
-            if found != expected:
-                raise BackupError(
-                    COUNT_MISMATCH.format(
-                        file=file, model=entry["model"], found=found, expected=expected
-                    )
-                )
-        portable.reset_sequences(current)
-        transaction.on_commit(_forget_cached_flags)
-        reporter.note("rebuilding the search index")
-    return result
+
+
+def _load_pages(
+    opened: archive.Archive, copy: Path, current: list[type[Any]], reporter: Reporter
+) -> None:
+    """Restore SQLite from the archive's SQLite copy, page for page (``sqlite_native``)."""
+    manifest, file = opened.manifest, opened.path
+    labels = {model._meta.label_lower for model in current}
+    entries = {e["table"]: e for e in manifest["models"] if e["model"] in labels}
+    reporter.note("checking the native copy")
+    differ = sqlite_native.prepare(
+        copy, {table: e["rows"] for table, e in entries.items()}, load.LOGIN_SESSIONS_TABLE
+    )
+    if differ:
+        table, found = next(iter(differ.items()))
+        raise BackupError(
+            load.COUNT_MISMATCH.format(
+                file=file,
+                model=entries[table]["model"],
+                found=found,
+                expected=entries[table]["rows"],
+            )
+        )
+    reporter.note("loading the native copy")
+    sqlite_native.page_copy(copy)
 
 
 def _forget_cached_flags() -> None:

@@ -1,0 +1,198 @@
+"""A restore's row load: in one transaction, empty every backed-up table and load the rows.
+
+The rows come from the archive's portable form (JSON lines) or, for an archive that holds only
+SQLite's native copy, from that copy read as a database of its own (``sqlite_native.opened``).
+Either way each model is loaded by ``portable.load_model`` and its row count compared with the
+manifest; the search index is written once at the end (``derived``), or, on PostgreSQL, loaded
+as the archive stored it when it fits (``searchindex``). Any error rolls everything back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from django.db import DatabaseError, connection, models, transaction
+
+from sessions_app.backup import archive, derived, portable, searchindex, sqlite_native
+
+COUNT_MISMATCH = (
+    "{file}: after loading, {model} has {found} rows, the archive says {expected}; the restore "
+    "was rolled back and nothing changed."
+)
+LOAD_FAILED = "{file}: loading {model} failed ({error}); the restore was rolled back."
+CHECK_FAILED = "{file}: {error}; the restore was rolled back and nothing changed."
+LOGIN_SESSIONS_TABLE = "django_session"
+
+Rows = Callable[[type[models.Model], dict[str, Any]], tuple[Iterator[dict[str, Any]], list[str]]]
+
+
+class LoadError(Exception):
+    """The load failed and was rolled back; the message says why."""
+
+
+@dataclass
+class Loaded:
+    warnings: list[str] = field(default_factory=list)
+    index: str = ""  # how the search index came back
+
+
+def from_members(opened: archive.Archive) -> Rows:
+    """Rows from the archive's JSON-lines members."""
+
+    def rows(
+        model: type[models.Model], entry: dict[str, Any]
+    ) -> tuple[Iterator[dict[str, Any]], list[str]]:
+        return portable.read_rows(opened.member(entry["member"]), model), entry["fields"]
+
+    return rows
+
+
+def from_native(alias: str) -> Rows:
+    """Rows from a native SQLite copy opened as ``alias``: the columns it has of each model."""
+
+    def rows(
+        model: type[models.Model], entry: dict[str, Any]
+    ) -> tuple[Iterator[dict[str, Any]], list[str]]:
+        present = set(sqlite_native.columns_in(alias, model._meta.db_table))
+        names = [
+            c.attname
+            for c in portable.columns(model)
+            if c.column in present and c.attname in entry["fields"]
+        ]
+        return portable.rows_of(model, using=alias, names=names), entry["fields"]
+
+    return rows
+
+
+def _empty(current: list[type[models.Model]], derived_loaded: bool) -> None:
+    """Empty the backed-up, derived (unless already loaded) and login-session tables (login
+    sessions: their user ids may now be other users). PostgreSQL: TRUNCATE where it may (no
+    table left out refers to the table, and the role may), DELETE the others."""
+    quote = connection.ops.quote_name
+    targets = [m._meta.db_table for m in reversed(current)] + [LOGIN_SESSIONS_TABLE]
+    if not derived_loaded:
+        targets = [m._meta.db_table for m in portable.derived_models()] + targets
+    deleted = targets
+    if connection.vendor == "postgresql":
+        truncated = _truncatable(targets)
+        try:
+            with transaction.atomic(), connection.cursor() as cursor:  # a savepoint
+                if truncated:
+                    cursor.execute(f"TRUNCATE {', '.join(quote(t) for t in truncated)}")
+            deleted = [table for table in targets if table not in truncated]
+        except DatabaseError:
+            pass  # not the owner: row by row
+    with connection.cursor() as cursor:
+        for table in deleted:
+            cursor.execute(f"DELETE FROM {quote(table)}")
+
+
+def _truncatable(tables: list[str]) -> set[str]:
+    """Return those of ``tables`` that TRUNCATE may empty together: no table outside the set
+    has a foreign key to one of them (the search documents, when loaded first, refer to the
+    sessions, which refer to projects and users)."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT c.relname, p.relname FROM pg_constraint k "
+            "JOIN pg_class c ON c.oid = k.conrelid JOIN pg_class p ON p.oid = k.confrelid "
+            "WHERE k.contype = 'f' AND pg_table_is_visible(p.oid)"
+        )
+        references = cursor.fetchall()
+    found = set(tables)
+    while True:
+        blocked = {parent for child, parent in references if parent in found and child not in found}
+        if not blocked:
+            return found
+        found -= blocked
+
+
+def load(
+    opened: archive.Archive,
+    rows: Rows,
+    current: list[type[models.Model]],
+    same_migrations: bool,
+    reporter: Any,
+    *,
+    beside: Future[Any] | None = None,
+) -> Loaded:
+    """Replace the data of ``current`` models with the archive's, all or nothing.
+
+    ``beside``: the safety backup, running in a thread of its own on a connection of its own;
+    waited for (and its error raised, rolling back) before any backed-up row is touched. On
+    PostgreSQL with stored documents they are loaded and indexed meanwhile: the server's work,
+    which leaves the second core and the GIL to the safety backup (about 3 s at 10k sessions).
+    """
+    manifest, file = opened.manifest, opened.path
+    by_label = {model._meta.label_lower: model for model in current}
+    loading = [(by_label[e["model"]], e) for e in manifest["models"] if e["model"] in by_label]
+    tables = [model._meta.db_table for model in current]
+    derived_tables = [model._meta.db_table for model in portable.derived_models()]
+    index = manifest.get("search_index")
+    why_not = searchindex.unusable(index, same_migrations)
+    stored = None
+    if why_not is None and index is not None:
+        stored = searchindex.loader(opened.member(index["member"]), index)
+    done = Loaded(index="loaded as stored" if stored else f"rebuilt ({why_not})")
+    try:
+        first = stored is not None and beside is not None
+        if first:
+            reporter.note("search index")
+        with (
+            transaction.atomic(),
+            derived.triggers_off(tables, derived_tables, stored, first=first) as loaded_first,
+        ):
+            if beside is not None:
+                reporter.note("waiting for the safety backup")
+                beside.result()
+            reporter.note("emptying the tables")
+            _empty(current, derived_loaded=loaded_first)
+            reporter.stage("load", sum(entry["rows"] for _, entry in loading))
+            for model, entry in loading:
+                _load_model(
+                    file=file, rows=rows, model=model, entry=entry, done=done, reporter=reporter
+                )
+            portable.reset_sequences(current)
+            if loaded_first:
+                reporter.note("checking foreign keys, committing")
+            else:
+                reporter.note("search index" if stored else "rebuilding the search index")
+    except DatabaseError as exc:  # a foreign key broken, found when checked after the load
+        raise LoadError(CHECK_FAILED.format(file=file, error=exc)) from exc
+    return done
+
+
+def _load_model(
+    *,
+    file: object,
+    rows: Rows,
+    model: type[models.Model],
+    entry: dict[str, Any],
+    done: Loaded,
+    reporter: Any,
+) -> None:
+    try:
+        found_rows, archived_fields = rows(model, entry)
+        report = portable.load_model(model, archived_fields, found_rows, reporter.advance)
+    except archive.ArchiveError:
+        raise
+    except Exception as exc:
+        message = LOAD_FAILED.format(file=file, model=entry["model"], error=exc)
+        raise LoadError(message) from exc
+    done.warnings.extend(report.dropped)
+    if report.defaulted:
+        done.warnings.append(
+            f"{report.model}: not in the archive, defaulted: {', '.join(report.defaulted)}"
+        )
+    if report.ignored:
+        done.warnings.append(
+            f"{report.model}: columns this code lacks, left out: {', '.join(report.ignored)}"
+        )
+    expected = entry["rows"] - len(report.dropped)
+    found = portable.count_rows(model)
+    if found != expected:
+        raise LoadError(
+            COUNT_MISMATCH.format(file=file, model=entry["model"], found=found, expected=expected)
+        )
