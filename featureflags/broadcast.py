@@ -122,3 +122,23 @@ async def stop_listener() -> None:
             await task
         except (asyncio.CancelledError, Exception):
             pass
+    await _finish_receive_cleaners()
+
+
+async def _finish_receive_cleaners() -> None:
+    """Let channels_redis finish what it started for the messages already received.
+
+    After each message it starts a task that removes the message from its backup queue and,
+    when done, releases a lock that every later receive on this layer takes first. A loop
+    closed with such a task pending leaves the lock taken for good: the next loop's listener
+    then waits on it forever and hears nothing (seen in the test suite, where every test has
+    a loop of its own; a server's loop lives as long as its listener).
+    """
+    layer = get_channel_layer()
+    cleaners = [
+        t
+        for t in list(getattr(layer, "receive_cleaners", ()))
+        if not t.done() and t.get_loop() is asyncio.get_running_loop()
+    ]
+    if cleaners:
+        await asyncio.wait(cleaners, timeout=5)
