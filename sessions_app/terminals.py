@@ -493,16 +493,13 @@ class LiveTerminal:
         """Send ``payload`` without a task when nothing is queued for ``client``: the server
         takes it at once unless the socket's buffer is full; only then does a task wait on
         it (and send what is queued meanwhile)."""
-        if isinstance(payload, bytes):
-            sending = client.send_output(payload)
-        else:
-            sending = client.send_control(payload)
+        sending = self._send(client, payload)
         try:
             waiting = sending.send(None)
         except StopIteration:
             return
-        except Exception:  # a socket that went away; its disconnect detaches it
-            logger.debug("send to a client of %s failed", self.session_id, exc_info=True)
+        except Exception:
+            self._send_failed()
             return
         self._pumps[client] = self._spawn(self._finish_send(client, queue, sending, waiting))
 
@@ -532,21 +529,28 @@ class LiveTerminal:
                     waiting = sending.send(None)
         except StopIteration:
             pass
-        except Exception:  # a socket that went away; its disconnect detaches it
-            logger.debug("send to a client of %s failed", self.session_id, exc_info=True)
+        except Exception:
+            self._send_failed()
         await self._pump(client, queue)
 
     async def _pump(self, client: Client, queue: deque[bytes | dict[str, Any]]) -> None:
         """Send ``client``'s queue, in order, while it is attached."""
         while queue and client in self.clients:
-            payload = queue.popleft()
             try:
-                if isinstance(payload, bytes):
-                    await client.send_output(payload)
-                else:
-                    await client.send_control(payload)
-            except Exception:  # a socket that went away; its disconnect detaches it
-                logger.debug("send to a client of %s failed", self.session_id, exc_info=True)
+                await self._send(client, queue.popleft())
+            except Exception:
+                self._send_failed()
+
+    @staticmethod
+    def _send(client: Client, payload: bytes | dict[str, Any]) -> Coroutine[Any, Any, None]:
+        """Return the coroutine that sends output bytes or a control message to ``client``."""
+        if isinstance(payload, bytes):
+            return client.send_output(payload)
+        return client.send_control(payload)
+
+    def _send_failed(self) -> None:
+        """A send raised: a socket that went away (its disconnect detaches the client)."""
+        logger.debug("send to a client of %s failed", self.session_id, exc_info=True)
 
     def _drop_queue(self, client: Client) -> None:
         """Forget what ``client`` has not been sent yet (it resumes, or it left)."""
