@@ -9,14 +9,16 @@ as the archive stored it when it fits (``searchindex``). Any error rolls everyth
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from django.db import DatabaseError, connection, models, transaction
 
-from sessions_app.backup import archive, derived, portable, searchindex, sqlite_native
+from sessions_app.backup import ahead, archive, derived, portable, searchindex, sqlite_native
 
 COUNT_MISMATCH = (
     "{file}: after loading, {model} has {found} rows, the archive says {expected}; the restore "
@@ -25,6 +27,8 @@ COUNT_MISMATCH = (
 LOAD_FAILED = "{file}: loading {model} failed ({error}); the restore was rolled back."
 CHECK_FAILED = "{file}: {error}; the restore was rolled back and nothing changed."
 LOGIN_SESSIONS_TABLE = "django_session"
+
+logger = logging.getLogger(__name__)
 
 Rows = Callable[[type[models.Model], dict[str, Any]], tuple[Iterator[dict[str, Any]], list[str]]]
 
@@ -48,6 +52,45 @@ def from_members(opened: archive.Archive) -> Rows:
         return portable.read_rows(opened.member(entry["member"]), model), entry["fields"]
 
     return rows
+
+
+def _then(load: Callable[[], int], then: Callable[[], None]) -> Callable[[], int]:
+    """Return ``load`` followed by ``then``."""
+
+    def both() -> int:
+        loaded = load()
+        then()
+        return loaded
+
+    return both
+
+
+def _ahead(
+    opened: archive.Archive, loading: list[tuple[type[models.Model], dict[str, Any]]]
+) -> ahead.Ahead | None:
+    """Prepare to format the rows ahead (``start``: once the documents are in, while their
+    indexes build); None if a plan fails (the load then reports why)."""
+    try:
+        with transaction.atomic():  # a savepoint: a failed query leaves the restore usable
+            jobs = _ahead_jobs(opened, loading)
+    except Exception as exc:
+        logger.info("rows not formatted ahead: %s", exc)
+        return None
+    return ahead.Ahead(jobs)
+
+
+def _ahead_jobs(
+    opened: archive.Archive, loading: list[tuple[type[models.Model], dict[str, Any]]]
+) -> list[ahead.Job | None]:
+    """The models' loads, formatted ahead from the members (read apart: another thread)."""
+
+    def reader(model: type[models.Model], member: str) -> ahead.Rows:
+        return lambda: portable.read_rows(opened.member_apart(member), model)
+
+    return [
+        ahead.job(portable.load_plan(model, entry["fields"]), reader(model, entry["member"]))
+        for model, entry in loading
+    ]
 
 
 def from_native(alias: str) -> Rows:
@@ -117,13 +160,15 @@ def load(
     reporter: Any,
     *,
     beside: Future[Any] | None = None,
+    members: bool = False,
 ) -> Loaded:
     """Replace the data of ``current`` models with the archive's, all or nothing.
 
     ``beside``: the safety backup, running in a thread of its own on a connection of its own;
     waited for (and its error raised, rolling back) before any backed-up row is touched. On
     PostgreSQL with stored documents they are loaded and indexed meanwhile: the server's work,
-    which leaves the second core and the GIL to the safety backup (about 3 s at 10k sessions).
+    which leaves the second core to the safety backup and, when ``rows`` are the archive's
+    members (``members``), to formatting them as COPY data ahead of their load (``ahead``).
     """
     manifest, file = opened.manifest, opened.path
     by_label = {model._meta.label_lower: model for model in current}
@@ -136,29 +181,48 @@ def load(
     if why_not is None and index is not None:
         stored = searchindex.loader(opened.member(index["member"]), index)
     done = Loaded(index="loaded as stored" if stored else f"rebuilt ({why_not})")
+    first = stored is not None and beside is not None
     try:
-        first = stored is not None and beside is not None
-        if first:
-            reporter.note("search index")
-        with (
-            transaction.atomic(),
-            derived.triggers_off(tables, derived_tables, stored, first=first) as loaded_first,
-        ):
-            if beside is not None:
-                reporter.note("waiting for the safety backup")
-                beside.result()
-            reporter.note("emptying the tables")
-            _empty(current, derived_loaded=loaded_first)
-            reporter.stage("load", sum(entry["rows"] for _, entry in loading))
-            for model, entry in loading:
-                _load_model(
-                    file=file, rows=rows, model=model, entry=entry, done=done, reporter=reporter
-                )
-            portable.reset_sequences(current)
-            if loaded_first:
-                reporter.note("checking foreign keys, committing")
-            else:
-                reporter.note("search index" if stored else "rebuilding the search index")
+        with transaction.atomic():
+            formatting = None
+            if first and members and connection.vendor == "postgresql":
+                formatting = _ahead(opened, loading)
+            if formatting is not None and stored is not None:
+                stored = _then(stored, formatting.start)
+            try:
+                if first:
+                    reporter.note("search index")
+                with derived.triggers_off(
+                    tables, derived_tables, stored, first=first
+                ) as loaded_first:
+                    if beside is not None:
+                        reporter.note("waiting for the safety backup")
+                        beside.result()
+                    reporter.note("emptying the tables")
+                    _empty(current, derived_loaded=loaded_first)
+                    reporter.stage("load", sum(entry["rows"] for _, entry in loading))
+                    for n, (model, entry) in enumerate(loading):
+                        _load_model(
+                            file=file,
+                            rows=rows,
+                            model=model,
+                            entry=entry,
+                            done=done,
+                            reporter=reporter,
+                            send=(
+                                partial(formatting.send, n)
+                                if formatting is not None and formatting.has(n)
+                                else None
+                            ),
+                        )
+                    portable.reset_sequences(current)
+                    if loaded_first:
+                        reporter.note("checking foreign keys, committing")
+                    else:
+                        reporter.note("search index" if stored else "rebuilding the search index")
+            finally:
+                if formatting is not None:
+                    formatting.close()
     except DatabaseError as exc:  # a foreign key broken, found when checked after the load
         raise LoadError(CHECK_FAILED.format(file=file, error=exc)) from exc
     return done
@@ -172,10 +236,15 @@ def _load_model(
     entry: dict[str, Any],
     done: Loaded,
     reporter: Any,
+    send: Callable[[Any], portable.LoadReport] | None = None,
 ) -> None:
+    """Load one model (``send``: its rows formatted ahead) and compare its row count."""
     try:
-        found_rows, archived_fields = rows(model, entry)
-        report = portable.load_model(model, archived_fields, found_rows, reporter.advance)
+        if send is not None:
+            report = send(reporter.advance)
+        else:
+            found_rows, archived_fields = rows(model, entry)
+            report = portable.load_model(model, archived_fields, found_rows, reporter.advance)
     except archive.ArchiveError:
         raise
     except Exception as exc:

@@ -50,14 +50,22 @@ def read(table: str, names: list[str], order_by: str) -> Iterator[tuple[Any, ...
         yield from copy.rows()
 
 
+def copy_sql(table: str, names: list[str], *, binary: bool) -> str:
+    """Return the ``COPY ... FROM STDIN`` loading ``table``'s columns ``names``."""
+    form = " (FORMAT BINARY)" if binary else ""
+    return f"COPY {connection.ops.quote_name(table)} ({_quoted(names)}) FROM STDIN{form}"
+
+
 def write(
     table: str, names: list[str], rows: Iterable[list[Any]], done: Callable[[int], None]
 ) -> None:
     """Insert ``rows`` (Python values in ``names`` order) into ``table``; call ``done`` every
     ``BATCH_ROWS`` rows."""
     types = column_types(table, names)
-    sql = f"COPY {connection.ops.quote_name(table)} ({_quoted(names)}) FROM STDIN (FORMAT BINARY)"
-    with connection.cursor() as cursor, cursor.cursor.copy(sql) as copy:
+    with (
+        connection.cursor() as cursor,
+        cursor.cursor.copy(copy_sql(table, names, binary=True)) as copy,
+    ):
         copy.set_types(types)
         write_rows(copy, rows, done)
 

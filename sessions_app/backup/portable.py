@@ -395,7 +395,7 @@ _PLAIN = (
 )
 
 
-def _quick(column: models.Field) -> tuple[bool, Callable[[Any], Any] | None]:
+def _quick(column: models.Field, database: Any) -> tuple[bool, Callable[[Any], Any] | None]:
     """Return (True, convert) when ``column``'s archived values need no Field machinery on the
     way to the database (``convert`` None: as they are), else (False, None).
 
@@ -413,7 +413,7 @@ def _quick(column: models.Field) -> tuple[bool, Callable[[Any], Any] | None]:
     if kind is models.BinaryField:
         return True, lambda value: None if value is None else binascii.a2b_base64(value)
     if kind is models.DateTimeField:
-        adapt = connection.ops.adapt_datetimefield_value
+        adapt = database.ops.adapt_datetimefield_value
         slow = column.to_python
 
         def when(value: Any) -> Any:
@@ -421,60 +421,99 @@ def _quick(column: models.Field) -> tuple[bool, Callable[[Any], Any] | None]:
                 return None
             moment = datetime.fromisoformat(value)
             if moment.tzinfo is None:  # as get_prep_value would: warn, then take it as local
-                return column.get_db_prep_save(slow(value), connection)
+                return column.get_db_prep_save(slow(value), database)
             return adapt(moment)
 
         return True, when
     return False, None
 
 
-def load_model(
-    model: type[models.Model], archived_fields: list[str], rows: Iterator[dict], progress: Progress
-) -> LoadReport:
-    """Insert ``rows`` into ``model``'s table with plain INSERTs: no save(), no auto_now."""
+@dataclass
+class LoadPlan:
+    """How the archived rows of one model become database values (``load_plan``).
+
+    Made where the connection may be used (decoders look natural keys up); ``values`` only
+    converts, so it may run in another thread (``ahead``).
+    """
+
+    model: type[models.Model]
+    report: LoadReport
+    cols: list[models.Field]
+    straight: bool  # every value goes from the archive to the driver as it is, or nearly
+    steps: list[tuple[str, Callable[[Any], Any] | None]]
+    decoders: list[Callable[[Any], Any]]
+    defaults: dict[str, Any]
+    database: Any  # the DatabaseWrapper the values are prepared for
+
+    @property
+    def binary_copy(self) -> bool:
+        """Whether PostgreSQL's binary COPY takes these values (see ``pgcopy``)."""
+        return self.straight and self.database.vendor == "postgresql" and settings.USE_TZ
+
+    def values(self, rows: Iterator[dict]) -> Iterator[list[Any]]:
+        """Yield each row's values in ``cols`` order; rows that cannot load are reported in
+        ``report.dropped`` and left out."""
+        if self.straight:
+            steps = self.steps
+            for row in rows:
+                yield [row[n] if convert is None else convert(row[n]) for n, convert in steps]
+            return
+        model, report, database = self.model._meta.label_lower, self.report, self.database
+        for row in rows:
+            values = []
+            for column, decode in zip(self.cols, self.decoders, strict=True):
+                name = column.attname
+                value = decode(row[name]) if name in row else self.defaults[name]
+                if value is MISSING:  # a content type or permission this database lacks
+                    if not column.null:
+                        report.dropped.append(f"{model} {row}: {name}")
+                        break
+                    value = None
+                values.append(column.get_db_prep_save(value, database))
+            else:
+                yield values
+
+
+def load_plan(model: type[models.Model], archived_fields: list[str]) -> LoadPlan:
+    """Return how to load ``model``'s rows archived with ``archived_fields``."""
     report = LoadReport(model._meta.label_lower)
     cols = columns(model)
     names = [c.attname for c in cols]
     report.defaulted = [n for n in names if n not in archived_fields]
     report.ignored = [n for n in archived_fields if n not in names]
-    quick = [_quick(c) for c in cols]
-
+    database = connections[DEFAULT_DB_ALIAS]
+    quick = [_quick(c, database) for c in cols]
     # Most rows by far: every value goes straight from the archive to the database.
     straight = not report.defaulted and all(fast for fast, _ in quick)
-    steps = [(name, convert) for name, (_, convert) in zip(names, quick, strict=True)]
-    # Read here, not while COPY holds the connection: decoders may look natural keys up.
-    decoders = [] if straight else [_decoder(c) for c in cols]
-    defaults = {c.attname: _default(c) for c in cols if c.attname in report.defaulted}
+    return LoadPlan(
+        model=model,
+        report=report,
+        cols=cols,
+        straight=straight,
+        steps=[(name, convert) for name, (_, convert) in zip(names, quick, strict=True)],
+        # Here, not while COPY holds the connection: decoders may look natural keys up.
+        decoders=[] if straight else [_decoder(c) for c in cols],
+        defaults={c.attname: _default(c) for c in cols if c.attname in report.defaulted},
+        database=database,
+    )
 
-    def prepared() -> Iterator[list[Any]]:
-        if straight:
-            for row in rows:
-                yield [row[n] if convert is None else convert(row[n]) for n, convert in steps]
-            return
-        for row in rows:
-            values = []
-            for column, decode in zip(cols, decoders, strict=True):
-                name = column.attname
-                value = decode(row[name]) if name in row else defaults[name]
-                if value is MISSING:  # a content type or permission this database lacks
-                    if not column.null:
-                        report.dropped.append(f"{model._meta.label_lower} {row}: {name}")
-                        break
-                    value = None
-                values.append(column.get_db_prep_save(value, connection))
-            else:
-                yield values
+
+def load_model(
+    model: type[models.Model], archived_fields: list[str], rows: Iterator[dict], progress: Progress
+) -> LoadReport:
+    """Insert ``rows`` into ``model``'s table with plain INSERTs: no save(), no auto_now."""
+    plan = load_plan(model, archived_fields)
 
     def done(count: int) -> None:
-        report.rows += count
+        plan.report.rows += count
         progress(count)
 
-    if straight and connection.vendor == "postgresql" and settings.USE_TZ:
+    if plan.binary_copy:
         # Values as the driver takes them: binary COPY (see pgcopy), about twice as fast.
-        pgcopy.write(model._meta.db_table, [c.column for c in cols], prepared(), done)
+        pgcopy.write(model._meta.db_table, [c.column for c in plan.cols], plan.values(rows), done)
     else:
-        _insert(model, cols, prepared(), done)
-    return report
+        _insert(model, plan.cols, plan.values(rows), done)
+    return plan.report
 
 
 def _insert(

@@ -18,6 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
 
+from django.core.management.color import no_style
 from django.db import connection, transaction
 
 from sessions_app.backup import pgcopy
@@ -109,10 +110,16 @@ def loader(member: IO[bytes], entry: dict[str, Any]) -> Callable[[], int]:
     """Return what loads the archive's documents (with their triggers off); it returns how
     many there are."""
     from sessions_app.backup.portable import inflated
+    from sessions_app.models import SearchDocument
 
     def load() -> int:
         pgcopy.copy_in(entry["table"], [name for name, _ in entry["columns"]], inflated(member))
+        # The documents came with their ids: the triggers' next document takes an id past
+        # them, not one the database had counted to before (a fresh database: 1).
+        reset = connection.ops.sequence_reset_sql(no_style(), [SearchDocument])
         with connection.cursor() as cursor:
+            for statement in reset:
+                cursor.execute(statement)
             cursor.execute(f"SELECT count(*) FROM {connection.ops.quote_name(entry['table'])}")
             return cursor.fetchone()[0]
 

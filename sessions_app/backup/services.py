@@ -462,7 +462,13 @@ def _replace(
         return
     try:
         loaded = load.load(
-            opened, load.from_members(opened), current, same_migrations, reporter, beside=beside
+            opened,
+            load.from_members(opened),
+            current,
+            same_migrations,
+            reporter,
+            beside=beside,
+            members=True,
         )
     finally:
         if beside is not None:
