@@ -31,6 +31,7 @@ from sessions_app.errors import (
 )
 from sessions_app.states import LIVE_STATES
 from sessions_app.storage import Scrollback, SessionRecord, get_storage
+from sessions_app.wsprotocol import TerminalWebSocketProtocol
 
 logger = logging.getLogger(__name__)
 
@@ -101,11 +102,25 @@ class TerminalConsumer(AsyncWebsocketConsumer):
         self.channel_layer = None
         self.base_send = send
         self._send_frame = _past_session_wrapper(send)
+        self._waiting = False
+        # Served by termsys's own protocol (manage.py serve): input frames may come straight
+        # to _input_now, and output frames leave through send_output_now (wsprotocol.py).
+        protocol = getattr(receive, "__self__", None)
+        self._protocol = protocol if isinstance(protocol, TerminalWebSocketProtocol) else None
+        if self._protocol is not None:
+            self._protocol.fast_input = self._input_now
         try:
             while True:
-                await self.dispatch(await receive())
+                self._waiting = True
+                message = await receive()
+                self._waiting = False
+                await self.dispatch(message)
         except StopConsumer:
             pass
+        finally:
+            if self._protocol is not None:
+                self._protocol.fast_input = None
+                self._protocol = None
 
     async def dispatch(self, message: dict[str, Any]) -> None:
         # Channels' dispatch closes old database connections before every message: a hop to
@@ -296,6 +311,30 @@ class TerminalConsumer(AsyncWebsocketConsumer):
         await self.send_error(error.code, error.message)
         await self.close(code=error.close_code)
 
+    def _input_now(self, data: bytes) -> bool:
+        """Write input from the protocol's short path; False leaves it to ``receive``.
+
+        Only while this consumer waits for its next message (nothing earlier is unfinished)
+        and only input that passes every check: anything to report takes the ordinary path.
+        """
+        terminal = self.terminal
+        if (
+            not self._waiting
+            or terminal is None
+            or terminal.ended
+            or self.read_only
+            or len(data) > conf.MAX_INPUT_FRAME_BYTES
+            or not self.bucket.take()
+        ):
+            return False
+        try:
+            terminal.write(data, client=self)
+        except Exception:
+            # What fails here fails before the PTY took anything (its size, its write): the
+            # ordinary path tries again, and reports it.
+            return False
+        return True
+
     async def _input(self, data: bytes) -> None:
         if len(data) > conf.MAX_INPUT_FRAME_BYTES:
             await self._too_large("Input", len(data), conf.MAX_INPUT_FRAME_BYTES)
@@ -398,6 +437,11 @@ class TerminalConsumer(AsyncWebsocketConsumer):
     async def send_output(self, data: bytes) -> None:
         # Straight to the server (the hot path): what AsyncWebsocketConsumer.send would do.
         await self._send_frame({"type": "websocket.send", "bytes": data})
+
+    def send_output_now(self, data: bytes) -> bool:
+        """Send output at once if the socket takes it now (termsys's protocol only)."""
+        protocol = self._protocol
+        return protocol is not None and protocol.send_binary_now(data)
 
     async def send_control(self, message: dict[str, Any]) -> None:
         await self.send(text_data=json.dumps(message))

@@ -88,6 +88,9 @@ class Client(Protocol):
 
     async def send_control(self, message: dict[str, Any]) -> None: ...
 
+    # Optional: ``send_output_now(data) -> bool`` sends output bytes at once if the socket
+    # takes them now, without a coroutine (False: not sent, ``send_output`` is awaited).
+
 
 class LiveTerminal:
     """A running PTY and the clients attached to it."""
@@ -493,6 +496,10 @@ class LiveTerminal:
         """Send ``payload`` without a task when nothing is queued for ``client``: the server
         takes it at once unless the socket's buffer is full; only then does a task wait on
         it (and send what is queued meanwhile)."""
+        if isinstance(payload, bytes):
+            send_now = getattr(client, "send_output_now", None)
+            if send_now is not None and send_now(payload):
+                return
         sending = self._send(client, payload)
         try:
             waiting = sending.send(None)

@@ -10,6 +10,7 @@ import time
 import pytest
 from django.contrib.admin.utils import quote
 from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.frames import Frame, Opcode
 from websockets.sync.client import connect as ws_connect
 
 from sessions_app.pty import is_running
@@ -72,6 +73,58 @@ def test_websocket_without_login_closes_4401(live_termsys, live_client):
         with pytest.raises(ConnectionClosed):
             ws.recv(timeout=10)
         assert ws.protocol.close_rcvd.code == 4401
+
+
+def masked(opcode: Opcode, data: bytes) -> bytes:
+    """One client frame as it goes on the wire (masked, RFC 6455)."""
+    return Frame(opcode, data).serialize(mask=True, extensions=[])
+
+
+def test_typing_between_control_frames_reaches_the_shell_whole_and_in_order(
+    live_termsys, live_client
+):
+    """Input frames take the server's short path when nothing is queued before them and the
+    ordinary one otherwise; mixed in one write with control frames, none is lost, none
+    overtakes another."""
+    body = open_terminal(live_client, "burst")
+    url = ws_url(live_termsys, body["connectionUrl"])
+    with ws_connect(
+        url, origin=live_termsys.url, additional_headers=live_client.ws_headers(), open_timeout=10
+    ) as ws:
+        read_until(ws, b"# ")
+        words = " ".join(f"w{n}" for n in range(120))
+        typed = f"printf '<%s>' {words}; echo\r".encode()
+        wire = bytearray()
+        for n, at in enumerate(range(0, len(typed), 3)):
+            wire += masked(Opcode.BINARY, typed[at : at + 3])
+            if n % 2:
+                wire += masked(Opcode.TEXT, b'{"type":"ack","bytes":0}')
+            if n % 25 == 0:
+                wire += masked(Opcode.TEXT, b'{"type":"ping"}')
+        ws.socket.sendall(wire)  # one write: the server reads it in as few reads as it can
+        expected = "".join(f"<w{n}>" for n in range(120)).encode()
+        out, controls = read_until(ws, expected)
+        assert out.count(expected) == 1
+        assert not [c for c in controls if c["type"] == "error"], controls
+
+
+def test_a_read_only_viewers_typing_is_refused_and_never_reaches_the_shell(
+    live_termsys, live_client
+):
+    body = open_terminal(live_client, "viewer")
+    url = ws_url(live_termsys, body["connectionUrl"])
+    headers = live_client.ws_headers()
+    viewer_url = url + "?readonly=1"
+    with (
+        ws_connect(url, origin=live_termsys.url, additional_headers=headers) as owner,
+        ws_connect(viewer_url, origin=live_termsys.url, additional_headers=headers) as viewer,
+    ):
+        read_until(owner, b"# ")
+        viewer.send(b"echo peeked-$((6*7))\r")
+        assert read_until_control(viewer, "error")["code"] == "read_only"
+        owner.send(b"echo owner-$((6*7))\r")
+        out, _ = read_until(owner, b"owner-42")
+        assert b"peeked" not in out
 
 
 def test_history_and_exited_state_survive_a_server_restart(live_termsys, live_client):

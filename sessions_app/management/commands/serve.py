@@ -12,7 +12,8 @@ from django.core.management.base import BaseCommand, CommandError
 MAX_MESSAGE_BYTES = 1024 * 1024
 
 # uvicorn on uvloop, httptools and websockets: the per-frame cost of the server is what is
-# left of a keystroke's round trip once the consumer is lean (bench/README.md).
+# left of a keystroke's round trip once the consumer is lean (bench/README.md), so the terminal's
+# input and output frames skip ASGI's queue and coroutines (sessions_app/wsprotocol.py).
 #
 # WebSockets stay open as long as the peer answers pings (every 20 s, 30 s to answer): a
 # terminal tab may sit idle for days, and a proxy must not drop it for silence. The page
@@ -22,7 +23,8 @@ MAX_MESSAGE_BYTES = 1024 * 1024
 UVICORN_OPTIONS: dict[str, Any] = {
     "loop": "uvloop",
     "http": "httptools",
-    "ws": "websockets-sansio",
+    # uvicorn's websockets-sansio protocol, with a short path for terminal frames
+    "ws": "sessions_app.wsprotocol:TerminalWebSocketProtocol",
     "ws_max_size": MAX_MESSAGE_BYTES,
     "ws_ping_interval": 20.0,
     "ws_ping_timeout": 30.0,
