@@ -14,7 +14,10 @@ nearly all of its traffic:
 - ``send_binary_now`` writes a binary frame at once when the connection is open and writable,
   and returns False otherwise (the caller then awaits the ordinary ``send``).
 
-Anything else (text frames, pings, close, the handshake) is uvicorn's.
+Anything else (text frames, pings, close, the handshake) is uvicorn's. This subclass reads
+uvicorn's own attributes (``queue``, ``frames``, ``writable``, ``conn``...): it is written for
+the uvicorn and websockets pinned in requirements/base.txt, and the live-server tests
+(tests/test_live_server.py, tests/browser) run every terminal frame through it.
 """
 
 from __future__ import annotations
