@@ -98,15 +98,13 @@ class _Spool(Writer):
 
 
 class Ahead:
-    """Format ``jobs`` (in load order; None: loaded otherwise) in a thread; ``send`` each one's
-    data in turn."""
+    """Format ``jobs`` (in load order) in a thread; ``send`` each one's data in turn."""
 
-    def __init__(self, jobs: list[Job | None]) -> None:
+    def __init__(self, jobs: list[Job]) -> None:
         self.changed = threading.Condition()
         self.used = 0
         self.stopped = False
-        self.numbers = [n for n, job in enumerate(jobs) if job is not None]
-        self.jobs = [job for job in jobs if job is not None]
+        self.jobs = jobs
         self.spools = [_Spool(self) for _ in jobs]
         # psycopg's Copy with a writer of its own formats only, never using the connection;
         # made here all the same (reading the connection's encoding and adapters), one cursor
@@ -154,14 +152,9 @@ class Ahead:
             if close is not None:
                 close()  # stops the member's inflating thread
 
-    def has(self, number: int) -> bool:
-        """Whether job ``number`` (of those given) is formatted here."""
-        return number in self.numbers
-
     def send(self, number: int, done: Progress) -> LoadReport:
         """Send job ``number``'s rows to its table (its COPY), calling ``done`` with rows sent."""
-        index = self.numbers.index(number)
-        job, spool = self.jobs[index], self.spools[index]
+        job, spool = self.jobs[number], self.spools[number]
         sql = pgcopy.copy_sql(job.table, job.names, binary=job.types is not None)
         with connection.cursor() as cursor, cursor.cursor.copy(sql) as copy:
             for block, rows in spool.drain():
@@ -182,10 +175,8 @@ class Ahead:
             cursor.close()
 
 
-def job(plan: LoadPlan, rows: Rows) -> Job | None:
-    """Return the job of loading ``plan``'s model, or None where COPY is not how it loads."""
-    if connection.vendor != "postgresql":
-        return None
+def job(plan: LoadPlan, rows: Rows) -> Job:
+    """Return the job of loading ``plan``'s model with COPY (PostgreSQL)."""
     model: type[models.Model] = plan.model
     names = [c.column for c in plan.cols]
     types = pgcopy.column_types(model._meta.db_table, names) if plan.binary_copy else None

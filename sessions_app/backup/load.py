@@ -9,6 +9,7 @@ as the archive stored it when it fits (``searchindex``). Any error rolls everyth
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
@@ -65,23 +66,33 @@ def _then(load: Callable[[], int], then: Callable[[], None]) -> Callable[[], int
     return both
 
 
-def _ahead(
-    opened: archive.Archive, loading: list[tuple[type[models.Model], dict[str, Any]]]
-) -> ahead.Ahead | None:
+@contextlib.contextmanager
+def _formatted_ahead(
+    opened: archive.Archive,
+    loading: list[tuple[type[models.Model], dict[str, Any]]],
+    *,
+    wanted: bool,
+) -> Iterator[ahead.Ahead | None]:
     """Prepare to format the rows ahead (``start``: once the documents are in, while their
-    indexes build); None if a plan fails (the load then reports why)."""
+    indexes build), and stop that at the end; None if not ``wanted`` or if a plan fails (the
+    load then reports why)."""
+    formatting = None
+    if wanted:
+        try:
+            with transaction.atomic():  # a savepoint: a failed query leaves the restore usable
+                formatting = ahead.Ahead(_ahead_jobs(opened, loading))
+        except Exception as exc:
+            logger.info("rows not formatted ahead: %s", exc)
     try:
-        with transaction.atomic():  # a savepoint: a failed query leaves the restore usable
-            jobs = _ahead_jobs(opened, loading)
-    except Exception as exc:
-        logger.info("rows not formatted ahead: %s", exc)
-        return None
-    return ahead.Ahead(jobs)
+        yield formatting
+    finally:
+        if formatting is not None:
+            formatting.close()
 
 
 def _ahead_jobs(
     opened: archive.Archive, loading: list[tuple[type[models.Model], dict[str, Any]]]
-) -> list[ahead.Job | None]:
+) -> list[ahead.Job]:
     """The models' loads, formatted ahead from the members (read apart: another thread)."""
 
     def reader(model: type[models.Model], member: str) -> ahead.Rows:
@@ -183,46 +194,37 @@ def load(
     done = Loaded(index="loaded as stored" if stored else f"rebuilt ({why_not})")
     first = stored is not None and beside is not None
     try:
-        with transaction.atomic():
-            formatting = None
-            if first and members and connection.vendor == "postgresql":
-                formatting = _ahead(opened, loading)
-            if formatting is not None and stored is not None:
+        # Stored documents are PostgreSQL's (searchindex.unusable): COPY data can be formatted.
+        with (
+            transaction.atomic(),
+            _formatted_ahead(opened, loading, wanted=first and members) as formatting,
+        ):
+            if formatting is not None:
                 stored = _then(stored, formatting.start)
-            try:
-                if first:
-                    reporter.note("search index")
-                with derived.triggers_off(
-                    tables, derived_tables, stored, first=first
-                ) as loaded_first:
-                    if beside is not None:
-                        reporter.note("waiting for the safety backup")
-                        beside.result()
-                    reporter.note("emptying the tables")
-                    _empty(current, derived_loaded=loaded_first)
-                    reporter.stage("load", sum(entry["rows"] for _, entry in loading))
-                    for n, (model, entry) in enumerate(loading):
-                        _load_model(
-                            file=file,
-                            rows=rows,
-                            model=model,
-                            entry=entry,
-                            done=done,
-                            reporter=reporter,
-                            send=(
-                                partial(formatting.send, n)
-                                if formatting is not None and formatting.has(n)
-                                else None
-                            ),
-                        )
-                    portable.reset_sequences(current)
-                    if loaded_first:
-                        reporter.note("checking foreign keys, committing")
-                    else:
-                        reporter.note("search index" if stored else "rebuilding the search index")
-            finally:
-                if formatting is not None:
-                    formatting.close()
+            if first:
+                reporter.note("search index")
+            with derived.triggers_off(tables, derived_tables, stored, first=first) as loaded_first:
+                if beside is not None:
+                    reporter.note("waiting for the safety backup")
+                    beside.result()
+                reporter.note("emptying the tables")
+                _empty(current, derived_loaded=loaded_first)
+                reporter.stage("load", sum(entry["rows"] for _, entry in loading))
+                for n, (model, entry) in enumerate(loading):
+                    _load_model(
+                        file=file,
+                        rows=rows,
+                        model=model,
+                        entry=entry,
+                        done=done,
+                        reporter=reporter,
+                        send=None if formatting is None else partial(formatting.send, n),
+                    )
+                portable.reset_sequences(current)
+                if loaded_first:
+                    reporter.note("checking foreign keys, committing")
+                else:
+                    reporter.note("search index" if stored else "rebuilding the search index")
     except DatabaseError as exc:  # a foreign key broken, found when checked after the load
         raise LoadError(CHECK_FAILED.format(file=file, error=exc)) from exc
     return done
