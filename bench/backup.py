@@ -10,7 +10,10 @@ terminal-like output in 4 KiB chunks, then times:
   search documents, into a temporary directory);
 - ``verify``: reading every member and checking its sha256;
 - ``restore``: ``backup restore`` of that archive, which includes verifying it again, the
-  safety backup of the (same-sized) current data, and the load in one transaction.
+  safety backup of the (same-sized) current data, and the load in one transaction;
+- ``undo``: ``backup restore`` of the safety backup that restore wrote (putting back what the
+  restore replaced: on SQLite the database file, on PostgreSQL binary copies with the search
+  documents), itself with a safety backup.
 
 Each is followed by where its time went, stage by stage (``Phases``: each stage or note of the
 operation lasts until the next). On SQLite a restore's safety backup is the database file
@@ -160,14 +163,23 @@ def run(sessions: int, scrollback: int, work: Path) -> None:
     restore_s = time.perf_counter() - started
     restore_phases = phases.done()
 
+    (safety,) = safety_dir.glob("*.tar")
+    started = time.perf_counter()
+    phases = Phases()
+    services.backup_restore(safety, safety_dir=work / f"undo-{sessions}", reporter=phases)
+    undo_s = time.perf_counter() - started
+    undo_phases = phases.done()
+
     print(
         f"{sessions:>6} sessions x {scrollback} KiB  rows {rows:>7}  archive "
         f"{size / 1024**2:7.1f} MiB  fill {filled:6.2f} s  create {create_s:6.2f} s  "
-        f"verify {verify_s:5.2f} s  restore {restore_s:6.2f} s",
+        f"verify {verify_s:5.2f} s  restore {restore_s:6.2f} s  undo {undo_s:6.2f} s "
+        f"(safety backup {safety.stat().st_size / 1024**2:.1f} MiB)",
         flush=True,
     )
     print(f"    create phases (s): {create_phases}", flush=True)
     print(f"    restore phases (s): {restore_phases}", flush=True)
+    print(f"    undo phases (s): {undo_phases}", flush=True)
 
 
 def main() -> None:

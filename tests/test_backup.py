@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from django.contrib.auth.models import Group, Permission, User
+from django.contrib.contenttypes.models import ContentType
 from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.db import connection
@@ -246,15 +247,82 @@ def test_create_can_leave_the_native_copy_out_and_the_safety_backup_undoes_a_res
     backup("restore", str(path), "--yes")
     assert TerminalSession.objects.count() == 3
     # The safety backup holds the data once: on SQLite the database file (a restore into the
-    # same schema copies it back page for page), on PostgreSQL the portable form.
+    # same schema copies it back page for page), on PostgreSQL binary copies.
     safety = next(backup_dir.glob("*-safety.tar"))
     manifest = archive.read_manifest(safety)
-    if connection.vendor == "sqlite":
-        assert manifest["native"]["member"] == "native/db.sqlite3" and not manifest["portable"]
-    else:
-        assert manifest["native"]["member"] is None and manifest["portable"]
-    backup("restore", str(safety), "--yes")
+    assert manifest["native"]["member"] == (
+        "native/db.sqlite3" if connection.vendor == "sqlite" else None
+    )
+    assert not manifest["portable"]
+    assert bool(manifest["copies"]) == (connection.vendor == "postgresql")
+    printed = backup("restore", str(safety), "--yes")
     assert TerminalSession.objects.count() == 0
+    if connection.vendor == "sqlite":
+        assert "rows from the SQLite copy, page for page" in printed
+    else:
+        assert "rows from binary copies, search index loaded as stored" in printed
+
+
+def all_search_documents() -> list[tuple]:
+    """Every document as the database has it: id, every column, the vector as text."""
+    table = SearchDocument._meta.db_table
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT *, vector::text FROM {table} ORDER BY id")
+        return cursor.fetchall()
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="PostgreSQL's binary copies")
+def test_undoing_a_restore_brings_back_the_search_documents_as_they_were(backup_dir):
+    """The safety backup holds the documents as they are: restoring it (undoing the restore)
+    loads them, not computing every vector again, and search finds what it found before."""
+    seeded = seed()
+    backup("create")
+    path = only_archive(backup_dir)
+    change_data(seeded["ana"])
+    session = TerminalSession.objects.create(
+        project=Project.objects.get(name="new"), user=seeded["ana"], tab_name="after"
+    )
+    get_storage("DATABASE").append_output(session.id, 0, b"only-after-the-backup\r\n")
+    changed, documents = snapshot(), all_search_documents()
+    assert "only-after-the-backup" in str(documents)
+
+    printed = backup("restore", str(path), "--yes")
+    assert "rows from the portable form, search index loaded as stored" in printed
+    assert not SearchDocument.objects.filter(body__contains="only-after-the-backup").exists()
+
+    safety = next(backup_dir.glob("*-safety.tar"))
+    with tarfile.open(safety) as tar:
+        names = tar.getnames()
+    assert "derived/sessions_app.searchdocument.pgcopy.gz" in names
+    assert not [name for name in names if name.startswith("data/")]  # no portable form
+    printed = backup("restore", str(safety), "--yes")
+    assert "rows from binary copies, search index loaded as stored" in printed
+    assert snapshot() == changed
+    assert all_search_documents() == documents  # ids, bodies and vectors
+    out = io.StringIO()
+    call_command("sessions", "search", '"only after the backup"', "--user", "ana", stdout=out)
+    assert session.id in out.getvalue() and "[only" in out.getvalue()
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="PostgreSQL's binary copies")
+def test_a_safety_backup_is_refused_where_its_ids_mean_other_rows(backup_dir):
+    """Binary copies keep content type and permission ids as they are: in a database where
+    those ids name other things, the safety backup is refused, and nothing changes."""
+    seeded = seed()
+    backup("create")
+    backup("restore", str(only_archive(backup_dir)), "--yes")
+    safety = next(backup_dir.glob("*-safety.tar"))
+    change_data(seeded["ana"])
+    ContentType.objects.create(app_label="elsewhere", model="thing")  # another database's ids
+    before = snapshot()
+    message = refused("restore", str(safety), "--dry-run")  # says so before anyone confirms
+    assert "its content type and permission ids are not this database's" in message
+    message = refused("restore", str(safety), "--yes")
+    assert "holds its rows only as PostgreSQL binary COPY (a safety backup)" in message
+    assert "its content type and permission ids are not this database's" in message
+    assert "nothing changed" in message
+    assert snapshot() == before
+    assert len(list(backup_dir.glob("*-safety*.tar"))) == 1  # refused before its own safety
 
 
 def test_restore_continues_ids_after_the_restored_ones(backup_dir):
@@ -281,7 +349,7 @@ def test_the_archive_is_private_and_describes_itself(backup_dir):
         chunk_member = next(m for m in manifest["models"] if m["model"].endswith("outputchunk"))
         lines = gzip.decompress(tar.extractfile(chunk_member["member"]).read()).splitlines()
     assert names[0] == "manifest.json" and names[-1] == "manifest.sha256"
-    assert manifest["format"] == "termsys-backup" and manifest["version"] == 2
+    assert manifest["format"] == "termsys-backup" and manifest["version"] == 3
     assert manifest["database"]["vendor"] == connection.vendor
     assert manifest["migrations"] == migrations.applied()
     counts = {m["model"]: m["rows"] for m in manifest["models"]}

@@ -28,8 +28,10 @@ from pathlib import Path
 from typing import IO, Any
 
 FORMAT = "termsys-backup"
-VERSION = 2
-READS = (1, 2)  # version 1: every member is the portable form or the native copy for operators
+VERSION = 3
+# Version 1: every member is the portable form or the native copy for operators; 2 added the
+# search index member and the native copy restore loads; 3 the binary copies (``copies``).
+READS = (1, 2, 3)
 MANIFEST = "manifest.json"
 MANIFEST_SUM = "manifest.sha256"
 SUFFIX = ".tar"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -19,7 +20,15 @@ from typing import Any
 
 from django.db import DatabaseError, connection, models, transaction
 
-from sessions_app.backup import ahead, archive, derived, portable, searchindex, sqlite_native
+from sessions_app.backup import (
+    ahead,
+    archive,
+    copies,
+    derived,
+    portable,
+    searchindex,
+    sqlite_native,
+)
 
 COUNT_MISMATCH = (
     "{file}: after loading, {model} has {found} rows, the archive says {expected}; the restore "
@@ -28,6 +37,7 @@ COUNT_MISMATCH = (
 LOAD_FAILED = "{file}: loading {model} failed ({error}); the restore was rolled back."
 CHECK_FAILED = "{file}: {error}; the restore was rolled back and nothing changed."
 LOGIN_SESSIONS_TABLE = "django_session"
+DOCUMENTS_POLL = 0.05  # seconds between looks at a safety backup that may have failed
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +46,32 @@ Rows = Callable[[type[models.Model], dict[str, Any]], tuple[Iterator[dict[str, A
 
 class LoadError(Exception):
     """The load failed and was rolled back; the message says why."""
+
+
+@dataclass
+class Beside:
+    """The safety backup, written beside the load on a connection of its own (``services``).
+
+    It reads the search documents that the load replaces first: the load takes them over
+    (TRUNCATE, DROP INDEX: locks that wait for its reading transaction, which would wait for
+    them in turn if it came second) only once they are read (``documents``).
+    """
+
+    future: Future[Any]
+    documents: threading.Event
+
+    def documents_read(self) -> None:
+        """Wait until the documents are read or the backup has ended (raise if it failed)."""
+        while not self.documents.wait(DOCUMENTS_POLL):
+            if self.future.done():
+                self.future.result()
+                return
+
+    def result(self) -> Any:
+        return self.future.result()
+
+    def exception(self) -> BaseException | None:
+        return self.future.exception()
 
 
 @dataclass
@@ -170,16 +206,19 @@ def load(
     same_migrations: bool,
     reporter: Any,
     *,
-    beside: Future[Any] | None = None,
+    beside: Beside | None = None,
     members: bool = False,
+    copied: bool = False,
 ) -> Loaded:
     """Replace the data of ``current`` models with the archive's, all or nothing.
 
     ``beside``: the safety backup, running in a thread of its own on a connection of its own;
-    waited for (and its error raised, rolling back) before any backed-up row is touched. On
+    waited for (and its error raised, rolling back) before any backed-up row is touched, and
+    until it has read the search documents before they are (``Beside``). On
     PostgreSQL with stored documents they are loaded and indexed meanwhile: the server's work,
     which leaves the second core to the safety backup and, when ``rows`` are the archive's
     members (``members``), to formatting them as COPY data ahead of their load (``ahead``).
+    ``copied``: load the archive's binary copies instead of ``rows`` (``copies``: they fit).
     """
     manifest, file = opened.manifest, opened.path
     by_label = {model._meta.label_lower: model for model in current}
@@ -197,10 +236,15 @@ def load(
         # Stored documents are PostgreSQL's (searchindex.unusable): COPY data can be formatted.
         with (
             transaction.atomic(),
-            _formatted_ahead(opened, loading, wanted=first and members) as formatting,
+            _formatted_ahead(
+                opened, loading, wanted=first and members and not copied
+            ) as formatting,
         ):
             if formatting is not None:
                 stored = _then(stored, formatting.start)
+            if beside is not None:
+                reporter.note("safety backup reading the documents")
+                beside.documents_read()  # before this transaction locks them
             if first:
                 reporter.note("search index")
             with derived.triggers_off(tables, derived_tables, stored, first=first) as loaded_first:
@@ -211,6 +255,11 @@ def load(
                 _empty(current, derived_loaded=loaded_first)
                 reporter.stage("load", sum(entry["rows"] for _, entry in loading))
                 for n, (model, entry) in enumerate(loading):
+                    send = None  # its rows, loaded here from ``rows``
+                    if copied:
+                        send = copies.loader(opened, model, entry)
+                    elif formatting is not None:
+                        send = partial(formatting.send, n)
                     _load_model(
                         file=file,
                         rows=rows,
@@ -218,7 +267,7 @@ def load(
                         entry=entry,
                         done=done,
                         reporter=reporter,
-                        send=None if formatting is None else partial(formatting.send, n),
+                        send=send,
                     )
                 portable.reset_sequences(current)
                 if loaded_first:

@@ -13,6 +13,8 @@ from typing import IO, Any
 
 from django.db import connection
 
+# An archive member of binary COPY data (``searchindex``, ``copies``).
+FORMAT = "postgresql-binary-copy"
 # Rows per progress report while streaming.
 BATCH_ROWS = 1000
 
@@ -35,6 +37,18 @@ def column_types(table: str, names: list[str]) -> list[int]:
     if missing:
         raise LookupError(f"{table} has no column {', '.join(missing)}")
     return [found[name] for name in names]
+
+
+def table_columns(table: str) -> list[list[str]]:
+    """Return ``table``'s stored columns (not generated ones) as [name, type], in table order."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute "
+            "WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped "
+            "AND attgenerated = '' ORDER BY attnum",
+            [connection.ops.quote_name(table)],
+        )
+        return [[name, kind] for name, kind in cursor.fetchall()]
 
 
 def read(table: str, names: list[str], order_by: str) -> Iterator[tuple[Any, ...]]:

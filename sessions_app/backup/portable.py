@@ -213,12 +213,12 @@ class _Compressor:
 
     BLOCK = 1024 * 1024
 
-    def __init__(self, out: IO[bytes]) -> None:
+    def __init__(self, out: IO[bytes], workers: int | None = None) -> None:
         self.out = out
         self.buffer: list[bytes] = []
         self.buffered = 0
         self.members = 0
-        self.workers = max(1, min(COMPRESS_THREADS, os.cpu_count() or 1))
+        self.workers = workers or max(1, min(COMPRESS_THREADS, os.cpu_count() or 1))
         self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="backup-gzip")
         self.pending: deque[Future[bytes]] = deque()
 
@@ -273,9 +273,10 @@ def inflated(member: IO[bytes]) -> Iterator[bytes]:
     return iter(_Decompressed(member))
 
 
-def compressor(out: IO[bytes]) -> _Compressor:
-    """Return a writer that gzips what it is given to ``out`` on every core."""
-    return _Compressor(out)
+def compressor(out: IO[bytes], workers: int | None = None) -> _Compressor:
+    """Return a writer that gzips what it is given to ``out`` on every core (or ``workers``
+    threads)."""
+    return _Compressor(out, workers)
 
 
 def _lines(blocks: Iterator[bytes]) -> Iterator[bytes]:

@@ -24,7 +24,7 @@ from django.db import connection, transaction
 from sessions_app.backup import pgcopy
 
 MEMBER = "derived/sessions_app.searchdocument.pgcopy.gz"
-FORMAT = "postgresql-binary-copy"
+FORMAT = pgcopy.FORMAT
 MODEL = "sessions_app.searchdocument"
 LEFT_OUT = "left out on request"
 NOT_HERE = "kept only on PostgreSQL (SQLite rebuilds its FTS5 index from the restored output)"
@@ -38,14 +38,7 @@ def _table() -> str:
 
 def columns() -> list[list[str]]:
     """Return the documents table's stored columns as [name, type], in table order."""
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute "
-            "WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped "
-            "AND attgenerated = '' ORDER BY attnum",
-            [connection.ops.quote_name(_table())],
-        )
-        return [[name, kind] for name, kind in cursor.fetchall()]
+    return pgcopy.table_columns(_table())
 
 
 def write(path: Path, compressor: Callable[[IO[bytes]], Any]) -> dict[str, Any]:
@@ -65,11 +58,17 @@ def write(path: Path, compressor: Callable[[IO[bytes]], Any]) -> dict[str, Any]:
     }
 
 
-def start(path: Path, snapshot: str | None, compressor: Callable[[IO[bytes]], Any]) -> Future:
+def start(
+    path: Path,
+    snapshot: str | None,
+    compressor: Callable[[IO[bytes]], Any],
+    then: Callable[[], None] | None = None,
+) -> Future:
     """Write the documents to ``path`` in a thread of its own, on a connection of its own that
     reads ``snapshot`` (the backup's: the same data as the rest of the archive); the future's
     result is the manifest entry. Beside the JSON export: it is mostly the server's work and
-    zlib's, which let go of the GIL."""
+    zlib's, which let go of the GIL. ``then`` is called when that connection is closed (its
+    lock on the documents let go), whether or not it succeeded."""
     pool = ThreadPoolExecutor(1, thread_name_prefix="backup-index")
 
     def run() -> dict[str, Any]:
@@ -81,6 +80,8 @@ def start(path: Path, snapshot: str | None, compressor: Callable[[IO[bytes]], An
                 return write(path, compressor)
         finally:
             connection.close()  # this thread's own
+            if then is not None:
+                then()
 
     future = pool.submit(run)
     pool.shutdown(wait=False)

@@ -6,11 +6,14 @@ import logging
 import re
 import subprocess
 import tempfile
-from concurrent.futures import Future, ThreadPoolExecutor
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from django.conf import settings
 from django.contrib.contenttypes.models import ContentType
@@ -18,6 +21,7 @@ from django.db import connection, transaction
 
 from sessions_app.backup import (
     archive,
+    copies,
     load,
     migrations,
     native,
@@ -33,7 +37,8 @@ NAME_PREFIX = "termsys-backup-"
 SAFETY_LABEL = "safety"
 
 NOTHING_TO_LOAD = (
-    "{file}: the archive holds neither the portable form nor a SQLite copy; nothing changed."
+    "{file}: the archive holds neither the portable form, nor a SQLite copy, nor binary copies; "
+    "nothing changed."
 )
 SAFETY_FAILED = "the safety backup failed ({error}); nothing was restored, nothing changed."
 NATIVE_LEFT_OUT = "left out on request (restore loads the portable form)"
@@ -118,13 +123,21 @@ def backup_create(
     native_copy: bool = True,
     portable_form: bool = True,
     search_index: bool = True,
+    binary_copies: bool = False,
+    documents_read: Callable[[], None] | None = None,
+    compress_threads: int | None = None,
     reporter: Reporter | None = None,
 ) -> Created:
     """Write an archive of the whole database to ``output_dir`` (default: the backup dir).
 
     ``native_copy=False`` leaves the engine's own copy out; ``portable_form=False`` the JSON
     lines (kept if there is no native copy: an archive always holds the data once);
-    ``search_index=False`` PostgreSQL's stored search documents (see ``searchindex``).
+    ``search_index=False`` PostgreSQL's stored search documents (see ``searchindex``);
+    ``binary_copies`` adds PostgreSQL's binary COPY of every model (``copies``; ignored on
+    SQLite). ``documents_read`` is called once the search documents have been read, or are
+    not to be (a restore beside waits for it before it replaces them, see ``load.Beside``);
+    ``compress_threads`` limits the gzip threads of the binary copies (default: a thread per
+    core, up to ``portable.COMPRESS_THREADS``).
     """
     reporter = reporter or Reporter()
     directory = Path(output_dir) if output_dir is not None else backup_dir()
@@ -141,6 +154,11 @@ def backup_create(
         model: f"data/{i:03d}-{model._meta.label_lower}.jsonl.gz" for i, model in enumerate(found)
     }
     index_wanted = search_index and connection.vendor == "postgresql"
+    copied = (
+        {model: copies.member_name(i, model) for i, model in enumerate(found)}
+        if binary_copies and connection.vendor == "postgresql"
+        else {}
+    )
     native.prepare()
     with tempfile.TemporaryDirectory(dir=directory, prefix=".backup-") as tmp:
         writer: archive.Writer | None = None
@@ -154,8 +172,14 @@ def backup_create(
                     totals=totals,
                     members=members,
                     with_portable=portable_form,
+                    copied=copied,
                 )
-                names = [*members.values(), native.member_name(), searchindex.MEMBER]
+                names = [
+                    *members.values(),
+                    *copied.values(),
+                    native.member_name(),
+                    searchindex.MEMBER,
+                ]
                 writer = archive.Writer(path, archive.manifest_bound(manifest, names))
                 pending, manifest["native"] = _native_start(
                     native_copy, writer, Path(tmp) / "native", snapshot, warnings
@@ -165,10 +189,13 @@ def backup_create(
                     manifest=manifest,
                     found=found,
                     members=members,
+                    copied=copied,
                     work=Path(tmp),
                     pending=pending,
                     snapshot=snapshot,
                     index_wanted=index_wanted,
+                    documents_read=documents_read,
+                    compress=partial(portable.compressor, workers=compress_threads),
                     reporter=reporter,
                     warnings=warnings,
                 )
@@ -189,39 +216,51 @@ def _fill(
     manifest: dict[str, Any],
     found: list[type[Any]],
     members: dict[type[Any], str],
+    copied: dict[type[Any], str],
     work: Path,
     pending: native.Pending | None,
     snapshot: str | None,
     index_wanted: bool,
+    documents_read: Callable[[], None] | None,
+    compress: Callable[[IO[bytes]], Any],
     reporter: Reporter,
     warnings: list[str],
 ) -> None:
     """Put the members into ``writer`` (inside the backup's transaction) and complete the
     manifest's description of them."""
-    if not manifest["portable"] and pending is None:  # the data must be in the archive once
+    if not manifest["portable"] and pending is None and not copied:  # the data, at least once
         manifest["portable"] = True
         for entry, model in zip(manifest["models"], found, strict=True):
             entry["member"] = members[model]
+    read = documents_read or (lambda: None)
     index = None
     if index_wanted and snapshot:  # beside the export, reading the same snapshot
-        index = searchindex.start(work / "search-index", snapshot, portable.compressor)
+        index = searchindex.start(work / "search-index", snapshot, portable.compressor, then=read)
+    elif not index_wanted:
+        read()
     try:
-        if manifest["portable"]:
-            reporter.stage("export", sum(entry["rows"] for entry in manifest["models"]))
-            for model in found:
-                local = work / members[model].replace("/", "_")
-                portable.write_member(model, local, reporter.advance)
-                writer.add(members[model], local)
+        if index is not None and documents_read is not None:
+            index.exception()  # first, alone: a restore waits for it (``load.Beside``)
+        _write_rows(
+            writer,
+            manifest,
+            found,
+            members=members,
+            copied=copied,
+            compress=compress,
+            work=work,
+            reporter=reporter,
+        )
     finally:
         if index is not None:
             reporter.note("search index")
             index.exception()  # wait for it, also when the export failed
     if index_wanted:
-        manifest["search_index"] = (
-            index.result()
-            if index is not None
-            else searchindex.write(work / "search-index", portable.compressor)
-        )
+        if index is not None:
+            manifest["search_index"] = index.result()
+        else:  # in a caller's transaction
+            manifest["search_index"] = searchindex.write(work / "search-index", portable.compressor)
+            read()
         writer.add(searchindex.MEMBER, work / "search-index")
     if pending is not None:
         reporter.note(f"native copy ({pending.kind})")
@@ -232,6 +271,33 @@ def _fill(
             manifest["native"] = _native_missing(exc, warnings)
 
 
+def _write_rows(
+    writer: archive.Writer,
+    manifest: dict[str, Any],
+    found: list[type[Any]],
+    *,
+    members: dict[type[Any], str],
+    copied: dict[type[Any], str],
+    compress: Callable[[IO[bytes]], Any],
+    work: Path,
+    reporter: Reporter,
+) -> None:
+    """Write the models' rows: the portable form, binary copies, or both (as the manifest and
+    ``copied`` say)."""
+    if manifest["portable"]:
+        reporter.stage("export", sum(entry["rows"] for entry in manifest["models"]))
+        for model in found:
+            local = work / members[model].replace("/", "_")
+            portable.write_member(model, local, reporter.advance)
+            writer.add(members[model], local)
+    if copied:
+        reporter.note("binary copies")
+        for model, entry in zip(found, manifest["models"], strict=True):
+            local = work / copied[model].replace("/", "_")
+            entry["copy"]["columns"] = copies.write(model, local, compress)
+            writer.add(copied[model], local)
+
+
 def _manifest(
     *,
     now: datetime,
@@ -239,6 +305,7 @@ def _manifest(
     totals: dict[type[Any], int],
     members: dict[type[Any], str],
     with_portable: bool,
+    copied: dict[type[Any], str],
 ) -> dict[str, Any]:
     """Return the manifest of an archive about to be written (``members`` comes last)."""
     return {
@@ -261,9 +328,11 @@ def _manifest(
                 "rows": totals[model],
                 "fields": [c.attname for c in portable.columns(model)],
                 "member": members[model] if with_portable else None,
+                "copy": {"member": copied[model], "columns": None} if copied else None,
             }
             for model in totals
         ],
+        "copies": copies.describe() if copied else None,
         "skipped": portable.SKIPPED,
         "derived": portable.DERIVED,
         "search_index": searchindex.absent(
@@ -328,6 +397,8 @@ class Restored:
     warnings: list[str] = field(default_factory=list)
     safety: Path | None = None
     dry_run: bool = False
+    rows_from: str = ""  # which of the archive's forms the rows were loaded from
+    index: str = ""  # how the search index came back
 
 
 def backup_restore(
@@ -387,11 +458,18 @@ def _restore(
         warnings,
         dry_run=dry_run,
     )
+    same_migrations = manifest["migrations"] == migrations.applied()
+    copies_unusable = copies.unusable(manifest, same_migrations, current)
+    if (
+        not manifest.get("portable", True)
+        and not sqlite_native.has_copy(manifest)
+        and copies_unusable is not None
+    ):
+        if manifest.get("copies"):
+            raise BackupError(copies.ONLY_COPIES.format(file=file, why=copies_unusable))
+        raise BackupError(NOTHING_TO_LOAD.format(file=file))
     if dry_run:
         return result
-    has_portable = manifest.get("portable", True)
-    if not has_portable and not sqlite_native.has_copy(manifest):
-        raise BackupError(NOTHING_TO_LOAD.format(file=file))
     work = Path(safety_dir) if safety_dir is not None else backup_dir()
     try:
         work.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -403,6 +481,8 @@ def _restore(
                 opened,
                 result,
                 current=current,
+                same_migrations=same_migrations,
+                copied=copies_unusable is None,
                 tmp=Path(tmp),
                 safety_dir=safety_dir,
                 reporter=reporter,
@@ -419,6 +499,8 @@ def _replace(
     result: Restored,
     *,
     current: list[type[Any]],
+    same_migrations: bool,
+    copied: bool,
     tmp: Path,
     safety_dir: Path | None,
     reporter: Reporter,
@@ -427,17 +509,17 @@ def _replace(
 
     - SQLite, the archive's SQLite copy of this very schema: its pages (``sqlite_native``),
       extracted from the archive while the safety backup is written;
-    - the portable form (on PostgreSQL with the stored search documents, the safety backup is
-      written beside their load and index builds, ``load.load``);
+    - PostgreSQL, the archive's binary copies when they fit here (``copied``, see ``copies``),
+      else the portable form (either way, with the stored search documents, the safety backup
+      is written beside their load and index builds, ``load.load``);
     - an archive holding only a SQLite copy, of another schema or for PostgreSQL: its rows.
     """
     manifest, file = opened.manifest, opened.path
-    same_migrations = manifest["migrations"] == migrations.applied()
     page_copy = sqlite_native.candidate(manifest, same_migrations)
-    has_portable = manifest.get("portable", True)
+    native_rows = not copied and not manifest.get("portable", True)
     copy = tmp / "native.sqlite3"
     beside = None
-    if page_copy or not has_portable:  # extracted beside the safety backup: both I/O
+    if page_copy or native_rows:  # extracted beside the safety backup: both I/O
         with ThreadPoolExecutor(1, thread_name_prefix="backup-extract") as pool:
             extracting = pool.submit(opened.extract, manifest["native"]["member"], copy)
             try:
@@ -454,11 +536,13 @@ def _replace(
         page_copy = False
     if page_copy:
         _load_pages(opened, copy, current, reporter)
+        result.rows_from, result.index = "the SQLite copy, page for page", "copied with its pages"
         return
-    if not has_portable:
+    if native_rows:
         with sqlite_native.opened(copy) as alias:
             loaded = load.load(opened, load.from_native(alias), current, same_migrations, reporter)
         result.warnings.extend(loaded.warnings)
+        result.rows_from, result.index = "the SQLite copy, row by row", loaded.index
         return
     try:
         loaded = load.load(
@@ -469,6 +553,7 @@ def _replace(
             reporter,
             beside=beside,
             members=True,
+            copied=copied,
         )
     finally:
         if beside is not None:
@@ -476,33 +561,43 @@ def _replace(
     if beside is not None:
         result.safety = beside.result()
     result.warnings.extend(loaded.warnings)
+    result.rows_from = "binary copies" if copied else "the portable form"
+    result.index = loaded.index
 
 
 def _index_fits(manifest: dict[str, Any], same_migrations: bool) -> bool:
     return searchindex.unusable(manifest.get("search_index"), same_migrations) is None
 
 
-def _safety_beside(safety_dir: Path | None) -> Future[Path]:
+def _safety_beside(safety_dir: Path | None) -> load.Beside:
     """Start the safety backup in a thread, on a connection of its own (closed after)."""
     pool = ThreadPoolExecutor(1, thread_name_prefix="backup-safety")
+    read = threading.Event()
 
     def run() -> Path:
         try:
-            return _safety_backup(safety_dir, Reporter())
+            # The copies with one gzip thread: the restore's server work has the other core (the
+            # documents, read first while the restore waits for them, with every core).
+            return _safety_backup(safety_dir, Reporter(), documents_read=read.set, threads=1)
         finally:
             connection.close()  # this thread's own
 
     future = pool.submit(run)
     pool.shutdown(wait=False)
-    return future
+    return load.Beside(future, read)
 
 
-def _safety_backup(safety_dir: Path | None, reporter: Reporter) -> Path:
+def _safety_backup(
+    safety_dir: Path | None,
+    reporter: Reporter,
+    documents_read: Callable[[], None] | None = None,
+    threads: int | None = None,
+) -> Path:
     """Back up the current data before a restore replaces it; the archive is restorable.
 
     SQLite: the database file only (the native copy, which a restore into the same schema
-    copies back page for page); PostgreSQL: the portable form only, without the search index
-    (restoring it rebuilds the index).
+    copies back page for page); PostgreSQL: binary copies and the search documents only
+    (``copies``: they load into this database, and are the server's work to write).
     """
     reporter.note("safety backup of the current data")
     sqlite = connection.vendor == "sqlite"
@@ -511,8 +606,10 @@ def _safety_backup(safety_dir: Path | None, reporter: Reporter) -> Path:
             output_dir=safety_dir or backup_dir(),
             label=SAFETY_LABEL,
             native_copy=sqlite,
-            portable_form=not sqlite,
-            search_index=False,
+            portable_form=False,
+            binary_copies=not sqlite,
+            documents_read=documents_read,
+            compress_threads=threads,
             reporter=reporter,
         ).path
     except Exception as exc:

@@ -183,7 +183,8 @@ class Command(BaseCommand):
         rows = sum(change.archived for change in done.changes)
         self.stdout.write(
             self.style.SUCCESS(
-                f"Restored {file}: {rows} rows; row counts match the manifest. The data before "
+                f"Restored {file}: {rows} rows from {done.rows_from}, search index "
+                f"{done.index}; row counts match the manifest. The data before "
                 f"is in {done.safety}. Login sessions were cleared: everyone signs in again."
             )
         )
