@@ -242,7 +242,7 @@ def test_create_can_leave_the_native_copy_out_and_the_safety_backup_undoes_a_res
         manifest = json.loads(tar.extractfile("manifest.json").read())
     assert not [name for name in names if name.startswith("native/")]
     assert manifest["native"]["member"] is None and "on request" in manifest["native"]["reason"]
-    assert "native copy: none" in backup("verify", str(path))
+    assert "rows as: portable form; native copy: none" in backup("verify", str(path))
     TerminalSession.objects.all().delete()
     backup("restore", str(path), "--yes")
     assert TerminalSession.objects.count() == 3
@@ -255,11 +255,14 @@ def test_create_can_leave_the_native_copy_out_and_the_safety_backup_undoes_a_res
     )
     assert not manifest["portable"]
     assert bool(manifest["copies"]) == (connection.vendor == "postgresql")
+    verified = backup("verify", str(safety))
     printed = backup("restore", str(safety), "--yes")
     assert TerminalSession.objects.count() == 0
     if connection.vendor == "sqlite":
+        assert "rows as: the native copy only; native copy: sqlite-file" in verified
         assert "rows from the SQLite copy, page for page" in printed
     else:
+        assert "rows as: binary copies; native copy: none" in verified
         assert "rows from binary copies, search index loaded as stored" in printed
 
 

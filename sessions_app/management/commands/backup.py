@@ -154,10 +154,19 @@ class Command(BaseCommand):
         self.progress.finish()
         rows = sum(entry["rows"] for entry in manifest["models"])
         native = manifest["native"].get("kind") or "none"
+        forms = [
+            name
+            for name, present in (
+                ("portable form", manifest.get("portable", True)),
+                ("binary copies", manifest.get("copies")),
+            )
+            if present
+        ]
         self.stdout.write(
             self.style.SUCCESS(
                 f"{file}: OK: {len(manifest['members'])} members match their sha256; "
-                f"{rows} rows in {len(manifest['models'])} models; native copy: {native}; "
+                f"{rows} rows in {len(manifest['models'])} models; rows as: "
+                f"{', '.join(forms) or 'the native copy only'}; native copy: {native}; "
                 f"made {manifest['created_at'][:19]} by termsys {manifest['app_version']} "
                 f"on {manifest['database']['vendor']}."
             )
