@@ -1,10 +1,12 @@
 """A restore's row load: in one transaction, empty every backed-up table and load the rows.
 
-The rows come from the archive's portable form (JSON lines) or, for an archive that holds only
-SQLite's native copy, from that copy read as a database of its own (``sqlite_native.opened``).
-Either way each model is loaded by ``portable.load_model`` and its row count compared with the
-manifest; the search index is written once at the end (``derived``), or, on PostgreSQL, loaded
-as the archive stored it when it fits (``searchindex``). Any error rolls everything back.
+The rows come from the archive's portable form (JSON lines), its PostgreSQL binary copies
+when they fit (a safety backup, ``copies``), or, for an archive that holds only SQLite's native
+copy, from that copy read as a database of its own (``sqlite_native.opened``). Each model is
+loaded by ``portable.load_model`` (the copies: by ``copies.loader``) and its row count compared
+with the manifest; the search index is written once at the end (``derived``), or, on
+PostgreSQL, loaded as the archive stored it when it fits (``searchindex``). Any error rolls
+everything back.
 """
 
 from __future__ import annotations

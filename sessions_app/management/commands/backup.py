@@ -1,7 +1,9 @@
 """Create, list, verify, restore and prune backups of termsys's database.
 
 An archive is one tar file (mode 0600): a manifest, the data as JSON lines per model (what
-``restore`` loads, into SQLite or PostgreSQL alike) and the engine's own copy for operators.
+``restore`` loads, into SQLite or PostgreSQL alike) and the engine's own copy for operators; a
+restore's safety backup holds the data in the fastest form that loads back where it was made
+(SQLite's database file, PostgreSQL's binary copies).
 ``restore`` verifies every checksum, refuses archives from newer code, takes a safety backup
 and replaces the data in one transaction, or changes nothing.
 """
