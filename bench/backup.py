@@ -18,8 +18,11 @@ terminal-like output in 4 KiB chunks, then times:
 Each is followed by where its time went, stage by stage (``Phases``: each stage or note of the
 operation lasts until the next). On SQLite a restore's safety backup is the database file
 (``native copy (sqlite-file)`` and ``writing`` in its line); on PostgreSQL it runs in a thread
-beside the search documents' load and index builds (``search index``), and ``waiting for the
-safety backup`` is what the restore waited for it after those.
+beside the search documents' load and index builds: on a connection of their own into a table
+swapped in at the end (``search index beside``; ``waiting for the search index beside,
+swapping it in`` after the rows' ``load``) or, where the table cannot be swapped, in the
+restore's transaction (``search index``), after which ``waiting for the safety backup`` is
+what the restore still waited for it.
 
 Run: .venv/bin/python bench/backup.py [--sizes 1000,10000] [--scrollback 16]
      DATABASE_URL=postgres://postgres@127.0.0.1:5432/termsys_dev .venv/bin/python bench/backup.py

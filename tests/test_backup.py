@@ -23,7 +23,7 @@ from waffle.models import Switch
 
 from featureflags import services as flag_services
 from featureflags.models import Flag
-from sessions_app.backup import archive, derived, migrations, portable, services
+from sessions_app.backup import archive, derived, migrations, portable, services, swap
 from sessions_app.management.commands import backup as command
 from sessions_app.models import (
     OutputChunk,
@@ -328,6 +328,146 @@ def test_a_safety_backup_is_refused_where_its_ids_mean_other_rows(backup_dir):
     assert len(list(backup_dir.glob("*-safety*.tar"))) == 1  # refused before its own safety
 
 
+def documents_table() -> dict[str, list[tuple]]:
+    """The search documents table as migrations and grants made it, by name: columns, keys,
+    indexes, triggers, identity sequence, grants (what a later migration finds)."""
+    queries = {
+        "columns": "SELECT attname, format_type(atttypid, atttypmod), attnotnull, attidentity, "
+        "attstorage, pg_get_expr(d.adbin, d.adrelid) FROM pg_attribute a LEFT JOIN pg_attrdef d "
+        "ON d.adrelid = a.attrelid AND d.adnum = a.attnum WHERE attrelid = %(t)s::regclass "
+        "AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+        "constraints": "SELECT conname, pg_get_constraintdef(oid), convalidated FROM pg_constraint "
+        "WHERE conrelid = %(t)s::regclass ORDER BY conname",
+        "indexes": "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = %(t)s "
+        "ORDER BY indexname",
+        "triggers": "SELECT tgname, pg_get_triggerdef(oid), tgenabled FROM pg_trigger "
+        "WHERE tgrelid = %(t)s::regclass AND NOT tgisinternal ORDER BY tgname",
+        "sequence": "SELECT pg_get_serial_sequence(%(t)s, 'id')",
+        "grants": "SELECT grantee, privilege_type FROM information_schema.role_table_grants "
+        "WHERE table_name = %(t)s ORDER BY 1, 2",
+    }
+    found = {}
+    with connection.cursor() as cursor:
+        for name, sql in queries.items():
+            cursor.execute(sql, {"t": SearchDocument._meta.db_table})
+            found[name] = cursor.fetchall()
+    return found
+
+
+def documents_table_oid() -> int:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT %s::regclass::oid", [SearchDocument._meta.db_table])
+        return cursor.fetchone()[0]
+
+
+def swap_table_left() -> bool:
+    """Whether a restore left its table of documents loaded beside (PostgreSQL) behind."""
+    if connection.vendor != "postgresql":
+        return False
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT to_regclass(%s) IS NOT NULL", [swap.SIDE])
+        return cursor.fetchone()[0]
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="PostgreSQL's stored documents")
+def test_a_restore_swaps_in_the_search_documents_with_every_name_and_grant(backup_dir):
+    """The stored documents load beside the rows, into a table of their own swapped in at the
+    end: the table keeps every name migrations gave it, and its grants, and search and new
+    output work as before."""
+    seeded = seed()
+    table = SearchDocument._meta.db_table
+    with connection.cursor() as cursor:
+        cursor.execute(f"GRANT SELECT ON {table} TO PUBLIC")  # a reporting role, say
+    shape, oid, documents = documents_table(), documents_table_oid(), all_search_documents()
+    assert ("PUBLIC", "SELECT") in shape["grants"] and shape["sequence"] != [(None,)]
+    backup("create")
+    change_data(seeded["ana"])
+
+    printed = backup("restore", str(only_archive(backup_dir)), "--yes")
+    assert "search index loaded as stored" in printed
+    assert documents_table_oid() != oid  # another table...
+    assert documents_table() == shape  # ...with every name, definition and grant of the first
+    assert all_search_documents() == documents
+    assert not swap_table_left()
+    # Its triggers and identity: new output gets a document of its own, found by search.
+    session = TerminalSession.objects.create(
+        project=Project.objects.get(name="api"), user=seeded["ana"], tab_name="after"
+    )
+    get_storage("DATABASE").append_output(session.id, 0, b"written-after-the-swap\r\n")
+    found = SearchDocument.objects.get(source="output", body__contains="written-after-the-swap")
+    assert found.id > max(row[0] for row in documents)
+    out = io.StringIO()
+    call_command("sessions", "search", "written-after-the-swap", "--user", "ana", stdout=out)
+    assert session.id in out.getvalue()
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="PostgreSQL's stored documents")
+def test_a_documents_table_that_a_view_reads_is_loaded_in_place(backup_dir):
+    """Where swapping the table would lose something (a view over it), the documents load in
+    the restore's own transaction: the view still answers, with the restored documents."""
+    seeded = seed()
+    table = SearchDocument._meta.db_table
+    with connection.cursor() as cursor:
+        cursor.execute(f"CREATE VIEW termsys_test_documents AS SELECT session_id FROM {table}")
+    try:
+        oid, documents = documents_table_oid(), all_search_documents()
+        backup("create")
+        change_data(seeded["ana"])
+        printed = backup("restore", str(only_archive(backup_dir)), "--yes")
+        assert "search index loaded as stored" in printed
+        assert documents_table_oid() == oid
+        assert all_search_documents() == documents
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT count(*) FROM termsys_test_documents")
+            assert cursor.fetchone()[0] == len(documents)
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute("DROP VIEW IF EXISTS termsys_test_documents")
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="PostgreSQL's stored documents")
+def test_stored_documents_that_name_a_missing_session_roll_the_restore_back(backup_dir):
+    """The documents loaded beside are checked when swapped in: an archive whose documents name
+    a session it does not hold is rolled back after they loaded, and their table dropped."""
+    seeded = seed()
+    table = SearchDocument._meta.db_table
+    with connection.cursor() as cursor:  # a document of no session, as a bad archive would hold
+        cursor.execute("SET session_replication_role = replica")
+        cursor.execute(
+            f"INSERT INTO {table} (source, source_id, part, at, body, session_id, user_id, "
+            "project_id, status, profile) SELECT source, source_id + 1000, part, at, body, "
+            f"'session_0000000000000_gone', user_id, project_id, status, profile FROM {table} "
+            "LIMIT 1"
+        )
+        cursor.execute("SET session_replication_role = origin")
+    try:
+        backup("create")
+        change_data(seeded["ana"])
+        changed, documents = snapshot(), all_search_documents()
+        shape, oid = documents_table(), documents_table_oid()
+        message = refused("restore", str(only_archive(backup_dir)), "--yes")
+        assert "session_id" in message and "rolled back and nothing changed" in message
+        assert snapshot() == changed
+        assert all_search_documents() == documents
+        assert (documents_table(), documents_table_oid()) == (shape, oid)
+        assert not swap_table_left()
+    finally:
+        SearchDocument.objects.filter(session_id="session_0000000000000_gone").delete()
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="PostgreSQL's stored documents")
+def test_a_restore_drops_the_table_a_killed_restore_left(backup_dir):
+    seeded = seed()
+    documents = all_search_documents()
+    backup("create")
+    change_data(seeded["ana"])
+    with connection.cursor() as cursor:  # as a restore killed mid-way leaves it
+        cursor.execute(f"CREATE TABLE {swap.SIDE} (id bigint)")
+    backup("restore", str(only_archive(backup_dir)), "--yes")
+    assert all_search_documents() == documents
+    assert not swap_table_left()
+
+
 def test_restore_continues_ids_after_the_restored_ones(backup_dir):
     seed()
     backup("create")
@@ -615,11 +755,13 @@ def test_a_restore_whose_row_counts_differ_is_rolled_back(backup_dir, tmp_path):
         tmp=tmp_path,
     )
     change_data(seeded["ana"])
-    changed = snapshot()
+    changed, documents = snapshot(), search_documents()
     message = refused("restore", str(path), "--yes")
     assert "sessions_app.outputchunk has 6 rows, the archive says 7" in message
     assert "rolled back" in message
     assert snapshot() == changed
+    assert search_documents() == documents
+    assert not swap_table_left()
 
 
 def test_a_row_that_fails_to_load_rolls_the_restore_back(backup_dir, tmp_path):
@@ -637,11 +779,13 @@ def test_a_row_that_fails_to_load_rolls_the_restore_back(backup_dir, tmp_path):
 
     rewrite(path, edit_rows=break_last_chunk, tmp=tmp_path)
     change_data(seeded["ana"])
-    changed = snapshot()
+    changed, documents = snapshot(), search_documents()
     message = refused("restore", str(path), "--yes")
     assert "loading sessions_app.outputchunk failed" in message
     assert "rolled back" in message
     assert snapshot() == changed
+    assert search_documents() == documents
+    assert not swap_table_left()
 
 
 def test_a_failed_safety_backup_stops_the_restore_before_it_changes_anything(

@@ -162,11 +162,11 @@ def _turn_off(tables: list[str], derived_tables: list[str], stored: bool) -> _Of
                     quoted = connection.ops.quote_name(name)
                     cursor.execute(f"INSERT INTO {quoted}({quoted}) VALUES ('delete-all')")
     elif connection.vendor == "postgresql":
-        off.replica = _pg_setting("session_replication_role", "replica")
+        off.replica = pg_setting("session_replication_role", "replica")
         if not off.replica:
             off.triggers = _pg_disable_triggers(tables + (derived_tables if stored else []))
         off.indexes = _pg_drop_indexes(derived_tables)
-        _pg_setting("default_toast_compression", "lz4")
+        pg_setting("default_toast_compression", "lz4")
     return off
 
 
@@ -189,7 +189,7 @@ def _turn_on(off: _Off, loaded: list[str]) -> None:
                 cursor.execute(f"ALTER TABLE {quote(first)} ENABLE TRIGGER {quote(second)}")
 
 
-def _pg_setting(name: str, value: str) -> bool:
+def pg_setting(name: str, value: str) -> bool:
     """``SET LOCAL name = value`` if this role may and the server knows the value."""
     try:
         with transaction.atomic(), connection.cursor() as cursor:  # a savepoint

@@ -5,8 +5,8 @@ when they fit (a safety backup, ``copies``), or, for an archive that holds only 
 copy, from that copy read as a database of its own (``sqlite_native.opened``). Each model is
 loaded by ``portable.load_model`` (the copies: by ``copies.loader``) and its row count compared
 with the manifest; the search index is written once at the end (``derived``), or, on
-PostgreSQL, loaded as the archive stored it when it fits (``searchindex``). Any error rolls
-everything back.
+PostgreSQL, loaded as the archive stored it when it fits (``searchindex``), beside the rows into
+a table swapped in at the end where it may be (``swap``). Any error rolls everything back.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from sessions_app.backup import (
     portable,
     searchindex,
     sqlite_native,
+    swap,
 )
 
 COUNT_MISMATCH = (
@@ -215,12 +216,14 @@ def load(
     """Replace the data of ``current`` models with the archive's, all or nothing.
 
     ``beside``: the safety backup, running in a thread of its own on a connection of its own;
-    waited for (and its error raised, rolling back) before any backed-up row is touched, and
-    until it has read the search documents before they are (``Beside``). On
-    PostgreSQL with stored documents they are loaded and indexed meanwhile: the server's work,
-    which leaves the second core to the safety backup and, when ``rows`` are the archive's
-    members (``members``), to formatting them as COPY data ahead of their load (``ahead``).
-    ``copied``: load the archive's binary copies instead of ``rows`` (``copies``: they fit).
+    waited for (and its error raised, rolling back) before any backed-up row is touched. On
+    PostgreSQL with stored documents they load meanwhile, and their indexes build: the server's
+    work: where the documents table may be swapped (``swap``), on a connection of their own
+    into a table of their own, swapped in once the rows are loaded; else in this transaction,
+    once the safety backup has read them (``Beside``), while it goes on. When ``rows`` are the
+    archive's members (``members``), a thread formats them as COPY data ahead of their load
+    (``ahead``). ``copied``: load the archive's binary copies instead of ``rows`` (``copies``:
+    they fit).
     """
     manifest, file = opened.manifest, opened.path
     by_label = {model._meta.label_lower: model for model in current}
@@ -233,52 +236,128 @@ def load(
     if why_not is None and index is not None:
         stored = searchindex.loader(opened.member(index["member"]), index)
     done = Loaded(index="loaded as stored" if stored else f"rebuilt ({why_not})")
-    first = stored is not None and beside is not None
+    shape = _swappable(index) if stored is not None and beside is not None else None
+    first = stored is not None and beside is not None and shape is None
     try:
-        # Stored documents are PostgreSQL's (searchindex.unusable): COPY data can be formatted.
-        with (
-            transaction.atomic(),
-            _formatted_ahead(
-                opened, loading, wanted=first and members and not copied
-            ) as formatting,
-        ):
-            if formatting is not None:
-                stored = _then(stored, formatting.start)
-            if beside is not None:
+        with contextlib.ExitStack() as stack:
+            if shape is not None:
+                stored = _beside(stack, opened, index, shape, reporter)
+            stack.enter_context(transaction.atomic())
+            formatting = stack.enter_context(
+                _formatted_ahead(
+                    opened, loading, wanted=(first or bool(shape)) and members and not copied
+                )
+            )
+            if formatting is not None and shape is None:
+                stored = _then(stored, formatting.start)  # while the indexes build
+            if beside is not None and shape is None:
                 reporter.note("safety backup reading the documents")
                 beside.documents_read()  # before this transaction locks them
             if first:
                 reporter.note("search index")
-            with derived.triggers_off(tables, derived_tables, stored, first=first) as loaded_first:
+            with derived.triggers_off(
+                tables, [] if shape is not None else derived_tables, stored, first=first
+            ) as loaded_first:
                 if beside is not None:
                     reporter.note("waiting for the safety backup")
                     beside.result()
+                if formatting is not None and shape is not None:
+                    # Not sooner: its Python would slow the safety backup's and the documents'.
+                    formatting.start()
                 reporter.note("emptying the tables")
-                _empty(current, derived_loaded=loaded_first)
-                reporter.stage("load", sum(entry["rows"] for _, entry in loading))
-                for n, (model, entry) in enumerate(loading):
-                    send = None  # its rows, loaded here from ``rows``
-                    if copied:
-                        send = copies.loader(opened, model, entry)
-                    elif formatting is not None:
-                        send = partial(formatting.send, n)
-                    _load_model(
-                        file=file,
-                        rows=rows,
-                        model=model,
-                        entry=entry,
-                        done=done,
-                        reporter=reporter,
-                        send=send,
-                    )
+                if shape is not None:
+                    swap.detach(shape)
+                _empty(current, derived_loaded=loaded_first or shape is not None)
+                _load_models(
+                    opened,
+                    loading=loading,
+                    rows=rows,
+                    done=done,
+                    reporter=reporter,
+                    copied=copied,
+                    formatting=formatting,
+                )
                 portable.reset_sequences(current)
-                if loaded_first:
-                    reporter.note("checking foreign keys, committing")
-                else:
-                    reporter.note("search index" if stored else "rebuilding the search index")
+                reporter.note(_after_rows(loaded_first, shape is not None, stored is not None))
     except DatabaseError as exc:  # a foreign key broken, found when checked after the load
         raise LoadError(CHECK_FAILED.format(file=file, error=exc)) from exc
     return done
+
+
+def _load_models(
+    opened: archive.Archive,
+    *,
+    loading: list[tuple[type[models.Model], dict[str, Any]]],
+    rows: Rows,
+    done: Loaded,
+    reporter: Any,
+    copied: bool,
+    formatting: ahead.Ahead | None,
+) -> None:
+    """Load each model's rows: its binary copies (``copied``), its COPY data formatted ahead,
+    or ``rows``."""
+    reporter.stage("load", sum(entry["rows"] for _, entry in loading))
+    for n, (model, entry) in enumerate(loading):
+        send = None  # its rows, loaded here from ``rows``
+        if copied:
+            send = copies.loader(opened, model, entry)
+        elif formatting is not None:
+            send = partial(formatting.send, n)
+        _load_model(
+            file=opened.path,
+            rows=rows,
+            model=model,
+            entry=entry,
+            done=done,
+            reporter=reporter,
+            send=send,
+        )
+
+
+def _after_rows(loaded_first: bool, beside: bool, stored: bool) -> str:
+    """The progress note for what the restore does after the rows: it names where time goes."""
+    if loaded_first:
+        return "checking foreign keys, committing"
+    if beside:
+        return "waiting for the search index beside, swapping it in"
+    return "search index" if stored else "rebuilding the search index"
+
+
+def _swappable(index: dict[str, Any] | None) -> swap.Shape | None:
+    """The documents table's shape, if the stored documents can load beside (``swap``)."""
+    if index is None or connection.vendor != "postgresql":
+        return None
+    found = swap.shape(index["table"])
+    if isinstance(found, str):
+        logger.info("search documents loaded in the restore's transaction: %s", found)
+        return None
+    return found
+
+
+def _beside(
+    stack: contextlib.ExitStack,
+    opened: archive.Archive,
+    index: dict[str, Any],
+    shape: swap.Shape,
+    reporter: Any,
+) -> Callable[[], int]:
+    """Start loading the stored documents beside (``swap``); return what, in the restore's
+    transaction, waits for them and swaps them in. ``stack`` ends it: stopped if the restore
+    failed, the lock let go."""
+    from sessions_app.models import SearchDocument
+
+    reporter.note("search index beside")
+    stack.enter_context(swap.locked())
+    names = [name for name, _ in index["columns"]]
+    side = swap.start(shape, names, lambda: opened.member_apart(index["member"]))
+    stack.callback(side.stop)
+
+    def swapped() -> int:
+        loaded = side.result()
+        swap.swap_in(shape, SearchDocument)
+        return loaded
+
+    return swapped
 
 
 def _load_model(

@@ -1,0 +1,305 @@
+"""A restore's stored search documents, loaded beside it into a table of their own (PostgreSQL).
+
+Loading the archive's documents is seconds of the server's work: their ``COPY``, then their
+indexes, the GIN index of the vectors the longest, each built by one backend. Inside the
+restore's transaction that work can only come before or after the rows' load. So where the
+documents table allows it (``shape``), the restore loads them on a connection of its own into a
+new table shaped like it (``SIDE``: the same columns, defaults, identity, checks and storage),
+builds that table's indexes and constraints under temporary names and commits it: no one else
+uses it. Meanwhile the restore's transaction waits for its safety backup and loads the rows, on
+the other core. At its end (``swap_in``) it drops the documents table, gives the new one, its
+indexes, constraints and identity sequence the old names, and adds the old table's foreign
+keys, triggers and grants from their definitions: the schema is as it was and migrations find
+every name. That commits or rolls back with the restore; whatever fails, the old table is left
+as it was and the new one dropped (``locked``).
+
+The swap is used only where it loses nothing: this role owns the table; no view, rule, policy,
+publication, statistics object or other table's foreign key depends on it; no column default
+needs a sequence besides the identity; it is neither partitioned nor inherited, has no storage
+parameters or column grants, and is in the first schema of the search path; its indexes are
+defined in the form copied here. Otherwise ``shape`` says what stands in the way and the
+documents load in the restore's own transaction, as before (``derived``).
+
+Restores that swap hold an advisory lock while they do, so that one never drops another's new
+table; the next one drops a table left by a restore that was killed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from django.core.management.color import no_style
+from django.db import DatabaseError, connection, transaction
+
+from sessions_app.backup import derived, pgcopy
+
+SIDE = "termsys_restore_documents"  # the table the documents load into
+TEMPORARY = "termsys_restore_"  # prefix of its indexes' and constraints' names until the swap
+LOCK = 0x7465726D_73797321  # pg_advisory_lock key of restores that swap ("termsys!")
+# What a table may have that the swap re-creates (pg_depend's classid of each dependent).
+KEPT = ("pg_class", "pg_type", "pg_constraint", "pg_trigger", "pg_attrdef")
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Shape:
+    """What the documents table has that the new table must have too, by name."""
+
+    table: str
+    constraints: list[tuple[str, str]] = field(default_factory=list)  # keys: (name, definition)
+    indexes: list[tuple[str, bool, str]] = field(default_factory=list)  # name, unique, USING …
+    foreign_keys: list[tuple[str, str]] = field(default_factory=list)  # (name, definition)
+    triggers: list[str] = field(default_factory=list)  # CREATE TRIGGER statements
+    sequences: list[tuple[str, str]] = field(default_factory=list)  # identity (column, name)
+    grants: list[str] = field(default_factory=list)  # GRANT statements
+
+    def temporary(self, kind: str, n: int) -> str:
+        return f"{TEMPORARY}{kind}{n}"
+
+
+def shape(table: str) -> Shape | str:
+    """Return what ``table`` has to be re-created after the swap, or why it cannot be swapped."""
+    quote = connection.ops.quote_name
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT c.oid, c.relkind, c.relispartition OR c.relhassubclass OR EXISTS "
+            "(SELECT 1 FROM pg_inherits WHERE inhrelid = c.oid), c.relrowsecurity, "
+            "c.relhasrules, c.reloptions IS NOT NULL, pg_has_role(c.relowner, 'MEMBER'), "
+            "n.nspname = current_schema(), "
+            "EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = c.oid AND attacl IS NOT NULL) "
+            "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE c.oid = %s::regclass",
+            [quote(table)],
+        )
+        oid, kind, inherits, security, rules, options, owner, here, column_grants = (
+            cursor.fetchone()
+        )
+        for reason, found in [
+            ("it is not a plain table", kind != "r"),
+            ("it is partitioned or inherited", inherits),
+            ("it has row security", security),
+            ("it has rules", rules),
+            ("it has storage parameters", options),
+            ("this role does not own it", not owner),
+            ("it is not in the first schema of the search path", not here),
+            ("it has column grants", column_grants),
+        ]:
+            if found:
+                return reason
+        cursor.execute(
+            "SELECT DISTINCT classid::regclass::text FROM pg_depend WHERE refobjid = %s::oid "
+            "AND refclassid = 'pg_class'::regclass AND classid::regclass::text <> ALL(%s) "
+            "UNION ALL SELECT 'a foreign key of ' || conrelid::regclass::text FROM pg_constraint "
+            "WHERE confrelid = %s::oid AND conrelid <> %s::oid "
+            "UNION ALL SELECT 'a serial sequence' FROM pg_depend WHERE refobjid = %s::oid "
+            "AND classid = 'pg_class'::regclass AND deptype = 'a' "
+            "AND objid IN (SELECT oid FROM pg_class WHERE relkind = 'S') "
+            "UNION ALL SELECT 'a trigger that is not always on' FROM pg_trigger "
+            "WHERE tgrelid = %s::oid AND NOT tgisinternal AND tgenabled <> 'O'",
+            [oid, list(KEPT), oid, oid, oid, oid],
+        )
+        depends = [name for (name,) in cursor.fetchall()]
+        if depends:
+            return f"{', '.join(depends)} depends on it"
+        found = Shape(table=table)
+        cursor.execute(
+            "SELECT conname, contype, pg_get_constraintdef(oid) FROM pg_constraint "
+            "WHERE conrelid = %s::oid AND contype IN ('p', 'u', 'x', 'f') ORDER BY conname",
+            [oid],
+        )
+        for name, kind, definition in cursor.fetchall():
+            into = found.foreign_keys if kind == "f" else found.constraints
+            into.append((name, definition))
+        cursor.execute(
+            "SELECT c.relname, pg_get_indexdef(i.indexrelid), i.indisunique, "
+            "format('INDEX %%I ON %%I.%%I USING ', c.relname, n.nspname, t.relname) "
+            "FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+            "JOIN pg_class t ON t.oid = i.indrelid JOIN pg_namespace n ON n.oid = t.relnamespace "
+            "WHERE i.indrelid = %s::oid "
+            "AND NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = i.indexrelid) "
+            "ORDER BY c.relname",
+            [oid],
+        )
+        for name, definition, unique, named in cursor.fetchall():
+            head = f"CREATE {'UNIQUE ' if unique else ''}{named}"
+            if not definition.startswith(head):
+                return f"index {name} is defined in a form this restore does not copy"
+            found.indexes.append((name, unique, definition[len(head) :]))
+        cursor.execute(
+            "SELECT pg_get_triggerdef(oid) FROM pg_trigger WHERE tgrelid = %s::oid "
+            "AND NOT tgisinternal ORDER BY tgname",
+            [oid],
+        )
+        found.triggers = [definition for (definition,) in cursor.fetchall()]
+        cursor.execute(
+            "SELECT attname, pg_get_serial_sequence(%s, attname) FROM pg_attribute "
+            "WHERE attrelid = %s::oid AND attidentity <> '' ORDER BY attnum",
+            [quote(table), oid],
+        )
+        found.sequences = [(column, sequence) for column, sequence in cursor.fetchall()]
+        cursor.execute(
+            "SELECT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(r.rolname) END, "
+            "a.privilege_type, a.is_grantable FROM pg_class c, aclexplode(c.relacl) a "
+            "LEFT JOIN pg_roles r ON r.oid = a.grantee WHERE c.oid = %s::oid "
+            "AND a.grantee <> c.relowner",
+            [oid],
+        )
+        found.grants = [
+            f"GRANT {privilege} ON {quote(table)} TO {grantee}"
+            + (" WITH GRANT OPTION" if grantable else "")
+            for grantee, privilege, grantable in cursor.fetchall()
+        ]
+    return found
+
+
+def _create(found: Shape) -> None:
+    """Create ``SIDE`` like the documents table and commit (its lock on that table let go:
+    the restore empties it meanwhile)."""
+    quote = connection.ops.quote_name
+    side = quote(SIDE)
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute(f"DROP TABLE IF EXISTS {side}")  # a killed restore's (the lock is ours)
+        cursor.execute(
+            f"CREATE TABLE {side} (LIKE {quote(found.table)} INCLUDING DEFAULTS "
+            "INCLUDING IDENTITY INCLUDING GENERATED INCLUDING CONSTRAINTS INCLUDING STORAGE "
+            "INCLUDING COMPRESSION INCLUDING COMMENTS)"
+        )
+
+
+def _build(found: Shape, names: list[str], blocks: Iterator[bytes]) -> int:
+    """Load ``blocks`` (binary COPY of ``names``) into ``SIDE``, build its keys and indexes
+    under temporary names and commit; return how many rows it has."""
+    quote = connection.ops.quote_name
+    side = quote(SIDE)
+    started = time.perf_counter()
+    with transaction.atomic(), connection.cursor() as cursor:
+        derived.pg_setting("default_toast_compression", "lz4")  # as the restore's own load
+        pgcopy.copy_in(SIDE, names, blocks)
+        copied = time.perf_counter()
+        cursor.execute(f"SET LOCAL maintenance_work_mem = '{derived.INDEX_BUILD_MEMORY}'")
+        for n, (_, definition) in enumerate(found.constraints):
+            temporary = quote(found.temporary("k", n))
+            cursor.execute(f"ALTER TABLE {side} ADD CONSTRAINT {temporary} {definition}")
+        for n, (_, unique, using) in enumerate(found.indexes):
+            temporary = quote(found.temporary("i", n))
+            kind = "UNIQUE INDEX" if unique else "INDEX"
+            cursor.execute(f"CREATE {kind} {temporary} ON {side} USING {using}")
+        cursor.execute(f"SELECT count(*) FROM {side}")
+        (rows,) = cursor.fetchone()
+    logger.info(
+        "search documents beside: %d copied in %.2f s, keys and indexes built in %.2f s",
+        rows,
+        copied - started,
+        time.perf_counter() - copied,
+    )
+    return rows
+
+
+def detach(found: Shape) -> None:
+    """In the restore's transaction: drop the documents table's foreign keys, so that the
+    tables they name are emptied without emptying it (it is dropped at the swap)."""
+    quote = connection.ops.quote_name
+    with connection.cursor() as cursor:
+        for name, _ in found.foreign_keys:
+            cursor.execute(f"ALTER TABLE {quote(found.table)} DROP CONSTRAINT {quote(name)}")
+
+
+def swap_in(found: Shape, model: Any) -> None:
+    """In the restore's transaction: replace the documents table with ``SIDE``, by name."""
+    quote = connection.ops.quote_name
+    table = quote(found.table)
+    with connection.cursor() as cursor:
+        cursor.execute(f"DROP TABLE {table}")
+        cursor.execute(f"ALTER TABLE {quote(SIDE)} RENAME TO {table}")
+        for column, sequence in found.sequences:
+            cursor.execute("SELECT pg_get_serial_sequence(%s, %s)", [found.table, column])
+            (made,) = cursor.fetchone()
+            cursor.execute(f"ALTER SEQUENCE {made} RENAME TO {quote(sequence.split('.')[-1])}")
+        for n, (name, _) in enumerate(found.constraints):
+            temporary = quote(found.temporary("k", n))
+            cursor.execute(f"ALTER TABLE {table} RENAME CONSTRAINT {temporary} TO {quote(name)}")
+        for n, (name, _, _) in enumerate(found.indexes):
+            cursor.execute(f"ALTER INDEX {quote(found.temporary('i', n))} RENAME TO {quote(name)}")
+        for name, definition in found.foreign_keys:
+            cursor.execute(f"ALTER TABLE {table} ADD CONSTRAINT {quote(name)} {definition}")
+        for statement in found.triggers + found.grants:
+            cursor.execute(statement)
+        # The documents came with their ids: the next one takes an id past them.
+        for statement in connection.ops.sequence_reset_sql(no_style(), [model]):
+            cursor.execute(statement)
+
+
+@dataclass
+class Beside:
+    """The documents loading into ``SIDE`` in a thread, on a connection of its own."""
+
+    future: Future[int]
+    backend: list[int]  # that connection's process id, once known
+
+    def result(self) -> int:
+        return self.future.result()
+
+    def stop(self) -> None:
+        """Cancel the load if it still runs (the restore failed) and wait for it to end."""
+        if not self.future.done() and self.backend:
+            try:
+                with connection.cursor() as cursor:
+                    cursor.execute("SELECT pg_cancel_backend(%s)", [self.backend[0]])
+            except DatabaseError as exc:  # it ends by itself, and its table is dropped after
+                logger.warning("the search documents' load beside goes on: %s", exc)
+        self.future.exception()
+
+
+def start(found: Shape, names: list[str], member: Callable[[], IO[bytes]]) -> Beside:
+    """Load the documents (``member``: their gzipped binary COPY) into ``SIDE`` beside.
+
+    Returns once ``SIDE`` exists: creating it reads the documents table, which the restore
+    empties later in its transaction, to then wait for this load (a deadlock the other way).
+    """
+    from sessions_app.backup.portable import inflated
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="backup-documents")
+    backend: list[int] = []
+    created = threading.Event()
+
+    def run() -> int:
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_backend_pid()")
+                backend.append(cursor.fetchone()[0])
+            _create(found)
+            created.set()
+            return _build(found, names, inflated(member()))
+        finally:
+            created.set()
+            connection.close()  # this thread's own
+
+    future = pool.submit(run)
+    pool.shutdown(wait=False)
+    created.wait()
+    return Beside(future, backend)
+
+
+@contextlib.contextmanager
+def locked() -> Iterator[None]:
+    """Hold the restores' swap lock; at the end drop ``SIDE`` if it is still there (the restore
+    failed, or was killed before: the one that comes next finds it)."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_advisory_lock(%s)", [LOCK])
+    try:
+        yield
+    finally:
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute(f"DROP TABLE IF EXISTS {connection.ops.quote_name(SIDE)}")
+                cursor.execute("SELECT pg_advisory_unlock(%s)", [LOCK])
+        except DatabaseError as exc:  # the connection is gone, and its lock with it
+            logger.warning("%s is left for the next restore to drop: %s", SIDE, exc)
