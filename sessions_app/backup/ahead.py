@@ -1,9 +1,10 @@
 """A restore's rows formatted as COPY data in a thread, while the server builds the index.
 
 On PostgreSQL a restore with the archive's stored search documents loads and indexes them
-first (``load``): seconds of the server's work in the restore's one backend (the GIN index
-cannot be built in parallel before PostgreSQL 18), while the client only writes the safety
-backup. Meanwhile a thread of this module decodes the portable form and formats each model's
+(``load``): seconds of the server's work (the GIN index cannot be built in parallel before
+PostgreSQL 18), first in the restore's own backend, or beside it in a table swapped in at the
+end (``swap``). Meanwhile (in the first case while they load, in the second once the safety
+backup is written) a thread of this module decodes the portable form and formats each model's
 rows as the COPY data its load sends (binary or text, as ``portable.load_model`` chooses), up
 to ``AHEAD_BYTES`` in memory. Once the backed-up tables are emptied, each model's data is sent
 as it is, and what is not formatted yet follows as the thread formats it. The rows, values,

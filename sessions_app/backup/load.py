@@ -217,10 +217,10 @@ def load(
 
     ``beside``: the safety backup, running in a thread of its own on a connection of its own;
     waited for (and its error raised, rolling back) before any backed-up row is touched. On
-    PostgreSQL with stored documents they load meanwhile, and their indexes build: the server's
-    work: where the documents table may be swapped (``swap``), on a connection of their own
-    into a table of their own, swapped in once the rows are loaded; else in this transaction,
-    once the safety backup has read them (``Beside``), while it goes on. When ``rows`` are the
+    PostgreSQL with stored documents, their load and index builds (the server's work) run
+    meanwhile: where the documents table may be swapped (``swap``), on a connection of their
+    own into a table of their own, swapped in once the rows are loaded; else in this
+    transaction, once the safety backup has read them (``Beside``). When ``rows`` are the
     archive's members (``members``), a thread formats them as COPY data ahead of their load
     (``ahead``). ``copied``: load the archive's binary copies instead of ``rows`` (``copies``:
     they fit).
