@@ -4,7 +4,7 @@ A restore on PostgreSQL first backs up the data it replaces (``services``). In t
 form that is every row encoded to JSON by Python, about as long as the restore's own load and
 on the same two cores; and it left the search documents out, so restoring it (undoing a
 restore) computed ``to_tsvector`` over all the text again. As binary COPY the rows are the
-server's work, compressed by zlib threads that let go of the GIL, and the documents come along
+server's work, compressed by zstd threads that let go of the GIL, and the documents come along
 as the search index member (``searchindex``) does.
 
 Binary COPY carries each value in its type's own binary format, and ids as they are. So an
@@ -28,6 +28,10 @@ from django.db import connection, models
 from sessions_app.backup import archive, pgcopy, portable
 
 FORMAT = pgcopy.FORMAT
+# Their compression (archive version 4; 3 wrote gzip, which restore still reads): zstd level 1
+# writes them about three times as fast as gzip level 1 and half the size (10k sessions: 29
+# MiB where gzip wrote 69), while the restore they are the safety backup of waits for them.
+CODEC = "zstd"
 ONLY_COPIES = (
     "{file}: the archive holds its rows only as PostgreSQL binary COPY (a safety backup), "
     "which loads only into the database it was taken from or one just like it, and {why}; "
@@ -36,13 +40,14 @@ ONLY_COPIES = (
 
 
 def member_name(n: int, model: type[models.Model]) -> str:
-    return f"copy/{n:03d}-{model._meta.label_lower}.pgcopy.gz"
+    return f"copy/{n:03d}-{model._meta.label_lower}.pgcopy.zst"
 
 
 def describe() -> dict[str, Any]:
     """Return the manifest's ``copies`` entry: what the copies need of a database to load."""
     return {
         "format": FORMAT,
+        "compression": CODEC,
         "server_version": pgcopy.server_version(),
         "natural_keys": natural_keys(),
     }
@@ -61,7 +66,7 @@ def natural_keys() -> str:
 def write(
     model: type[models.Model], path: Path, compress: Callable[[IO[bytes]], Any]
 ) -> list[list[str]]:
-    """Write ``model``'s rows to ``path`` (binary COPY through ``compress``: gzip); return
+    """Write ``model``'s rows to ``path`` (binary COPY through ``compress``); return
     their columns, as [name, type] (as the database has them)."""
     table = model._meta.db_table
     found = pgcopy.table_columns(table)

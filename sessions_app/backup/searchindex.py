@@ -23,7 +23,7 @@ from django.db import connection, transaction
 
 from sessions_app.backup import pgcopy
 
-MEMBER = "derived/sessions_app.searchdocument.pgcopy.gz"
+MEMBER = "derived/sessions_app.searchdocument.pgcopy.gz"  # gzip; zstd: ``member_name``
 FORMAT = pgcopy.FORMAT
 MODEL = "sessions_app.searchdocument"
 LEFT_OUT = "left out on request"
@@ -41,15 +41,24 @@ def columns() -> list[list[str]]:
     return pgcopy.table_columns(_table())
 
 
-def write(path: Path, compressor: Callable[[IO[bytes]], Any]) -> dict[str, Any]:
-    """Write the documents to ``path``; return the manifest's ``search_index`` entry."""
+def member_name(codec: str) -> str:
+    """Return the member's name in an archive, compressed by ``codec`` (gzip or zstd)."""
+    return MEMBER if codec == "gzip" else MEMBER.removesuffix(".gz") + ".zst"
+
+
+def write(path: Path, codec: str = "gzip") -> dict[str, Any]:
+    """Write the documents to ``path`` (compressed by ``codec``); return the manifest's
+    ``search_index`` entry."""
+    from sessions_app.backup.portable import compressor
+
     found = columns()
     names = [name for name, _ in found]
-    with path.open("wb") as out, compressor(out) as writer:
+    with path.open("wb") as out, compressor(out, codec=codec) as writer:
         rows = pgcopy.copy_out(_table(), names, writer)
     return {
         "model": MODEL,
-        "member": MEMBER,
+        "member": member_name(codec),
+        "compression": codec,
         "format": FORMAT,
         "table": _table(),
         "columns": found,
@@ -61,7 +70,7 @@ def write(path: Path, compressor: Callable[[IO[bytes]], Any]) -> dict[str, Any]:
 def start(
     path: Path,
     snapshot: str | None,
-    compressor: Callable[[IO[bytes]], Any],
+    codec: str = "gzip",
     then: Callable[[], None] | None = None,
 ) -> Future:
     """Write the documents to ``path`` in a thread of its own, on a connection of its own that
@@ -77,7 +86,7 @@ def start(
                 if snapshot:
                     cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
                     cursor.execute("SET TRANSACTION SNAPSHOT %s", [snapshot])
-                return write(path, compressor)
+                return write(path, codec)
         finally:
             connection.close()  # this thread's own
             if then is not None:

@@ -136,8 +136,8 @@ def backup_create(
     ``binary_copies`` adds PostgreSQL's binary COPY of every model (``copies``; ignored on
     SQLite). ``documents_read`` is called once the search documents have been read, or are
     not to be (a restore beside waits for it before it replaces them, see ``load.Beside``);
-    ``compress_threads`` limits the gzip threads of the binary copies (default: a thread per
-    core, up to ``portable.COMPRESS_THREADS``).
+    ``compress_threads`` limits the compression threads of the binary copies (default: a
+    thread per core, up to ``portable.COMPRESS_THREADS``).
     """
     reporter = reporter or Reporter()
     directory = Path(output_dir) if output_dir is not None else backup_dir()
@@ -178,7 +178,7 @@ def backup_create(
                     *members.values(),
                     *copied.values(),
                     native.member_name(),
-                    searchindex.MEMBER,
+                    searchindex.member_name(copies.CODEC if copied else "gzip"),
                 ]
                 writer = archive.Writer(path, archive.manifest_bound(manifest, names))
                 pending, manifest["native"] = _native_start(
@@ -195,7 +195,9 @@ def backup_create(
                     snapshot=snapshot,
                     index_wanted=index_wanted,
                     documents_read=documents_read,
-                    compress=partial(portable.compressor, workers=compress_threads),
+                    compress=partial(
+                        portable.compressor, workers=compress_threads, codec=copies.CODEC
+                    ),
                     reporter=reporter,
                     warnings=warnings,
                 )
@@ -233,9 +235,10 @@ def _fill(
         for entry, model in zip(manifest["models"], found, strict=True):
             entry["member"] = members[model]
     read = documents_read or (lambda: None)
+    codec = copies.CODEC if copied else "gzip"  # the documents as the copies beside them
     index = None
     if index_wanted and snapshot:  # beside the export, reading the same snapshot
-        index = searchindex.start(work / "search-index", snapshot, portable.compressor, then=read)
+        index = searchindex.start(work / "search-index", snapshot, codec, then=read)
     elif not index_wanted:
         read()
     try:
@@ -259,9 +262,9 @@ def _fill(
         if index is not None:
             manifest["search_index"] = index.result()
         else:  # in a caller's transaction
-            manifest["search_index"] = searchindex.write(work / "search-index", portable.compressor)
+            manifest["search_index"] = searchindex.write(work / "search-index", codec)
             read()
-        writer.add(searchindex.MEMBER, work / "search-index")
+        writer.add(manifest["search_index"]["member"], work / "search-index")
     if pending is not None:
         reporter.note(f"native copy ({pending.kind})")
         try:
@@ -576,7 +579,7 @@ def _safety_beside(safety_dir: Path | None) -> load.Beside:
 
     def run() -> Path:
         try:
-            # The copies with one gzip thread: the restore's server work has the other core (the
+            # The copies with one zstd thread: the restore's server work has the other core (the
             # documents, read first while the restore waits for them, with every core).
             return _safety_backup(safety_dir, Reporter(), documents_read=read.set, threads=1)
         finally:
