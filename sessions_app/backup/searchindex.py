@@ -76,8 +76,8 @@ def start(
     """Write the documents to ``path`` in a thread of its own, on a connection of its own that
     reads ``snapshot`` (the backup's: the same data as the rest of the archive); the future's
     result is the manifest entry. Beside the JSON export: it is mostly the server's work and
-    zlib's, which let go of the GIL. ``then`` is called when that connection is closed (its
-    lock on the documents let go), whether or not it succeeded."""
+    the compressor's, which lets go of the GIL. ``then`` is called when that connection is
+    closed (its lock on the documents let go), whether or not it succeeded."""
     pool = ThreadPoolExecutor(1, thread_name_prefix="backup-index")
 
     def run() -> dict[str, Any]:

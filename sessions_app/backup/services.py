@@ -159,6 +159,7 @@ def backup_create(
         if binary_copies and connection.vendor == "postgresql"
         else {}
     )
+    index_codec = copies.CODEC if copied else "gzip"  # the documents as the copies beside them
     native.prepare()
     with tempfile.TemporaryDirectory(dir=directory, prefix=".backup-") as tmp:
         writer: archive.Writer | None = None
@@ -178,7 +179,7 @@ def backup_create(
                     *members.values(),
                     *copied.values(),
                     native.member_name(),
-                    searchindex.member_name(copies.CODEC if copied else "gzip"),
+                    searchindex.member_name(index_codec),
                 ]
                 writer = archive.Writer(path, archive.manifest_bound(manifest, names))
                 pending, manifest["native"] = _native_start(
@@ -194,6 +195,7 @@ def backup_create(
                     pending=pending,
                     snapshot=snapshot,
                     index_wanted=index_wanted,
+                    index_codec=index_codec,
                     documents_read=documents_read,
                     compress=partial(
                         portable.compressor, workers=compress_threads, codec=copies.CODEC
@@ -223,6 +225,7 @@ def _fill(
     pending: native.Pending | None,
     snapshot: str | None,
     index_wanted: bool,
+    index_codec: str,
     documents_read: Callable[[], None] | None,
     compress: Callable[[IO[bytes]], Any],
     reporter: Reporter,
@@ -235,10 +238,9 @@ def _fill(
         for entry, model in zip(manifest["models"], found, strict=True):
             entry["member"] = members[model]
     read = documents_read or (lambda: None)
-    codec = copies.CODEC if copied else "gzip"  # the documents as the copies beside them
     index = None
     if index_wanted and snapshot:  # beside the export, reading the same snapshot
-        index = searchindex.start(work / "search-index", snapshot, codec, then=read)
+        index = searchindex.start(work / "search-index", snapshot, index_codec, then=read)
     elif not index_wanted:
         read()
     try:
@@ -262,7 +264,7 @@ def _fill(
         if index is not None:
             manifest["search_index"] = index.result()
         else:  # in a caller's transaction
-            manifest["search_index"] = searchindex.write(work / "search-index", codec)
+            manifest["search_index"] = searchindex.write(work / "search-index", index_codec)
             read()
         writer.add(manifest["search_index"]["member"], work / "search-index")
     if pending is not None:

@@ -38,7 +38,7 @@ from typing import IO, Any
 from django.core.management.color import no_style
 from django.db import DatabaseError, connection, transaction
 
-from sessions_app.backup import derived, pgcopy
+from sessions_app.backup import derived, pgcopy, portable
 
 SIDE = "termsys_restore_documents"  # the table the documents load into
 TEMPORARY = "termsys_restore_"  # prefix of its indexes' and constraints' names until the swap
@@ -238,7 +238,7 @@ def swap_in(found: Shape, model: Any) -> None:
 
 
 @dataclass
-class Beside:
+class Loading:
     """The documents loading into ``SIDE`` in a thread, on a connection of its own."""
 
     future: Future[int]
@@ -258,14 +258,12 @@ class Beside:
         self.future.exception()
 
 
-def start(found: Shape, names: list[str], member: Callable[[], IO[bytes]]) -> Beside:
+def start(found: Shape, names: list[str], member: Callable[[], IO[bytes]]) -> Loading:
     """Load the documents (``member``: their gzipped binary COPY) into ``SIDE`` beside.
 
     Returns once ``SIDE`` exists: creating it reads the documents table, which the restore
     empties later in its transaction, to then wait for this load (a deadlock the other way).
     """
-    from sessions_app.backup.portable import inflated
-
     pool = ThreadPoolExecutor(1, thread_name_prefix="backup-documents")
     backend: list[int] = []
     created = threading.Event()
@@ -277,7 +275,7 @@ def start(found: Shape, names: list[str], member: Callable[[], IO[bytes]]) -> Be
                 backend.append(cursor.fetchone()[0])
             _create(found)
             created.set()
-            return _build(found, names, inflated(member()))
+            return _build(found, names, portable.inflated(member()))
         finally:
             created.set()
             connection.close()  # this thread's own
@@ -285,7 +283,7 @@ def start(found: Shape, names: list[str], member: Callable[[], IO[bytes]]) -> Be
     future = pool.submit(run)
     pool.shutdown(wait=False)
     created.wait()
-    return Beside(future, backend)
+    return Loading(future, backend)
 
 
 @contextlib.contextmanager
