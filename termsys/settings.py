@@ -86,6 +86,7 @@ TERMSYS_SAFEGUARD_MIN_SAMPLES = env_int("TERMSYS_SAFEGUARD_MIN_SAMPLES", 100, ma
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "termsys.middleware.AsyncFileStreamMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "sessions_app.middleware.ApiErrorMiddleware",
