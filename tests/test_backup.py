@@ -6,6 +6,7 @@ import gzip
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -502,6 +503,29 @@ def test_a_restore_drops_the_table_a_killed_restore_left(backup_dir):
     backup("restore", str(only_archive(backup_dir)), "--yes")
     assert all_search_documents() == documents
     assert not swap_table_left()
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="PostgreSQL's pg_dump copy")
+@pytest.mark.skipif(not shutil.which("pg_restore"), reason="needs pg_restore")
+def test_pg_dumps_copy_leaves_out_the_table_a_killed_restore_left(backup_dir, tmp_path):
+    seed()
+    with connection.cursor() as cursor:  # as a restore killed mid-way leaves it
+        cursor.execute(f"CREATE TABLE {swap.SIDE} (id bigint)")
+    try:
+        backup("create")
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute(f"DROP TABLE {swap.SIDE}")
+    with tarfile.open(only_archive(backup_dir)) as archive:
+        archive.extract("native/db.pgdump", tmp_path, filter="data")
+    listing = subprocess.run(
+        ["pg_restore", "--list", str(tmp_path / "native" / "db.pgdump")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert TerminalSession._meta.db_table in listing  # termsys's own tables are there
+    assert swap.SIDE not in listing
 
 
 def test_restore_continues_ids_after_the_restored_ones(backup_dir):

@@ -195,9 +195,13 @@ def _pg_dump(path: Path, snapshot: str | None) -> subprocess.Popen[str]:
     # The search documents are derived, and the archive holds them in a form restore loads
     # (searchindex); in pg_dump's copy they were its costliest part (their vectors as text).
     from sessions_app.backup.portable import derived_models
+    from sessions_app.backup.swap import SIDE
 
     for model in derived_models():
         argv.append(f"--exclude-table-data={model._meta.db_table}")
+    # A restore killed mid-way leaves its table of documents loaded beside until the next
+    # restore drops it; it is no table of termsys's, and pg_restore would bring it back.
+    argv.append(f"--exclude-table={SIDE}")
     argv.append(f"--dbname={db['NAME']}")
     env = dict(os.environ)
     if db.get("PASSWORD"):
