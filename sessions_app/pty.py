@@ -146,6 +146,8 @@ class PtyProcess:
 
     def read(self, size: int = conf.READ_BYTES) -> bytes | None:
         """Return available output, b"" at end of output, None when nothing is ready."""
+        if self._closed:
+            return b""
         try:
             return os.read(self.fd, size)
         except BlockingIOError:
@@ -157,12 +159,16 @@ class PtyProcess:
 
     def write(self, data: bytes) -> int:
         """Write what the PTY accepts now; return the number of bytes written."""
+        if self._closed:  # its descriptor number may already be another file's
+            raise OSError(errno.EBADF, f"the PTY of process {self.pid} is closed")
         try:
             return os.write(self.fd, data)
         except BlockingIOError:
             return 0
 
     def resize(self, cols: int, rows: int) -> None:
+        if self._closed:
+            return
         fcntl.ioctl(self.fd, termios.TIOCSWINSZ, _winsize(cols, rows))
 
     def poll(self) -> int | None:

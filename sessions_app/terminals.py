@@ -41,11 +41,24 @@ SHORT_READ = 1024
 # A viewer that fell behind is resynced with at most this much of the newest output.
 RESYNC_BYTES = 256 * 1024
 HOLD_BACK_SECONDS = 0.1
+# Input the program has not read yet is held up to this much per session (a paste into a busy
+# program); input past it is refused with an error, never held without bound.
+PENDING_INPUT_LIMIT = 4 * 1024 * 1024
+# Held input goes to the PTY in writes of at most this much (a write copies what it sends).
+INPUT_WRITE_BYTES = 64 * 1024
 MSG_STORAGE_DOWN = (
     "Output is not being saved: the database is unavailable. It is kept in memory and saved "
     "as soon as the database answers again."
 )
 MSG_STORAGE_BACK = "The database answers again; all output has been saved."
+MSG_INPUT_OVERFLOW = (
+    "The program is not reading its input: {held} bytes already wait for it, so these "
+    "{size} bytes were not delivered (at most {limit} bytes wait)."
+)
+
+
+class InputOverflow(Exception):
+    """Input refused: the program has not read what already waits for it."""
 
 
 def node_is_alive(node: str) -> bool:
@@ -76,9 +89,12 @@ class Client(Protocol):
     slow the session: a viewer that falls behind skips live output and is resynced from the
     scrollback once it has caught up. ``position`` is the session offset the client has been
     sent everything before (managed here); ``size`` the (cols, rows) it last asked for.
+    ``unacked`` counts the output bytes queued for it and not acknowledged, ``unsent`` those
+    of them not yet handed to its socket (managed here): no client can acknowledge those.
     """
 
     unacked: int
+    unsent: int
     interactive: bool
     position: int
     behind: bool
@@ -218,6 +234,7 @@ class LiveTerminal:
         self._drain()
         self.ended = True
         self._pause_reading()
+        self._drop_input()
         self.exit_code = exit_code
         await self.flush()
         await self.shell.drain()
@@ -478,6 +495,7 @@ class LiveTerminal:
             queue = self._queues[client] = deque()
         if isinstance(payload, bytes):
             client.unacked += len(payload)
+            client.unsent += len(payload)
             if client.interactive and client.unacked > conf.FLOW_HIGH_WATER:
                 self._pause_reading()  # the slowest of the owner's clients holds the PTY back
         pump = self._pumps.get(client)
@@ -499,16 +517,21 @@ class LiveTerminal:
         if isinstance(payload, bytes):
             send_now = getattr(client, "send_output_now", None)
             if send_now is not None and send_now(payload):
+                self._sent(client, payload)
                 return
         sending = self._send(client, payload)
         try:
             waiting = sending.send(None)
         except StopIteration:
+            self._sent(client, payload)
             return
         except Exception:
+            self._sent(client, payload)
             self._send_failed()
             return
-        self._pumps[client] = self._spawn(self._finish_send(client, queue, sending, waiting))
+        self._pumps[client] = self._spawn(
+            self._finish_send(client, queue, sending, waiting, payload)
+        )
 
     async def _finish_send(
         self,
@@ -516,6 +539,7 @@ class LiveTerminal:
         queue: deque[bytes | dict[str, Any]],
         sending: Coroutine[Any, Any, None],
         waiting: Any,
+        payload: bytes | dict[str, Any],
     ) -> None:
         """Drive a send that had to wait to its end, as a task would have, then send what
         was queued meanwhile. ``waiting`` is what the send yielded: the future it waits on."""
@@ -538,15 +562,24 @@ class LiveTerminal:
             pass
         except Exception:
             self._send_failed()
+        self._sent(client, payload)
         await self._pump(client, queue)
 
     async def _pump(self, client: Client, queue: deque[bytes | dict[str, Any]]) -> None:
         """Send ``client``'s queue, in order, while it is attached."""
         while queue and client in self.clients:
+            payload = queue.popleft()
             try:
-                await self._send(client, queue.popleft())
+                await self._send(client, payload)
             except Exception:
                 self._send_failed()
+            self._sent(client, payload)
+
+    @staticmethod
+    def _sent(client: Client, payload: bytes | dict[str, Any]) -> None:
+        """Count output bytes as handed to the client's socket (or gone with it)."""
+        if isinstance(payload, bytes):
+            client.unsent = max(0, client.unsent - len(payload))
 
     @staticmethod
     def _send(client: Client, payload: bytes | dict[str, Any]) -> Coroutine[Any, Any, None]:
@@ -565,6 +598,7 @@ class LiveTerminal:
         if queue:
             unsent = sum(len(p) for p in queue if isinstance(p, bytes))
             client.unacked = max(0, client.unacked - unsent)
+            client.unsent = max(0, client.unsent - unsent)
             queue.clear()
 
     @staticmethod
@@ -593,7 +627,11 @@ class LiveTerminal:
             self._resume_reading()
 
     def acknowledge(self, client: Client, count: int) -> None:
-        client.unacked = max(0, client.unacked - count)
+        """Take ``count`` bytes as processed by ``client``; never more than its socket was
+        handed, so a client acknowledging what it has not read still holds the PTY back (or,
+        a viewer, falls behind) once its queue here passes the high-water mark."""
+        count = min(count, client.unacked - client.unsent)
+        client.unacked -= max(0, count)
         if client.behind and client.unacked <= conf.FLOW_LOW_WATER and client in self.clients:
             self._resync(client)
         if not self._reading:
@@ -705,6 +743,11 @@ class LiveTerminal:
             if client.size is not None and client.size != (self.cols, self.rows):
                 self._set_size(*client.size)
         if self._pending_input:
+            held = len(self._pending_input)
+            if held + len(data) > PENDING_INPUT_LIMIT:
+                raise InputOverflow(
+                    MSG_INPUT_OVERFLOW.format(held=held, size=len(data), limit=PENDING_INPUT_LIMIT)
+                )
             self._pending_input += data
             return
         written = self.pty.write(data)
@@ -714,12 +757,18 @@ class LiveTerminal:
 
     def _on_writable(self) -> None:
         try:
-            written = self.pty.write(bytes(self._pending_input))
+            written = self.pty.write(bytes(self._pending_input[:INPUT_WRITE_BYTES]))
         except OSError:
             written = len(self._pending_input)
         del self._pending_input[:written]
         if not self._pending_input or self.ended:
-            self.loop.remove_writer(self.pty.fd)
+            self._drop_input()
+
+    def _drop_input(self) -> None:
+        """Stop writing held input: the PTY is done with (its descriptor number may soon be
+        another terminal's), or everything has been written."""
+        self.loop.remove_writer(self.pty.fd)
+        self._pending_input.clear()
 
     def resize(self, cols: int, rows: int, client: Client | None = None) -> None:
         """Record ``client``'s size; apply it unless another client typed last."""

@@ -297,7 +297,7 @@ class FakeClient:
     interactive = True
 
     def __init__(self) -> None:
-        self.unacked, self.position, self.behind, self.size = 0, 0, False, None
+        self.unacked, self.unsent, self.position, self.behind, self.size = 0, 0, 0, False, None
         self.frames: list[bytes | dict] = []
 
     async def send_output(self, data: bytes) -> None:
@@ -531,3 +531,86 @@ async def test_a_flood_is_stored_a_window_a_second_and_exactly_once_it_ends(
     assert history.data[: len(received) - history.start] == received[history.start :]
     tail = terminal.tail(window)
     assert (history.start, history.data) == (tail.start, tail.data)
+
+
+# --- input a program does not read, and acknowledgements a client cannot have made ---------
+
+
+async def test_input_a_finished_shell_never_read_never_reaches_the_next_shell(
+    user, other_user, project, live_terminals, connect
+):
+    """Input still waiting for a shell that ended (a background job held its terminal open)
+    is dropped with it: the next terminal, which may get the same descriptor number, never
+    receives it."""
+    import asyncio
+
+    from sessions_app import services
+    from tests.factories import ProjectFactory
+
+    first = await services.session_create(user=user, project_id=project.pk, tab_name="first")
+    term = await connect(user, first.id)
+    fd = terminals.get(first.id).pty.fd
+    await term.type("stty -echo; (sleep 30 &); echo busy-$((2*3)); sleep 2; exit\r")
+    await term.read_until(b"busy-6")
+    await term.type("echo INJECTED-BY-$((6*7))\r" * 3000)  # ~70 KiB: most of it has to wait
+    for _ in range(100):  # the consumer takes the frame
+        if terminals.get(first.id)._pending_input:
+            break
+        await asyncio.sleep(0.02)
+    assert terminals.get(first.id)._pending_input  # the shell is busy: held for it
+    assert (await term.control("exit", timeout=15))["type"] == "exit"
+
+    elsewhere = await database_sync_to_async(ProjectFactory)(owner=other_user)
+    second = await services.session_create(
+        user=other_user, project_id=elsewhere.pk, tab_name="second"
+    )
+    assert terminals.get(second.id).pty.fd == fd  # the descriptor number came back
+    other = await connect(other_user, second.id)
+    await asyncio.sleep(1)  # a writer left behind fires as soon as the new PTY is writable
+    await other.type("echo mine-$((5*5))\r")
+    out = await other.read_until(b"mine-25")
+    assert b"INJECTED-BY-42" not in out
+
+
+async def test_input_a_busy_program_does_not_read_waits_only_up_to_a_limit(user, session, connect):
+    term = await connect(user, session.id)
+    await term.type("stty -echo; echo busy-$((2*3)); sleep 30\r")
+    await term.read_until(b"busy-6")
+    frame_bytes = 200 * 1024
+    for _ in range(terminals.PENDING_INPUT_LIMIT // frame_bytes + 2):
+        await term.ws.send_to(bytes_data=b"a" * frame_bytes)
+    error = await term.control("error")
+    assert error["code"] == "input_overflow"
+    assert "not reading its input" in error["message"]
+    assert len(terminals.get(session.id)._pending_input) <= terminals.PENDING_INPUT_LIMIT
+    await term.type("\x03")  # the terminal still answers
+    await term.type("stty echo; echo back-$((4*4))\r")
+    await term.read_until(b"back-16", timeout=20)
+
+
+async def test_a_client_acknowledging_what_it_never_read_still_holds_the_shell_back(
+    user, session, connect
+):
+    """Acknowledgements count only for output handed to the client's socket: a client that
+    stops reading and acknowledges everything anyway cannot make the server queue a flood
+    for it without bound."""
+    import asyncio
+
+    terminal = terminals.get(session.id)
+    liar = StalledClient()
+    terminal.attach(liar, {"type": "hello"})
+    liar.drained.clear()  # its socket takes nothing more
+    try:
+        terminal.write(b"yes flood\r", client=liar)
+        for _ in range(40):
+            await asyncio.sleep(0.05)
+            terminal.acknowledge(liar, 10**15)
+        queued = sum(len(p) for p in terminal._queues[liar] if isinstance(p, bytes))
+        assert 0 < queued <= 2 * 1024 * 1024  # the high-water mark and what was in flight
+        assert not terminal._reading  # the flood waits in the shell, not in the server
+        terminal.write(b"\x03", client=liar)
+    finally:
+        terminal.detach(liar)
+    term = await connect(user, session.id)
+    await term.type("echo calm-$((3*3))\r")
+    await Reader(term, bytearray()).until(marker=b"calm-9")
