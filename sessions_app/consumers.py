@@ -24,6 +24,7 @@ from sessions_app.dbthread import db_call
 from sessions_app.errors import (
     Conflict,
     NotAuthenticated,
+    NotFound,
     PayloadTooLarge,
     RateLimited,
     ReadOnly,
@@ -37,6 +38,8 @@ logger = logging.getLogger(__name__)
 
 MSG_NOT_LOGGED_IN = "Log in to attach to a terminal."
 MSG_MALFORMED = "Control frames must be a JSON object with a string 'type'."
+MSG_NUMBER_TOO_LONG = "Numbers in control frames have at most {digits} digits."
+NUMBER_DIGITS = 20
 MSG_UNKNOWN_TYPE = "Unknown message type {type!r}; expected one of: {allowed}."
 MSG_BAD_RESIZE = "resize needs integer 'cols' and 'rows'."
 MSG_BAD_ACK = "ack needs a non-negative integer 'bytes'."
@@ -58,6 +61,10 @@ MSG_PRUNED = (
 MSG_ENDED = "The session has ended; input is not delivered."
 MSG_OTHER_PROCESS = "The session's shell runs in another server process ({node}); connect there."
 MSG_TOO_LARGE = "{kind} frame of {size} bytes is over the limit of {limit} bytes."
+MSG_NO_SUCH_PATH = (
+    "No terminal at {path!r}: terminal sockets are /ws/terminals/<session id>/ "
+    "(letters, digits and underscores, at most 64)."
+)
 
 
 def _past_session_wrapper(send: Any) -> Any:
@@ -75,6 +82,16 @@ def _past_session_wrapper(send: Any) -> Any:
 
 def _clamp(value: int, low: int, high: int) -> int:
     return max(low, min(high, value))
+
+
+class _NumberTooLong(ValueError):
+    pass
+
+
+def _parse_int(text: str) -> int:
+    if len(text) > NUMBER_DIGITS + 1:  # no count, size or offset is longer ("-" aside)
+        raise _NumberTooLong(text[:20])
+    return int(text)
 
 
 def _is_int(value: Any) -> bool:
@@ -103,6 +120,7 @@ class TerminalConsumer(AsyncWebsocketConsumer):
         self.base_send = send
         self._send_frame = _past_session_wrapper(send)
         self._waiting = False
+        self._gone = False  # closed by us, or found closed: frames still queued are dropped
         # Served by termsys's own protocol (manage.py serve): input frames may come straight
         # to _input_now, and output frames leave through send_output_now (wsprotocol.py).
         protocol = getattr(receive, "__self__", None)
@@ -114,6 +132,8 @@ class TerminalConsumer(AsyncWebsocketConsumer):
                 self._waiting = True
                 message = await receive()
                 self._waiting = False
+                if self._gone and message["type"] != "websocket.disconnect":
+                    continue  # sent before the close: nothing of it is answered or delivered
                 await self.dispatch(message)
         except StopConsumer:
             pass
@@ -121,6 +141,15 @@ class TerminalConsumer(AsyncWebsocketConsumer):
             if self._protocol is not None:
                 self._protocol.fast_input = None
                 self._protocol = None
+            if getattr(self, "terminal", None) is not None:
+                # The loop ended without the socket's disconnect (an error, or the server
+                # stopping): a client left attached would hold the terminal's output back.
+                try:
+                    await self.disconnect(1006)
+                except Exception:
+                    logger.warning(
+                        "detaching from %s failed", self.scope["url_route"], exc_info=True
+                    )
 
     async def dispatch(self, message: dict[str, Any]) -> None:
         # Channels' dispatch closes old database connections before every message: a hop to
@@ -132,6 +161,7 @@ class TerminalConsumer(AsyncWebsocketConsumer):
 
     async def connect(self) -> None:
         self.unacked = 0
+        self.unsent = 0
         self.position = 0
         self.behind = False
         self.size: tuple[int, int] | None = None
@@ -223,7 +253,7 @@ class TerminalConsumer(AsyncWebsocketConsumer):
     def _resume_offset(self) -> int | None:
         """Return the ``offset`` query parameter: the client has every byte before it."""
         value = self._query("offset")
-        if value is None or not value.isdigit() or len(value) > 18:
+        if value is None or not value.isascii() or not value.isdigit() or len(value) > 18:
             return None
         return int(value)
 
@@ -291,6 +321,8 @@ class TerminalConsumer(AsyncWebsocketConsumer):
     # --- client -> server -----------------------------------------------------------------
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        if self._gone:
+            return
         try:
             if bytes_data is not None:
                 if not self.bucket.take():
@@ -300,6 +332,8 @@ class TerminalConsumer(AsyncWebsocketConsumer):
             elif text_data is not None:
                 await self._control(text_data)
         except Exception:
+            if self._gone:  # the socket closed while the frame was handled: no one to tell
+                return
             # A server fault handling one frame: report it, count it for the flag safeguard,
             # and keep the terminal open.
             logger.exception("handling a frame of %s failed", self.scope["url_route"])
@@ -320,6 +354,7 @@ class TerminalConsumer(AsyncWebsocketConsumer):
         terminal = self.terminal
         if (
             not self._waiting
+            or self._gone
             or terminal is None
             or terminal.ended
             or self.read_only
@@ -345,7 +380,10 @@ class TerminalConsumer(AsyncWebsocketConsumer):
         if self.terminal is None or self.terminal.ended:
             await self.send_error("session_ended", MSG_ENDED)
             return
-        self.terminal.write(data, client=self)
+        try:
+            self.terminal.write(data, client=self)
+        except terminals.InputOverflow as exc:
+            await self.send_error("input_overflow", str(exc))
 
     async def _control(self, text: str) -> None:
         size = len(text.encode())
@@ -353,7 +391,12 @@ class TerminalConsumer(AsyncWebsocketConsumer):
             await self._too_large("Control", size, conf.MAX_CONTROL_FRAME_BYTES)
             return
         try:
-            message = json.loads(text)
+            message = json.loads(text, parse_int=_parse_int)
+        except _NumberTooLong:
+            await self.send_error(
+                "malformed_json", MSG_NUMBER_TOO_LONG.format(digits=NUMBER_DIGITS)
+            )
+            return
         except (ValueError, RecursionError):
             await self.send_error("malformed_json", MSG_MALFORMED)
             return
@@ -431,6 +474,27 @@ class TerminalConsumer(AsyncWebsocketConsumer):
         await self.send_error(error.code, error.message)
         await self.close(code=error.close_code)
 
+    async def send(
+        self, text_data: str | None = None, bytes_data: bytes | None = None, close: bool = False
+    ) -> None:
+        """Send a frame; a socket already closed (by either side) takes nothing, quietly."""
+        if self._gone:
+            return
+        try:
+            await super().send(text_data=text_data, bytes_data=bytes_data, close=close)
+        except (OSError, RuntimeError):  # uvicorn: ClientDisconnected, or a send after close
+            self._gone = True
+            logger.debug("send to %s after its socket closed", self.scope["url_route"])
+
+    async def close(self, code: int | bool | None = None, reason: str | None = None) -> None:
+        if self._gone:
+            return
+        self._gone = True
+        try:
+            await super().close(code=code, reason=reason)
+        except (OSError, RuntimeError):
+            logger.debug("closing %s after its socket closed", self.scope["url_route"])
+
     async def send_error(self, code: str, message: str) -> None:
         await self.send_control({"type": "error", "code": code, "message": message})
 
@@ -445,3 +509,21 @@ class TerminalConsumer(AsyncWebsocketConsumer):
 
     async def send_control(self, message: dict[str, Any]) -> None:
         await self.send(text_data=json.dumps(message))
+
+
+class NoSuchTerminal(AsyncWebsocketConsumer):
+    """A WebSocket to a path with no terminal: say so, and close 4404."""
+
+    async def connect(self) -> None:
+        await self.accept()
+        path = self.scope.get("path", "")[:200]
+        await self.send(
+            text_data=json.dumps(
+                {
+                    "type": "error",
+                    "code": "not_found",
+                    "message": MSG_NO_SUCH_PATH.format(path=path),
+                }
+            )
+        )
+        await self.close(code=NotFound.close_code)

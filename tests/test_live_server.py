@@ -192,17 +192,23 @@ def test_a_client_that_stops_reading_during_yes_keeps_server_memory_bounded(
 
         ws.send(b"\x03")
         ws.send(b"echo back-$((20+22))\r")
-        seen, unacked = bytearray(), 0
-        deadline = time.monotonic() + 30
-        while b"back-42" not in seen[-4096:]:
-            frame = ws.recv(timeout=max(0.05, deadline - time.monotonic()))
-            if isinstance(frame, bytes):
-                seen += frame
-                unacked += len(frame)
-                if unacked >= 64 * 1024:  # as the page does once it has rendered output
-                    ws.send(json.dumps({"type": "ack", "bytes": unacked}))
-                    unacked = 0
+        seen = read_acking(ws, b"back-42")
         assert len(seen) < 64 * 1024 * 1024  # not everything `yes` could have written
+
+
+def read_acking(ws, needle: bytes, timeout: float = 30) -> bytes:
+    """Read output until ``needle``, acknowledging every 64 KiB as the page does."""
+    seen, unacked = bytearray(), 0
+    deadline = time.monotonic() + timeout
+    while needle not in seen[-4096:]:
+        frame = ws.recv(timeout=max(0.05, deadline - time.monotonic()))
+        if isinstance(frame, bytes):
+            seen += frame
+            unacked += len(frame)
+            if unacked >= 64 * 1024:  # as the page does once it has rendered output
+                ws.send(json.dumps({"type": "ack", "bytes": unacked}))
+                unacked = 0
+    return bytes(seen)
 
 
 def wait_for_session(client, session_id: str, check, timeout: float = 10) -> dict:
@@ -270,3 +276,78 @@ def read_until_control(ws, kind: str, timeout: float = 10) -> dict:
         frame = ws.recv(timeout=max(0.05, deadline - time.monotonic()))
         if isinstance(frame, str) and json.loads(frame).get("type") == kind:
             return json.loads(frame)
+
+
+def test_a_socket_closed_right_after_a_frame_is_detached_and_holds_no_one_up(
+    live_termsys, live_client
+):
+    """A client that sends a frame the server answers and closes at once (a tab closed, a
+    network drop) is detached: its session shows detached, and the next client gets all of
+    a large output, not the first ack window of it."""
+    body = open_terminal(live_client, "gone-" + secrets.token_hex(2))
+    session_id = body["session"]["id"]
+    url = ws_url(live_termsys, body["connectionUrl"])
+    with ws_connect(
+        url, origin=live_termsys.url, additional_headers=live_client.ws_headers(), open_timeout=10
+    ) as ws:
+        read_until(ws, b"# ")
+        # A ping and the close in one write: the pong meets a socket already closing.
+        ws.socket.sendall(
+            masked(Opcode.TEXT, b'{"type":"ping"}') + masked(Opcode.CLOSE, b"\x03\xe8")
+        )
+        time.sleep(0.5)
+        ws.socket.close()
+    found = wait_for_session(live_client, session_id, lambda s: s["state"] == "detached")
+    assert found["state"] == "detached"
+
+    with ws_connect(
+        url, origin=live_termsys.url, additional_headers=live_client.ws_headers(), open_timeout=10
+    ) as again:
+        again.send(b"seq 1 300000 | tail -c 1500000 | wc -c; echo seq-$((6*7))-done\r")
+        assert b"1500000" in read_acking(again, b"seq-42-done")
+
+
+def test_only_the_pages_own_origin_may_open_a_terminal_socket(live_termsys, live_client):
+    """Another port of the same host is another site (a dev server the user runs) that the
+    browser would send the session cookie from: it is refused, as are other hosts."""
+    body = open_terminal(live_client, "origins")
+    url = ws_url(live_termsys, body["connectionUrl"])
+    port = live_termsys.port
+    for origin in (
+        f"http://127.0.0.1:{port + 1}",
+        "http://127.0.0.1",
+        f"http://localhost:{port}",  # another host name than the page's (127.0.0.1)
+        f"http://evil.example@127.0.0.1:{port}",
+        "null",
+    ):
+        with pytest.raises(InvalidStatus) as refused:
+            ws_connect(
+                url,
+                origin=origin,
+                additional_headers=live_client.ws_headers(),
+                open_timeout=10,
+            )
+        assert refused.value.response.status_code == 403, origin
+    with ws_connect(
+        url, origin=live_termsys.url, additional_headers=live_client.ws_headers(), open_timeout=10
+    ) as ws:
+        assert json.loads(ws.recv(timeout=10))["type"] == "hello"
+
+
+def test_a_socket_to_no_terminal_closes_4404_with_a_message(live_termsys, live_client):
+    log_before = live_termsys.log.read_text()
+    for path in ("/ws/terminals/" + "a" * 65 + "/", "/ws/terminals/caf%C3%A9/", "/ws/other/"):
+        with ws_connect(
+            live_termsys.url.replace("http://", "ws://") + path,
+            origin=live_termsys.url,
+            additional_headers=live_client.ws_headers(),
+            open_timeout=10,
+        ) as ws:
+            error = json.loads(ws.recv(timeout=10))
+            assert (
+                error["code"] == "not_found" and "/ws/terminals/<session id>/" in error["message"]
+            )
+            with pytest.raises(ConnectionClosed):
+                ws.recv(timeout=10)
+            assert ws.protocol.close_rcvd.code == 4404
+    assert "Traceback" not in live_termsys.log.read_text()[len(log_before) :]
