@@ -289,3 +289,34 @@ async def test_per_user_limit_is_enforced_across_projects(
     await services.session_create(user=user, project_id=project.pk)
     with pytest.raises(SessionLimitReached, match="TERMSYS_MAX_SESSIONS_PER_USER=1"):
         await services.session_create(user=user, project_id=other.pk)
+
+
+@pytest.mark.parametrize(
+    ("origin", "host", "allowed"),
+    [
+        ("http://127.0.0.1:8000", "127.0.0.1:8000", True),
+        ("http://127.0.0.1:8001", "127.0.0.1:8000", False),  # another port: another site
+        ("http://localhost:8000", "127.0.0.1:8000", False),
+        ("https://localhost", "localhost", True),  # a proxy's Host without the default port
+        ("http://localhost", "localhost", True),
+        ("https://localhost:8443", "localhost", False),
+        ("http://[::1]:8000", "[::1]:8000", True),
+        ("http://evil.example@127.0.0.1:8000", "127.0.0.1:8000", False),
+        ("http://evil.example", "evil.example", False),  # not in ALLOWED_HOSTS
+        ("https://app.example.com", "127.0.0.1:8000", True),  # CSRF_TRUSTED_ORIGINS
+        ("https://a.corp.example", "127.0.0.1:8000", True),  # https://*.corp.example
+        ("http://a.corp.example", "127.0.0.1:8000", False),
+        ("https://corp.example", "127.0.0.1:8000", False),
+        ("null", "127.0.0.1:8000", False),
+        ("http://127.0.0.1:8000/path", "127.0.0.1:8000", False),
+    ],
+)
+def test_a_terminal_socket_opens_only_from_the_pages_own_or_a_trusted_origin(
+    settings, origin, host, allowed
+):
+    from termsys.origin import origin_allowed
+
+    settings.ALLOWED_HOSTS = ["127.0.0.1", "localhost", "[::1]"]
+    settings.CSRF_TRUSTED_ORIGINS = ["https://app.example.com", "https://*.corp.example"]
+    scope = {"headers": [(b"origin", origin.encode()), (b"host", host.encode())]}
+    assert origin_allowed(scope) is allowed
