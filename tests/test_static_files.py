@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from asgiref.testing import ApplicationCommunicator
@@ -12,8 +14,17 @@ from django.core.asgi import get_asgi_application
 XTERM_JS = Path(settings.BASE_DIR) / "node_modules" / "@xterm" / "xterm" / "lib" / "xterm.js"
 
 
-async def fetch(path: str, *headers: tuple[bytes, bytes]) -> tuple[int, dict, bytes, list]:
-    """GET ``path`` through Django's ASGI handler; return status, headers, body, warnings."""
+def fetch(path: str, *headers: tuple[bytes, bytes]) -> tuple[int, dict, bytes, list]:
+    """GET ``path`` through Django's ASGI handler; return status, headers, body, warnings.
+
+    On an event loop of its own in a thread of its own: the browser tests' Playwright keeps
+    one running in this thread for the whole session.
+    """
+    with ThreadPoolExecutor(1) as thread:
+        return thread.submit(asyncio.run, _fetch(path, *headers)).result(timeout=60)
+
+
+async def _fetch(path: str, *headers: tuple[bytes, bytes]) -> tuple[int, dict, bytes, list]:
     scope = {
         "type": "http",
         "asgi": {"version": "3.0"},
@@ -44,8 +55,8 @@ async def fetch(path: str, *headers: tuple[bytes, bytes]) -> tuple[int, dict, by
     return start["status"], response_headers, body, [str(w.message) for w in caught]
 
 
-async def test_a_static_file_arrives_whole_without_the_sync_iterator_warning():
-    status, headers, body, caught = await fetch("/static/vendor/xterm/lib/xterm.js")
+def test_a_static_file_arrives_whole_without_the_sync_iterator_warning():
+    status, headers, body, caught = fetch("/static/vendor/xterm/lib/xterm.js")
     expected = XTERM_JS.read_bytes()
     assert status == 200
     assert len(expected) > 256 * 1024  # more than one block
@@ -54,8 +65,8 @@ async def test_a_static_file_arrives_whole_without_the_sync_iterator_warning():
     assert not [w for w in caught if "synchronous iterators" in w], caught
 
 
-async def test_a_range_of_a_static_file_is_that_range():
-    status, _, body, caught = await fetch(
+def test_a_range_of_a_static_file_is_that_range():
+    status, _, body, caught = fetch(
         "/static/vendor/xterm/lib/xterm.js", (b"range", b"bytes=300000-300099")
     )
     assert status == 206
@@ -63,9 +74,9 @@ async def test_a_range_of_a_static_file_is_that_range():
     assert not [w for w in caught if "synchronous iterators" in w], caught
 
 
-async def test_a_revalidated_static_file_is_not_modified_and_empty():
-    _, headers, _, _ = await fetch("/static/vendor/xterm/lib/xterm.js")
-    status, _, body, caught = await fetch(
+def test_a_revalidated_static_file_is_not_modified_and_empty():
+    _, headers, _, _ = fetch("/static/vendor/xterm/lib/xterm.js")
+    status, _, body, caught = fetch(
         "/static/vendor/xterm/lib/xterm.js", (b"if-none-match", headers["etag"].encode())
     )
     assert (status, body) == (304, b"")
