@@ -153,6 +153,14 @@ def _show(value: Any) -> str:
     return str(value)
 
 
+def flag_members(flag: Flag) -> dict[str, list[str]]:
+    """Return the user names and group names the flag names, sorted (for audit and export)."""
+    return {
+        "users": sorted(u.get_username() for u in flag.users.all()),
+        "groups": sorted(g.name for g in flag.groups.all()),
+    }
+
+
 def state_of(flag: Flag) -> tuple[str, str]:
     """Return the flag's state and its label: rolled back, on, off, or a percentage."""
     if flag.rolled_back:
