@@ -4,8 +4,10 @@ safeguard, the ramp schedule and ``TERMSYS_EMERGENCY_ROLLBACK`` alike.
 Each change is one transaction that locks the flag's row, writes an append-only
 ``FlagChange`` (who, when, why, before -> after) and, for a rollback, a ``RollbackEvent``.
 Once committed, waffle's cache entries of the flag are deleted (every process reads the new
-state from the shared cache or the database) and every server process is told at once over
-the channel layer (``featureflags.broadcast``), so live sessions re-evaluate within a second.
+state from the shared cache or the database), every server process is told at once over the
+channel layer (``featureflags.broadcast``), so live sessions re-evaluate within a second, and
+the change marker moves (``featureflags.marker``): without Redis the cache and the channel
+layer are each process's own, and the other processes notice the change there instead.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from django.contrib.auth.models import Group
 from django.db import models, transaction
 from django.utils import timezone
 
-from featureflags import broadcast
+from featureflags import broadcast, marker
 from featureflags.models import SOURCES, Flag, FlagChange, RollbackEvent
 from featureflags.selectors import flag_members
 
@@ -108,7 +110,8 @@ def _locked(name: str) -> Flag:
 
 
 def _committed(flag: Flag) -> None:
-    """After commit: drop waffle's cached copies and tell every process."""
+    """After commit: drop waffle's cached copies, tell every process over the channel layer,
+    and move the change marker that processes without a shared cache watch."""
     name = flag.name
 
     def after() -> None:
@@ -117,6 +120,7 @@ def _committed(flag: Flag) -> None:
         except Exception:
             logger.warning("could not clear the cached flag %s", name, exc_info=True)
         broadcast.flag_changed(name)
+        marker.version_bump(name)
 
     transaction.on_commit(after)
 
@@ -410,19 +414,27 @@ def ensure_product_flags() -> list[str]:
 
 
 MSG_LOCAL_CACHE = (
-    "FLAGS ARE CACHED PER PROCESS: the database is shared (PostgreSQL) but the cache is this "
-    "process's own memory (no REDIS_URL). With more than one server process, a flag change or "
-    "rollback made in one reaches the others only when their cached copy expires, not within a "
-    "second. Set REDIS_URL so every process shares the cache and the channel layer."
+    "flags: no REDIS_URL, so flags are cached in this process's memory and the channel layer "
+    "reaches only this process; a change made elsewhere (manage.py flags, another server "
+    "process) reaches this one within about a second through the database's change marker."
+)
+MSG_FIGURES_PER_PROCESS = (
+    "SAFEGUARD FIGURES ARE PER PROCESS: the database is shared (PostgreSQL) but there is no "
+    "REDIS_URL, so with more than one server process each one's safeguard judges only its own "
+    "traffic and WebSocket rate limits count per process. Flag changes and rollbacks still reach "
+    "every process within about a second (through the database). Set REDIS_URL to share them."
 )
 
 
 def warn_if_cache_is_per_process() -> bool:
-    """Warn loudly at start-up when several processes would each keep their own flag cache."""
+    """Say at start-up what a cache of the process's own means; warn loudly when several server
+    processes are likely (a shared PostgreSQL database). Return whether it warned."""
     from django.db import connection
 
-    local = settings.CACHES["default"]["BACKEND"].endswith("LocMemCache")
-    if local and connection.vendor == "postgresql":
-        logger.warning(MSG_LOCAL_CACHE)
+    if not settings.CACHES["default"]["BACKEND"].endswith("LocMemCache"):
+        return False
+    logger.info(MSG_LOCAL_CACHE)
+    if connection.vendor == "postgresql":
+        logger.warning(MSG_FIGURES_PER_PROCESS)
         return True
     return False
