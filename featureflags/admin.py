@@ -11,10 +11,13 @@ from typing import Any
 from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin import helpers
+from django.contrib.admin.utils import unquote
+from django.core.exceptions import PermissionDenied
 from django.db import transaction
 from django.db.models import QuerySet
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponseRedirect
 from django.template.response import TemplateResponse
+from django.urls import reverse
 from waffle.admin import FlagAdmin as WaffleFlagAdmin
 
 from featureflags import services
@@ -27,9 +30,14 @@ MSG_ROLLED_BACK = "Rolled back {name}: off for everyone."
 MSG_ADVANCED = "Advanced {name} to step {step} of {steps}: {percent} % of users."
 MSG_ENABLED = "Enabled {name} for everyone."
 MSG_DISABLED = "Disabled {name} for everyone."
+MSG_SAY_WHY = "Say why you change this flag."
+MSG_DELETED = "Deleted flag {name}."
 
 
 class FlagForm(forms.ModelForm):
+    """A flag's settings as the change form edits them; the admin saves them through
+    ``services.flag_create`` / ``services.flag_update`` (see ``FlagAdmin.save_model``)."""
+
     reason = forms.CharField(
         required=False,
         widget=forms.TextInput(attrs={"size": 80}),
@@ -38,13 +46,33 @@ class FlagForm(forms.ModelForm):
 
     class Meta:
         model = Flag
-        fields = "__all__"
+        fields = ("name", *services.EDITABLE_FIELDS)
 
     def clean_reason(self) -> str:
         reason = self.cleaned_data.get("reason", "").strip()
-        if not reason and services.reason_required() and self.instance.pk:
-            raise forms.ValidationError("Say why you change this flag.")
+        if not reason and services.reason_required():
+            raise forms.ValidationError(MSG_SAY_WHY)
         return reason
+
+    def clean_ramp(self) -> Any:
+        ramp = self.cleaned_data.get("ramp")
+        return {} if ramp is None else ramp  # an emptied box: no plan
+
+    def clean(self) -> dict[str, Any]:
+        """Check the ramp plan and step the way the service will, so a bad one shows here."""
+        cleaned = super().clean()
+        if "ramp" in self.fields and "ramp" in cleaned:
+            try:
+                services.ramp_check(cleaned["ramp"], None)
+            except services.FlagError as exc:
+                self.add_error("ramp", str(exc))
+                return cleaned
+            if "ramp_step" in self.fields and "ramp_step" in cleaned:
+                try:
+                    services.ramp_check(cleaned["ramp"], cleaned["ramp_step"])
+                except services.FlagError as exc:
+                    self.add_error("ramp_step", str(exc))
+        return cleaned
 
 
 class ReasonForm(forms.Form):
@@ -88,28 +116,147 @@ class FlagAdmin(WaffleFlagAdmin):
     # "State" sums up everyone, percent and rolled_back (waffle's own "rollout" is another field).
     list_display = ("name", "note", "state_label", "percent", "ramp_progress", "modified")
     list_filter = ("everyone", "rolled_back")
-    readonly_fields = ("salt", "rolled_back", "rolled_back_at", "created", "modified")
+    # Waffle's "rollout" (a cookie mode of its random percentages) means nothing with
+    # termsys's bucketing, so the form leaves it out; what it shows, it saves (audited).
+    fieldsets = (
+        (None, {"fields": ("name", "note")}),
+        (
+            "Who the flag is on for",
+            {
+                "fields": (
+                    "everyone",
+                    "percent",
+                    "users",
+                    "groups",
+                    "superusers",
+                    "staff",
+                    "authenticated",
+                    "testing",
+                    "languages",
+                )
+            },
+        ),
+        ("Ramp", {"fields": ("ramp", "ramp_step", "ramp_step_at")}),
+        ("Rollback", {"fields": ("rolled_back", "rolled_back_at")}),
+        ("Record", {"fields": ("salt", "created", "modified")}),
+        (None, {"fields": ("reason",)}),
+    )
+    readonly_fields = (
+        "salt",
+        "rolled_back",
+        "rolled_back_at",
+        "ramp_step_at",
+        "created",
+        "modified",
+    )
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Flag | None = None) -> Any:
+        """A flag's name is fixed once it exists: code and history refer to it by name."""
+        readonly = tuple(super().get_readonly_fields(request, obj))
+        return ("name", *readonly) if obj is not None else readonly
+
+    def has_delete_permission(self, request: HttpRequest, obj: Flag | None = None) -> bool:
+        if obj is not None and obj.name in services.PRODUCT_FLAGS:
+            return False  # the code asks for it; delete_view says so
+        return super().has_delete_permission(request, obj)
+
+    # --- the change form and delete page: every change through the audited services -------
+
+    @staticmethod
+    def _form_value(form: FlagForm, field: str) -> Any:
+        value = form.cleaned_data[field]
+        if field == "users":
+            return [user.get_username() for user in value]
+        if field == "groups":
+            return [group.name for group in value]
+        return value
 
     def save_model(self, request: HttpRequest, obj: Flag, form: FlagForm, change: bool) -> None:
-        if not change:
-            super().save_model(request, obj, form, change)
-            return
-        changed = set(form.changed_data) & set(services.SETTING_FIELDS)
-        changes = {f: form.cleaned_data[f] for f in changed}
+        """Create or change the flag through the services (audited), never by ``obj.save()``;
+        a refusal is shown as an error and nothing is saved."""
+        who = {
+            "actor": self._actor(request),
+            "source": "admin",
+            "reason": form.cleaned_data.get("reason", ""),
+        }
         try:
-            services.flag_update(
-                obj.name,
-                actor=request.user.get_username(),
-                source="admin",
-                reason=form.cleaned_data.get("reason", ""),
-                **changes,
-            )
+            if change:
+                changed = [f for f in form.changed_data if f in services.EDITABLE_FIELDS]
+                if changed:
+                    services.flag_update(
+                        obj.name, **who, **{f: self._form_value(form, f) for f in changed}
+                    )
+            else:
+                fields = [f for f in services.EDITABLE_FIELDS if f in form.cleaned_data]
+                created = services.flag_create(
+                    form.cleaned_data["name"],
+                    **who,
+                    **{f: self._form_value(form, f) for f in fields},
+                )
+                obj.pk = created.pk
         except services.FlagError as exc:
-            self.message_user(request, str(exc), messages.ERROR)
+            request._flag_refused = True  # type: ignore[attr-defined]
+            self.message_user(request, MSG_NOTHING_CHANGED.format(error=exc), messages.ERROR)
 
     def save_related(self, request: HttpRequest, form: Any, formsets: Any, change: bool) -> None:
-        super().save_related(request, form, formsets, change)
-        form.instance.flush()
+        """Users and groups were saved by save_model's service call (audited with the rest);
+        ``form.save_m2m()`` would set them again, unaudited."""
+        if getattr(request, "_flag_refused", False):
+            return
+        for formset in formsets:
+            self.save_formset(request, form, formset, change=change)
+
+    def log_addition(self, request: HttpRequest, obj: Any, message: Any) -> Any:
+        if not getattr(request, "_flag_refused", False):
+            return super().log_addition(request, obj, message)
+        return None
+
+    def log_change(self, request: HttpRequest, obj: Any, message: Any) -> Any:
+        if not getattr(request, "_flag_refused", False):
+            return super().log_change(request, obj, message)
+        return None
+
+    def response_add(self, request: HttpRequest, obj: Flag, post_url_continue: Any = None) -> Any:
+        if getattr(request, "_flag_refused", False):
+            return HttpResponseRedirect(request.get_full_path())
+        return super().response_add(request, obj, post_url_continue)
+
+    def response_change(self, request: HttpRequest, obj: Flag) -> Any:
+        if getattr(request, "_flag_refused", False):
+            return HttpResponseRedirect(request.get_full_path())
+        return super().response_change(request, obj)
+
+    def delete_view(self, request: HttpRequest, object_id: str, extra_context: Any = None) -> Any:
+        """Delete a flag through ``services.flag_delete`` (audited, with a reason); the
+        product's flags are refused with a message."""
+        flag = self.get_object(request, unquote(object_id))
+        if flag is None or not self.has_view_or_change_permission(request, flag):
+            return super().delete_view(request, object_id, extra_context)
+        change_url = reverse("admin:featureflags_flag_change", args=[flag.pk])
+        if flag.name in services.PRODUCT_FLAGS:
+            message = services.MSG_PRODUCT_FLAG.format(name=flag.name)
+            self.message_user(request, message, messages.ERROR)
+            return HttpResponseRedirect(change_url)
+        if request.method != "POST":
+            context = {"reason_required": services.reason_required(), **(extra_context or {})}
+            return super().delete_view(request, object_id, context)
+        if not self.has_delete_permission(request, flag):
+            raise PermissionDenied
+        name = flag.name
+        try:
+            with transaction.atomic():
+                self.log_deletions(request, Flag.objects.filter(pk=flag.pk))
+                services.flag_delete(
+                    name,
+                    actor=self._actor(request),
+                    source="admin",
+                    reason=request.POST.get("reason", ""),
+                )
+        except services.FlagError as exc:
+            self.message_user(request, MSG_NOTHING_CHANGED.format(error=exc), messages.ERROR)
+            return HttpResponseRedirect(request.get_full_path())
+        self.message_user(request, MSG_DELETED.format(name=name), messages.SUCCESS)
+        return HttpResponseRedirect(reverse("admin:featureflags_flag_changelist"))
 
     @admin.display(description="State")
     def state_label(self, flag: Flag) -> str:

@@ -5,7 +5,9 @@ of the channel layer. A change sends ``flag.changed`` to the group; each listene
 process's cached copies of the flag and runs the hooks registered with ``on_change``
 (housekeeping re-evaluates storage modes at once: the flush-then-switch of live sessions).
 Terminal bytes never travel this way, and a terminal keeps working while Redis is down: the
-listener only retries, and housekeeping's once-a-second re-check covers the gap.
+listener only retries, and housekeeping's once-a-second re-check covers the gap. Without Redis
+the layer reaches only its own process; changes made elsewhere arrive through the database's
+change marker instead (``featureflags.marker``, which calls ``dispatch_here``).
 """
 
 from __future__ import annotations
@@ -55,6 +57,19 @@ def flag_changed(name: str) -> None:
             task.add_done_callback(_sending.discard)
     except Exception:
         logger.warning("could not broadcast the change of flag %s", name, exc_info=True)
+
+
+def dispatch_here(names: list[str]) -> None:
+    """Run the change hooks for ``names`` on each event loop of this process whose listener
+    runs, as a message over the channel layer would (from any thread). Never raises."""
+    for loop, task in list(_listeners.items()):
+        if task.done() or loop.is_closed():
+            continue
+        for name in names:
+            try:
+                asyncio.run_coroutine_threadsafe(_dispatch(name), loop)
+            except RuntimeError:  # the loop closed meanwhile
+                break
 
 
 async def _dispatch(name: str) -> None:

@@ -78,6 +78,15 @@ class Flag(AbstractUserFlag):
         verbose_name = "flag"
         verbose_name_plural = "flags"
 
+    @classmethod
+    def get(cls, name: str) -> Flag:
+        """Return the flag through waffle's cache, after noticing changes made by other
+        processes (at most once a second; see ``featureflags.marker``)."""
+        from featureflags import marker
+
+        marker.notice_changes(name)
+        return super().get(name)
+
     def is_active(self, request: HttpRequest, read_only: bool = False) -> bool | None:
         if self.pk and self.rolled_back:
             return False
@@ -163,3 +172,17 @@ class RollbackEvent(AppendOnly):
 
     def __str__(self) -> str:
         return f"rollback of {self.flag} at {self.at:%Y-%m-%d %H:%M:%S}"
+
+
+class FlagsVersion(models.Model):
+    """One row whose number changes (to a random one) after every committed flag change
+    (``featureflags.marker``): a process that caches flags in its own memory reads it to notice
+    changes made elsewhere."""
+
+    version = models.BigIntegerField(default=0)
+
+    class Meta:
+        verbose_name = "flags version"
+
+    def __str__(self) -> str:
+        return f"flags version {self.version}"

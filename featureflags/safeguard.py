@@ -12,6 +12,13 @@ rate, p95 latency (from a latency histogram) and the in-memory output of the coh
 terminals. A figure over its threshold, with at least ``TERMSYS_SAFEGUARD_MIN_SAMPLES``
 samples, is a breach; ``TERMSYS_SAFEGUARD_CHECKS`` breaches in a row roll the flag back
 through ``flag_rollback``, with a reason that names the figure.
+
+Error rate and latency must be over their thresholds even without the
+``TERMSYS_SAFEGUARD_MIN_USERS`` - 1 users who contributed most to them (most errors, most slow
+responses): a failure the flag causes hurts many of its users, while one user (a client stuck
+retrying, or someone sending requests the server fails on) must not roll a flag back for
+everyone. For that, each second's figures keep the ``HEAVY_USERS`` users with the most errors
+and slow responses in that second, with their counts.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import logging
 import threading
 import time
 from collections import defaultdict, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from django.conf import settings
@@ -36,6 +43,10 @@ BINS_MS += (400, 500, 750, 1000, 2000, 5000)
 MAX_PENDING = 100_000  # outcomes a process keeps between flushes; beyond, the oldest go
 COHORTS = ("on", "off")
 KEEP_SECONDS = 3600
+# Per flag, cohort and second: the users with the most errors and slow responses, with their
+# counts (samples, errors, slow). More than TERMSYS_SAFEGUARD_MIN_USERS can ask to leave out.
+HEAVY_USERS = 16
+SAMPLES, ERRORS, SLOW = 0, 1, 2
 
 
 def _settings() -> dict[str, Any]:
@@ -47,6 +58,7 @@ def _settings() -> dict[str, Any]:
         "memory": settings.TERMSYS_SAFEGUARD_MEMORY_BYTES,
         "checks": settings.TERMSYS_SAFEGUARD_CHECKS,
         "min_samples": settings.TERMSYS_SAFEGUARD_MIN_SAMPLES,
+        "min_users": settings.TERMSYS_SAFEGUARD_MIN_USERS,
     }
 
 
@@ -93,13 +105,19 @@ def record(user_id: int | None, *, ok: bool, latency_ms: float | None = None) ->
         _pending.add(user_id, ok, latency_ms)
 
 
+Counts = list[int]  # [samples, errors, slow] of one user
+
+
 def _tally(
     outcomes: list[tuple[int, int, bool, float | None]],
-) -> tuple[dict[str, int], dict[tuple[str, int], set[int]]]:
-    """Count outcomes per watched flag, cohort and second; collect each ramp step's users."""
+) -> tuple[dict[str, int], dict[str, dict[int, Counts]], dict[tuple[str, int], set[int]]]:
+    """Count outcomes per watched flag, cohort and second; keep each second's heaviest users;
+    collect each ramp step's users."""
     from featureflags.evaluation import flag_is_active_for
 
+    slow_ms = settings.TERMSYS_SAFEGUARD_P95_MS
     counts: dict[str, int] = defaultdict(int)
+    per_user: dict[str, dict[int, Counts]] = defaultdict(dict)
     exposed: dict[tuple[str, int], set[int]] = defaultdict(set)
     for flag in watched_flags():
         cohort_of: dict[int, str] = {}
@@ -110,14 +128,44 @@ def _tally(
                 cohort = "on" if flag_is_active_for(user_id, flag.name) else "off"
                 cohort_of[user_id] = cohort
             base = f"{flag.name}:{cohort}:{second}"
+            mine = per_user[base].setdefault(user_id, [0, 0, 0])
             counts[f"{base}:n"] += 1
+            mine[SAMPLES] += 1
             if not ok:
                 counts[f"{base}:err"] += 1
+                mine[ERRORS] += 1
             if latency_ms is not None:
                 counts[f"{base}:b{bisect.bisect_left(BINS_MS, latency_ms)}"] += 1
+                if latency_ms > slow_ms:
+                    counts[f"{base}:slow"] += 1
+                    mine[SLOW] += 1
             if ramping and cohort == "on":
                 exposed[(flag.name, flag.ramp_step)].add(user_id)
-    return counts, exposed
+    heavy = {base: _heaviest(users) for base, users in per_user.items()}
+    return counts, {base: users for base, users in heavy.items() if users}, exposed
+
+
+def _heaviest(users: dict[int, Counts]) -> dict[int, Counts]:
+    """The ``HEAVY_USERS`` users with the most errors and slow responses (none without)."""
+    hurt = [(u, c) for u, c in users.items() if c[ERRORS] or c[SLOW]]
+    hurt.sort(key=lambda item: (item[1][ERRORS] + item[1][SLOW], item[1][SAMPLES]), reverse=True)
+    return dict(hurt[:HEAVY_USERS])
+
+
+def _add_heavy(key: str, users: dict[int, Counts]) -> None:
+    """Add a flush's heaviest users of one second to those the cache holds for it.
+
+    Read, add, write: two processes flushing the same second within the same instant can lose
+    one's counts for that second; less of those users' share is then left out of that second
+    (errors and samples themselves are counted exactly, with ``incr``).
+    """
+    held: dict[int, Counts] = cache.get(key) or {}
+    for user_id, (samples, errors, slow) in users.items():
+        total = held.setdefault(user_id, [0, 0, 0])
+        total[SAMPLES] += samples
+        total[ERRORS] += errors
+        total[SLOW] += slow
+    cache.set(key, _heaviest(held), timeout=KEEP_SECONDS)
 
 
 def flush() -> None:
@@ -127,7 +175,7 @@ def flush() -> None:
     if not outcomes:
         return
     try:
-        counts, exposed = _tally(outcomes)
+        counts, heavy, exposed = _tally(outcomes)
     except Exception:
         logger.warning("safeguard: outcomes not tallied (flags unreadable)", exc_info=True)
         return
@@ -136,6 +184,8 @@ def flush() -> None:
             full = f"{PREFIX}:{key}"
             cache.add(full, 0, timeout=KEEP_SECONDS)
             cache.incr(full, value)
+        for base, users in heavy.items():
+            _add_heavy(f"{PREFIX}:{base}:heavy", users)
         for (flag, step), users in exposed.items():
             for user_id in users:
                 if cache.add(f"{PREFIX}:seen:{flag}:{step}:{user_id}", 1, timeout=7 * 86400):
@@ -163,16 +213,33 @@ class Figures:
     errors: int
     p95_ms: float | None
     memory_bytes: int
+    slow: int = 0  # samples slower than TERMSYS_SAFEGUARD_P95_MS
+    heavy: dict[int, Counts] = field(default_factory=dict)  # user -> [samples, errors, slow]
 
     @property
     def error_rate(self) -> float:
         return 100.0 * self.errors / self.samples if self.samples else 0.0
+
+    @property
+    def error_users(self) -> int:
+        """Users with an error in the window (as far as each second's heaviest users show)."""
+        return sum(1 for counts in self.heavy.values() if counts[ERRORS])
+
+    def without_heaviest(self, users: int, index: int) -> tuple[int, int]:
+        """Return (samples, count) without the ``users`` users with the highest count, where
+        ``index`` picks errors (ERRORS) or slow responses (SLOW)."""
+        total = self.errors if index == ERRORS else self.slow
+        top = sorted(self.heavy.values(), key=lambda c: c[index], reverse=True)[:users]
+        top = [c for c in top if c[index]]
+        samples = self.samples - sum(c[SAMPLES] for c in top)
+        return max(samples, 0), max(total - sum(c[index] for c in top), 0)
 
     def as_json(self) -> dict[str, Any]:
         return {
             "samples": self.samples,
             "errors": self.errors,
             "errorRate": round(self.error_rate, 3),
+            "errorUsers": self.error_users,
             "p95Ms": self.p95_ms,
             "memoryBytes": self.memory_bytes,
         }
@@ -200,19 +267,35 @@ def figures(flag: str, cohort: str, seconds: int, memory_bytes: int = 0) -> Figu
     keys = []
     for second in range(now - seconds + 1, now + 1):
         base = f"{PREFIX}:{flag}:{cohort}:{second}"
-        keys += [f"{base}:n", f"{base}:err"] + [f"{base}:b{i}" for i in range(len(BINS_MS) + 1)]
+        keys += [f"{base}:n", f"{base}:err", f"{base}:slow", f"{base}:heavy"]
+        keys += [f"{base}:b{i}" for i in range(len(BINS_MS) + 1)]
     values = cache.get_many(keys)
-    samples = errors = 0
+    samples = errors = slow = 0
     bins = [0] * (len(BINS_MS) + 1)
+    heavy: dict[int, Counts] = {}
     for key, value in values.items():
         kind = key.rsplit(":", 1)[1]
         if kind == "n":
             samples += int(value)
         elif kind == "err":
             errors += int(value)
+        elif kind == "slow":
+            slow += int(value)
+        elif kind == "heavy":
+            for user_id, counts in value.items():
+                total = heavy.setdefault(user_id, [0, 0, 0])
+                for index in (SAMPLES, ERRORS, SLOW):
+                    total[index] += counts[index]
         else:
             bins[int(kind[1:])] += int(value)
-    return Figures(samples=samples, errors=errors, p95_ms=_p95(bins), memory_bytes=memory_bytes)
+    return Figures(
+        samples=samples,
+        errors=errors,
+        p95_ms=_p95(bins),
+        memory_bytes=memory_bytes,
+        slow=slow,
+        heavy=heavy,
+    )
 
 
 def _cohort_memory(flag: str) -> dict[str, int]:
@@ -227,16 +310,51 @@ def _cohort_memory(flag: str) -> dict[str, int]:
     return memory
 
 
+MSG_FEW_USERS = "{figure}, but from fewer than {users} users: not judged"
+
+
+def _spread(figures_on: Figures, limits: dict[str, Any], index: int) -> float:
+    """The share (%) of errors or slow responses without the users who contributed most."""
+    samples, count = figures_on.without_heaviest(limits["min_users"] - 1, index)
+    return 100.0 * count / samples if samples else 0.0
+
+
+def _stays_over(figures_on: Figures, limits: dict[str, Any], index: int, share: float) -> bool:
+    """Whether errors (slow responses) stay above ``share`` % without the heaviest users."""
+    return limits["min_users"] <= 1 or _spread(figures_on, limits, index) > share
+
+
+def _over(figures_on: Figures, limits: dict[str, Any]) -> list[tuple[str, bool]]:
+    """Each figure over its threshold, and whether it stays over without the heaviest users."""
+    found = []
+    if figures_on.samples < limits["min_samples"]:
+        return found
+    if figures_on.error_rate > limits["error_rate"]:
+        figure = f"error rate {figures_on.error_rate:.1f} % > {limits['error_rate']:g} %"
+        found.append((figure, _stays_over(figures_on, limits, ERRORS, limits["error_rate"])))
+    if figures_on.p95_ms is not None and figures_on.p95_ms > limits["p95_ms"]:
+        figure = f"p95 latency {figures_on.p95_ms:.0f} ms > {limits['p95_ms']:g} ms"
+        # p95 over the threshold: more than 5 % of the responses slower than it
+        found.append((figure, _stays_over(figures_on, limits, SLOW, 5.0)))
+    return found
+
+
 def breach(figures_on: Figures, limits: dict[str, Any]) -> str | None:
-    """Return what is over its threshold in the cohort's figures, or None."""
+    """Return what is over its threshold in the cohort's figures, or None.
+
+    Error rate and p95 latency count only when they stay over their thresholds without the
+    ``min_users`` - 1 users with the most errors (slow responses): one user cannot trip them.
+    """
     if figures_on.memory_bytes > limits["memory"] > 0:
         return f"memory {figures_on.memory_bytes} bytes > {limits['memory']} bytes"
-    if figures_on.samples < limits["min_samples"]:
-        return None
-    if figures_on.error_rate > limits["error_rate"]:
-        return f"error rate {figures_on.error_rate:.1f} % > {limits['error_rate']:g} %"
-    if figures_on.p95_ms is not None and figures_on.p95_ms > limits["p95_ms"]:
-        return f"p95 latency {figures_on.p95_ms:.0f} ms > {limits['p95_ms']:g} ms"
+    return next((figure for figure, spread in _over(figures_on, limits) if spread), None)
+
+
+def held_back(figures_on: Figures, limits: dict[str, Any]) -> str | None:
+    """Return a figure over its threshold that too few users account for (so no breach)."""
+    for figure, spread in _over(figures_on, limits):
+        if not spread:
+            return MSG_FEW_USERS.format(figure=figure, users=limits["min_users"])
     return None
 
 
@@ -280,6 +398,9 @@ def check() -> list[str]:
             "streak": streak,
             "checkedAt": time.time(),
         }
+        note = None if problem else held_back(on, limits)
+        if note:
+            latest[flag.name]["note"] = note
         if problem and streak >= limits["checks"]:
             samples = figures(flag.name, "on", limits["interval"] * streak).samples
             reason = f"{problem} over {streak} checks, {samples} samples"

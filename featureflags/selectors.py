@@ -153,6 +153,14 @@ def _show(value: Any) -> str:
     return str(value)
 
 
+def flag_members(flag: Flag) -> dict[str, list[str]]:
+    """Return the user names and group names the flag names, sorted (for audit and export)."""
+    return {
+        "users": sorted(u.get_username() for u in flag.users.all()),
+        "groups": sorted(g.name for g in flag.groups.all()),
+    }
+
+
 def state_of(flag: Flag) -> tuple[str, str]:
     """Return the flag's state and its label: rolled back, on, off, or a percentage."""
     if flag.rolled_back:
@@ -247,6 +255,7 @@ FIGURE_LABELS = {
     "samples": "samples",
     "errors": "errors",
     "errorRate": "error rate %",
+    "errorUsers": "users with errors",
     "p95Ms": "p95 ms",
     "memoryBytes": "memory",
 }
@@ -268,6 +277,8 @@ def _check(entry: Mapping[str, Any]) -> str:
     """Describe a flag's last safeguard check: its breach (and streak) or ok, and when."""
     breach, streak, at = entry.get("breach"), entry.get("streak"), entry.get("checkedAt")
     text = f"{breach} ({streak} check{'s' if streak != 1 else ''})" if breach else "ok"
+    if not breach and entry.get("note"):  # over a threshold, but from too few users
+        text += f" ({entry['note']})"
     if isinstance(at, int | float):
         at = datetime.datetime.fromtimestamp(at, tz=datetime.UTC)
         text += f", checked {timezone.localtime(at):%H:%M:%S}"

@@ -4,22 +4,28 @@ safeguard, the ramp schedule and ``TERMSYS_EMERGENCY_ROLLBACK`` alike.
 Each change is one transaction that locks the flag's row, writes an append-only
 ``FlagChange`` (who, when, why, before -> after) and, for a rollback, a ``RollbackEvent``.
 Once committed, waffle's cache entries of the flag are deleted (every process reads the new
-state from the shared cache or the database) and every server process is told at once over
-the channel layer (``featureflags.broadcast``), so live sessions re-evaluate within a second.
+state from the shared cache or the database), every server process is told at once over the
+channel layer (``featureflags.broadcast``), so live sessions re-evaluate within a second, and
+the change marker moves (``featureflags.marker``): without Redis the cache and the channel
+layer are each process's own, and the other processes notice the change there instead.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from django.conf import settings
-from django.db import transaction
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Group
+from django.db import models, transaction
 from django.utils import timezone
 
-from featureflags import broadcast
+from featureflags import broadcast, marker
 from featureflags.models import SOURCES, Flag, FlagChange, RollbackEvent
+from featureflags.selectors import flag_members
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +40,12 @@ BOOL_FIELDS = ("testing", "superusers", "staff", "authenticated")
 TEXT_FIELDS = ("note", "languages")
 # A flag's settings an operator sets (admin form, import); ramp fields come with a ramp.
 SETTING_FIELDS = ("everyone", "percent", *BOOL_FIELDS, *TEXT_FIELDS)
+RAMP_FIELDS = ("ramp", "ramp_step")
+# Who the flag names besides its other settings, by user name and group name.
+MEMBER_FIELDS = ("users", "groups")
+# Everything flag_update (and flag_create) may set.
+EDITABLE_FIELDS = (*SETTING_FIELDS, *RAMP_FIELDS, *MEMBER_FIELDS)
+RAMP_KEYS = ("steps", "holdSeconds", "minExposed")
 
 
 MSG_NO_PLAN = (
@@ -42,6 +54,18 @@ MSG_NO_PLAN = (
 MSG_LAST_STEP = "flag {name} is already at the last step of its ramp ({percent} %)"
 MSG_RAMP_ROLLED_BACK = (
     "flag {name} is rolled back; set a rollout percentage to resume it before advancing its ramp"
+)
+MSG_BAD_RAMP = (
+    'ramp must be {{}} (no plan) or an object like {{"steps": [5, 25, 50, 100], '
+    '"holdSeconds": 3600, "minExposed": 100}}: {problem}'
+)
+MSG_BAD_RAMP_STEP = "ramp_step must be unset or a step of the ramp plan, 0 to {last}; got {step!r}"
+MSG_NO_RAMP_STEP = "ramp_step must be unset while the flag has no ramp plan; got {step!r}"
+MSG_FLAG_EXISTS = "a flag named {name!r} exists already"
+MSG_BAD_NAME = "a flag name is 1-100 characters without spaces; got {name!r}"
+MSG_PRODUCT_FLAG = (
+    "flag {name} cannot be deleted: it is one of the product's flags and the code asks for it "
+    "by name; disable it or roll it back to turn it off for everyone"
 )
 
 
@@ -86,7 +110,8 @@ def _locked(name: str) -> Flag:
 
 
 def _committed(flag: Flag) -> None:
-    """After commit: drop waffle's cached copies and tell every process."""
+    """After commit: drop waffle's cached copies, tell every process over the channel layer,
+    and move the change marker that processes without a shared cache watch."""
     name = flag.name
 
     def after() -> None:
@@ -95,8 +120,99 @@ def _committed(flag: Flag) -> None:
         except Exception:
             logger.warning("could not clear the cached flag %s", name, exc_info=True)
         broadcast.flag_changed(name)
+        marker.version_bump(name)
 
     transaction.on_commit(after)
+
+
+def ramp_check(ramp: Any, step: Any) -> None:
+    """Raise FlagError unless ``ramp`` is a valid plan (or ``{}``) and ``step`` one of its steps
+    (or None)."""
+    if not isinstance(ramp, dict):
+        raise FlagError(MSG_BAD_RAMP.format(problem=f"got {ramp!r}"))
+    if not ramp:
+        if step is not None:
+            raise FlagError(MSG_NO_RAMP_STEP.format(step=step))
+        return
+    unknown = sorted(set(ramp) - set(RAMP_KEYS))
+    if unknown:
+        problem = f"unknown key(s) {', '.join(unknown)}; allowed: {', '.join(RAMP_KEYS)}"
+        raise FlagError(MSG_BAD_RAMP.format(problem=problem))
+    steps = ramp.get("steps")
+    if not isinstance(steps, list) or not steps:
+        raise FlagError(
+            MSG_BAD_RAMP.format(problem=f"steps must be a list of percentages, got {steps!r}")
+        )
+    percents = []
+    for value in steps:
+        if isinstance(value, bool):
+            raise FlagError(MSG_BAD_RAMP.format(problem=f"step {value!r} is not a percentage"))
+        try:
+            percents.append(parse_percent(value))
+        except FlagError as exc:
+            raise FlagError(MSG_BAD_RAMP.format(problem=f"step {exc}")) from None
+    if any(b <= a for a, b in itertools.pairwise(percents)):
+        raise FlagError(MSG_BAD_RAMP.format(problem=f"steps must rise, got {steps!r}"))
+    for key in ("holdSeconds", "minExposed"):
+        value = ramp.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            problem = f"{key} must be a number of 0 or more, got {value!r}"
+            raise FlagError(MSG_BAD_RAMP.format(problem=problem))
+    if step is not None and (
+        isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < len(steps)
+    ):
+        raise FlagError(MSG_BAD_RAMP_STEP.format(last=len(steps) - 1, step=step))
+
+
+def members_named(label: str, names: Any) -> list[Any]:
+    """Return the users (``label`` "user", by user name) or groups ("group", by name) named, or
+    raise FlagError naming the missing ones."""
+    if not isinstance(names, list | tuple) or not all(isinstance(n, str) for n in names):
+        raise FlagError(f"must be a list of {label} names, got {names!r}")
+    model: type[models.Model] = get_user_model() if label == "user" else Group
+    key = model.USERNAME_FIELD if label == "user" else "name"  # type: ignore[attr-defined]
+    found = list(model.objects.filter(**{f"{key}__in": list(names)}))
+    missing = sorted(set(names) - {getattr(obj, key) for obj in found})
+    if missing:
+        raise FlagError(f"no {label} {', '.join(map(repr, missing))}")
+    return found
+
+
+def _audited(flag: Flag, members: bool) -> dict[str, Any]:
+    """The flag's state for the audit trail, with its users and groups when they change."""
+    return {**flag.state(), **flag_members(flag)} if members else flag.state()
+
+
+def _apply(flag: Flag, changes: dict[str, Any]) -> None:
+    """Set the given fields of ``flag`` (not saved), or raise FlagError naming the bad value."""
+    unknown = set(changes) - set(EDITABLE_FIELDS)
+    if unknown:
+        raise FlagError(
+            f"unknown flag field(s): {', '.join(sorted(unknown))}; "
+            f"fields: {', '.join(EDITABLE_FIELDS)}"
+        )
+    for field, value in changes.items():
+        if field in MEMBER_FIELDS:
+            continue  # set after the flag is saved (flag_members_set)
+        if field == "everyone" and value not in (True, False, None):
+            raise FlagError(f"everyone must be true, false or unset, got {value!r}")
+        if field in BOOL_FIELDS and not isinstance(value, bool):
+            raise FlagError(f"{field} must be true or false, got {value!r}")
+        if field in TEXT_FIELDS and not isinstance(value, str):
+            raise FlagError(f"{field} must be text, got {value!r}")
+        if field == "percent" and value is not None:
+            setattr(flag, field, parse_percent(value))
+        else:
+            setattr(flag, field, value)
+    if {"ramp", "ramp_step"} & set(changes):
+        ramp_check(flag.ramp, flag.ramp_step)
+
+
+def _members_set(flag: Flag, changes: dict[str, Any]) -> None:
+    if "users" in changes:
+        flag.users.set(members_named("user", changes["users"]))
+    if "groups" in changes:
+        flag.groups.set(members_named("group", changes["groups"]))
 
 
 def flag_update(name: str, *, actor: str, source: str, reason: str = "", **changes: Any) -> Flag:
@@ -104,26 +220,16 @@ def flag_update(name: str, *, actor: str, source: str, reason: str = "", **chang
 
     Fields: ``everyone`` (True, False or None), ``percent`` (0-100), ``testing``,
     ``superusers``, ``staff``, ``authenticated``, ``note``, ``languages``, ``ramp``,
-    ``ramp_step``. Turning a rolled-back flag on again (everyone=True or a percentage above
-    0) ends the rollback; any other change leaves a rolled-back flag off.
+    ``ramp_step``, ``users`` (user names) and ``groups`` (group names). Turning a rolled-back
+    flag on again (everyone=True or a percentage above 0) ends the rollback; any other change
+    leaves a rolled-back flag off.
     """
     reason = _check(actor, source, reason)
-    allowed = {*SETTING_FIELDS, "ramp", "ramp_step"}
-    unknown = set(changes) - allowed
-    if unknown:
-        raise FlagError(f"unknown flag field(s): {', '.join(sorted(unknown))}")
+    members = bool(set(MEMBER_FIELDS) & set(changes))
     with transaction.atomic():
         flag = _locked(name)
-        before = flag.state()
-        for field, value in changes.items():
-            if field == "everyone" and value not in (True, False, None):
-                raise FlagError(f"everyone must be true, false or unset, got {value!r}")
-            if field in BOOL_FIELDS and not isinstance(value, bool):
-                raise FlagError(f"{field} must be true or false, got {value!r}")
-            if field == "percent" and value is not None:
-                setattr(flag, field, parse_percent(value))
-            else:
-                setattr(flag, field, value)
+        before = _audited(flag, members)
+        _apply(flag, changes)
         # Only turning the flag on ends a rollback; editing anything else leaves it off.
         turned_on = changes.get("everyone") is True or (
             "percent" in changes and (flag.percent or 0) > 0
@@ -131,10 +237,11 @@ def flag_update(name: str, *, actor: str, source: str, reason: str = "", **chang
         if flag.rolled_back and turned_on:
             flag.rolled_back = False
         flag.modified = timezone.now()
-        if "ramp_step" in changes or "ramp" in changes:
+        if set(RAMP_FIELDS) & set(changes):
             flag.ramp_step_at = flag.modified
         flag.save()
-        after = flag.state()
+        _members_set(flag, changes)
+        after = _audited(flag, members)
         if after != before:
             FlagChange.objects.create(
                 flag=name, actor=actor, source=source, reason=reason, before=before, after=after
@@ -142,6 +249,51 @@ def flag_update(name: str, *, actor: str, source: str, reason: str = "", **chang
         _committed(flag)
     logger.info("flag %s changed by %s (%s): %s", name, actor, source, reason or "-")
     return flag
+
+
+def flag_create(name: str, *, actor: str, source: str, reason: str = "", **settings_: Any) -> Flag:
+    """Create flag ``name`` with the given fields (as ``flag_update`` takes them; the rest keep
+    their defaults: off for everyone) and record it: before ``{}``, after its settings."""
+    reason = _check(actor, source, reason)
+    if not isinstance(name, str) or not 0 < len(name) <= 100 or name != "".join(name.split()):
+        raise FlagError(MSG_BAD_NAME.format(name=name))
+    with transaction.atomic():
+        if Flag.objects.filter(name=name).exists():
+            raise FlagError(MSG_FLAG_EXISTS.format(name=name))
+        flag = Flag(name=name)
+        _apply(flag, settings_)
+        if flag.ramp_step is not None:
+            flag.ramp_step_at = timezone.now()
+        flag.save()
+        _members_set(flag, settings_)
+        FlagChange.objects.create(
+            flag=name,
+            actor=actor,
+            source=source,
+            reason=reason,
+            before={},
+            after=_audited(flag, members=True),
+        )
+        _committed(flag)
+    logger.info("flag %s created by %s (%s): %s", name, actor, source, reason or "-")
+    return flag
+
+
+def flag_delete(name: str, *, actor: str, source: str, reason: str = "") -> None:
+    """Delete flag ``name`` and record it (before: its settings, after ``{}``); the product's
+    flags, which the code asks for by name, are refused."""
+    if name in PRODUCT_FLAGS:
+        raise FlagError(MSG_PRODUCT_FLAG.format(name=name))
+    reason = _check(actor, source, reason)
+    with transaction.atomic():
+        flag = _locked(name)
+        before = _audited(flag, members=True)
+        flag.delete()
+        FlagChange.objects.create(
+            flag=name, actor=actor, source=source, reason=reason, before=before, after={}
+        )
+        _committed(flag)
+    logger.warning("flag %s DELETED by %s (%s): %s", name, actor, source, reason or "-")
 
 
 def flag_rollout(name: str, percent: Any, *, actor: str, source: str, reason: str = "") -> Flag:
@@ -262,19 +414,27 @@ def ensure_product_flags() -> list[str]:
 
 
 MSG_LOCAL_CACHE = (
-    "FLAGS ARE CACHED PER PROCESS: the database is shared (PostgreSQL) but the cache is this "
-    "process's own memory (no REDIS_URL). With more than one server process, a flag change or "
-    "rollback made in one reaches the others only when their cached copy expires, not within a "
-    "second. Set REDIS_URL so every process shares the cache and the channel layer."
+    "flags: no REDIS_URL, so flags are cached in this process's memory and the channel layer "
+    "reaches only this process; a change made elsewhere (manage.py flags, another server "
+    "process) reaches this one within about a second through the database's change marker."
+)
+MSG_FIGURES_PER_PROCESS = (
+    "SAFEGUARD FIGURES ARE PER PROCESS: the database is shared (PostgreSQL) but there is no "
+    "REDIS_URL, so with more than one server process each one's safeguard judges only its own "
+    "traffic and WebSocket rate limits count per process. Flag changes and rollbacks still reach "
+    "every process within about a second (through the database). Set REDIS_URL to share them."
 )
 
 
 def warn_if_cache_is_per_process() -> bool:
-    """Warn loudly at start-up when several processes would each keep their own flag cache."""
+    """Say at start-up what a cache of the process's own means; warn loudly when several server
+    processes are likely (a shared PostgreSQL database). Return whether it warned."""
     from django.db import connection
 
-    local = settings.CACHES["default"]["BACKEND"].endswith("LocMemCache")
-    if local and connection.vendor == "postgresql":
-        logger.warning(MSG_LOCAL_CACHE)
+    if not settings.CACHES["default"]["BACKEND"].endswith("LocMemCache"):
+        return False
+    logger.info(MSG_LOCAL_CACHE)
+    if connection.vendor == "postgresql":
+        logger.warning(MSG_FIGURES_PER_PROCESS)
         return True
     return False

@@ -12,8 +12,8 @@ An import changes only what differs from the current flags: flags missing from t
 and fields missing from a flag's entry, are left alone; flags the database does not know are
 reported and skipped (flags are created by migrations, not by imports). A document is checked
 completely before anything is changed, and applied in one transaction through
-``featureflags.services`` (``flag_update``, ``flag_rollback``) and ``flag_members_update``: all of
-it or nothing, every change audited.
+``featureflags.services`` (``flag_update``, ``flag_rollback``): all of it or nothing, every
+change audited.
 """
 
 from __future__ import annotations
@@ -24,13 +24,12 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from django.contrib.auth import get_user_model
-from django.contrib.auth.models import Group
 from django.db import transaction
 from django.utils import timezone
 
 from featureflags import services
-from featureflags.models import Flag, FlagChange
+from featureflags.models import Flag
+from featureflags.selectors import flag_members
 from featureflags.services import FlagError
 
 FORMAT = "termsys-flags"
@@ -111,16 +110,9 @@ class ImportPlan:
 # --- export -------------------------------------------------------------------------------
 
 
-def _members(flag: Flag) -> dict[str, list[str]]:
-    return {
-        "users": sorted(u.get_username() for u in flag.users.all()),
-        "groups": sorted(g.name for g in flag.groups.all()),
-    }
-
-
 def flag_export(flag: Flag) -> dict[str, Any]:
     """Return one flag as the document holds it."""
-    exported = {**flag.state(), **_members(flag)}
+    exported = {**flag.state(), **flag_members(flag)}
     return {field: exported[field] for field in FIELDS}
 
 
@@ -170,19 +162,6 @@ def flags_document_parse(text: str) -> dict[str, dict[str, Any]]:
     return flags
 
 
-def _existing(label: str, names: Any) -> list[Any]:
-    """Return the users (by user name) or groups (by name) named, or raise FlagError."""
-    if not isinstance(names, list | tuple) or not all(isinstance(n, str) for n in names):
-        raise FlagError(f"must be a list of {label} names, got {json.dumps(names)}")
-    model = get_user_model() if label == "user" else Group
-    key = model.USERNAME_FIELD if label == "user" else "name"
-    found = list(model.objects.filter(**{f"{key}__in": list(names)}))
-    missing = sorted(set(names) - {getattr(obj, key) for obj in found})
-    if missing:
-        raise FlagError(f"no {label} {', '.join(map(repr, missing))}")
-    return found
-
-
 def _clean(field: str, value: Any) -> Any:
     """Return a field's value in the export's form, or raise FlagError saying what is valid."""
     shown = json.dumps(value)
@@ -208,7 +187,7 @@ def _clean(field: str, value: Any) -> Any:
         if not isinstance(value, dict):
             raise FlagError(f"must be an object, got {shown}")
         return value
-    _existing(field[:-1], value)  # "users" -> "user", "groups" -> "group"
+    services.members_named(field[:-1], value)  # "users" -> "user", "groups" -> "group"
     return sorted(set(value))
 
 
@@ -281,53 +260,14 @@ def flags_import_plan(entries: dict[str, dict[str, Any]]) -> ImportPlan:
 # --- import: apply ------------------------------------------------------------------------
 
 
-def flag_members_update(
-    name: str,
-    *,
-    actor: str,
-    source: str,
-    reason: str = "",
-    users: Sequence[str] | None = None,
-    groups: Sequence[str] | None = None,
-) -> Flag:
-    """Set the users and/or groups a flag names (by user and group name); audit it like
-    ``services.flag_update`` does, with ``users`` and ``groups`` in before and after."""
-    reason = services._check(actor, source, reason)
-    with transaction.atomic():
-        flag = services._locked(name)
-        before = {**flag.state(), **_members(flag)}
-        if users is not None:
-            flag.users.set(_existing("user", users))
-        if groups is not None:
-            flag.groups.set(_existing("group", groups))
-        after = {**flag.state(), **_members(flag)}
-        if after != before:
-            flag.modified = timezone.now()
-            flag.save(update_fields=["modified"])
-            FlagChange.objects.create(
-                flag=name, actor=actor, source=source, reason=reason, before=before, after=after
-            )
-        services._committed(flag)
-    return flag
-
-
 def flags_import_apply(plan: ImportPlan, *, actor: str, source: str, reason: str = "") -> int:
     """Apply an import plan in one transaction; return the number of flags changed."""
     with transaction.atomic():
         for flag in plan.changed:
-            if flag.update:
-                services.flag_update(
-                    flag.name, actor=actor, source=source, reason=reason, **flag.update
-                )
-            if flag.users is not None or flag.groups is not None:
-                flag_members_update(
-                    flag.name,
-                    actor=actor,
-                    source=source,
-                    reason=reason,
-                    users=flag.users,
-                    groups=flag.groups,
-                )
+            members = {"users": flag.users, "groups": flag.groups}
+            update = {**flag.update, **{k: v for k, v in members.items() if v is not None}}
+            if update:
+                services.flag_update(flag.name, actor=actor, source=source, reason=reason, **update)
             if flag.rollback:
                 services.flag_rollback(flag.name, actor=actor, source=source, reason=reason)
     return len(plan.changed)

@@ -83,6 +83,8 @@ TERMSYS_SAFEGUARD_ERROR_RATE = env_float("TERMSYS_SAFEGUARD_ERROR_RATE", 1.0, 0.
 TERMSYS_SAFEGUARD_P95_MS = env_float("TERMSYS_SAFEGUARD_P95_MS", 100.0, 1.0, 600_000.0)
 TERMSYS_SAFEGUARD_CHECKS = env_int("TERMSYS_SAFEGUARD_CHECKS", 3, minimum=1, maximum=1000)
 TERMSYS_SAFEGUARD_MIN_SAMPLES = env_int("TERMSYS_SAFEGUARD_MIN_SAMPLES", 100, maximum=10**9)
+# Error rate and latency must stay over their thresholds without the N-1 heaviest users.
+TERMSYS_SAFEGUARD_MIN_USERS = env_int("TERMSYS_SAFEGUARD_MIN_USERS", 3, minimum=1, maximum=10)
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import time
 from decimal import Decimal
 
 import pytest
@@ -330,12 +331,106 @@ def test_editing_a_rolled_back_flag_keeps_it_off_until_it_is_turned_on(flags):
 
 
 def test_start_up_warns_when_each_process_would_cache_flags_on_its_own(settings, caplog):
+    import logging
+
     from django.db import connection
+
+    caplog.set_level(logging.INFO, logger="featureflags.services")
 
     settings.CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
     warned = services.warn_if_cache_is_per_process()
     assert warned == (connection.vendor == "postgresql")  # a shared database, a private cache
+    assert services.MSG_LOCAL_CACHE in caplog.text  # changes still arrive within a second
     if warned:
-        assert "FLAGS ARE CACHED PER PROCESS" in caplog.text and "REDIS_URL" in caplog.text
+        assert services.MSG_FIGURES_PER_PROCESS in caplog.text
     settings.CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache"}}
     assert services.warn_if_cache_is_per_process() is False
+
+
+# --- changes made by other processes (no Redis) ---------------------------------------------
+
+
+def changed_by_another_process(name: str, **fields) -> None:
+    """Change a flag as another process would: its row and the change marker in the shared
+    database; that process's cache and channel layer are its own, so this one hears nothing."""
+    from featureflags import marker
+
+    Flag.objects.filter(name=name).update(**fields)
+    marker.version_bump(name)
+
+
+def test_a_change_made_by_another_process_is_seen_within_a_second(flags, monkeypatch):
+    from featureflags import marker
+
+    user = UserFactory()
+    assert flag_is_active_for(user, "session_search") is False  # cached here from now on
+    changed_by_another_process("session_search", everyone=True)
+    time.sleep(marker.CHECK_SECONDS)
+    assert flag_is_active_for(user, "session_search") is True
+
+    reads = []
+    real = marker.version_read
+    monkeypatch.setattr(marker, "version_read", lambda: reads.append(1) or real())
+    started = time.monotonic()
+    for _ in range(50):  # no change: at most one look at the marker a second
+        assert flag_is_active_for(user, "session_search") is True
+    assert len(reads) <= 1 + (time.monotonic() - started) / marker.CHECK_SECONDS
+
+
+def test_while_the_change_marker_is_unreadable_flags_keep_their_cached_values(
+    flags, monkeypatch, caplog
+):
+    from django.db import OperationalError
+
+    from featureflags import marker
+
+    user = UserFactory()
+    services.flag_enable("dynamic_titles", **WHO)
+    assert flag_is_active_for(user, "dynamic_titles") is True
+    monkeypatch.setattr(marker, "CHECK_SECONDS", 0.0)
+
+    def down() -> int:
+        raise OperationalError("connection refused")
+
+    monkeypatch.setattr(marker, "version_read", down)
+    for _ in range(3):
+        assert flag_is_active_for(user, "dynamic_titles") is True
+    assert caplog.text.count("the change marker (featureflags_flagsversion) is unreadable") == 1
+
+    monkeypatch.undo()  # the database answers again
+    monkeypatch.setattr(marker, "CHECK_SECONDS", 0.0)
+    changed_by_another_process("dynamic_titles", everyone=False)
+    assert flag_is_active_for(user, "dynamic_titles") is False
+    assert "the change marker is readable again" in caplog.text
+
+
+@ON_REDIS_SHARED_LAYER
+async def test_a_change_made_by_another_process_runs_this_process_change_hooks(flags):
+    """Live sessions re-evaluate their storage mode on a change made by a command, as they do
+    on a broadcast over the channel layer (which a command without Redis cannot reach)."""
+    import asyncio
+
+    from asgiref.sync import sync_to_async
+
+    from featureflags import broadcast, marker
+
+    heard: list[str] = []
+
+    async def hook(name: str) -> None:
+        heard.append(name)
+
+    broadcast.on_change(hook)
+    try:
+        broadcast.start_listener()
+        await sync_to_async(flag_is_active_for)(None, "storage_hybrid")  # a first look
+        await sync_to_async(changed_by_another_process)("storage_hybrid", everyone=True)
+        await asyncio.sleep(marker.CHECK_SECONDS)
+        assert await sync_to_async(flag_is_active_for)(None, "storage_hybrid") is True
+        for _ in range(100):
+            if "storage_hybrid" in heard:
+                break
+            await asyncio.sleep(0.02)
+        assert "storage_hybrid" in heard
+    finally:
+        broadcast._hooks.remove(hook)
+        await broadcast.stop_listener()

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 import types
 from decimal import Decimal
+from typing import Any
 
 import pytest
+from django import forms
 from django.contrib.admin.models import LogEntry
 
 import featureflags
 from featureflags import admin as flag_admin
 from featureflags import services
+from featureflags.evaluation import flag_is_active_for
 from featureflags.models import Flag, FlagChange, RollbackEvent
 from sessions_app.models import TerminalSession
 from tests.factories import ProjectFactory, UserFactory
@@ -217,6 +221,179 @@ def test_enable_applies_at_once_when_reasons_are_optional(admin_client, settings
 
 def _who(reason: str) -> dict[str, str]:
     return {"actor": "ops", "source": "command", "reason": reason}
+
+
+# --- the change form, adding and deleting: every change audited -----------------------------
+
+
+def change_url(name: str) -> str:
+    return f"{CHANGELIST}{Flag.objects.get(name=name).pk}/change/"
+
+
+def delete_url(name: str) -> str:
+    return f"{CHANGELIST}{Flag.objects.get(name=name).pk}/delete/"
+
+
+def as_posted(response, **changes: str) -> dict[str, Any]:
+    """The admin form of ``response`` as a browser posts it, with ``changes`` typed in."""
+    form = response.context["adminform"].form
+    data: dict[str, Any] = {}
+    for name, field in form.fields.items():
+        value = form[name].value()
+        if isinstance(field, forms.NullBooleanField):
+            data[name] = {None: "unknown", True: "true", False: "false"}[value]
+        elif isinstance(field, forms.BooleanField):
+            if value:
+                data[name] = "on"
+        elif isinstance(field, forms.ModelMultipleChoiceField):
+            ids = [str(v) for v in value or []]
+            data[name] = ",".join(ids) if name == "users" else ids  # users: a raw-id box
+        else:
+            data[name] = "" if value is None else str(value)
+    return {**data, **changes, "_save": "Save"}
+
+
+def history(client, name: str) -> list[dict[str, Any]]:
+    """The flag's latest changes as the rollback status shows them."""
+    flags = client.get(STATUS_JSON).json()["flags"]
+    return next(f for f in flags if f["name"] == name)["changes"]
+
+
+def test_a_user_named_in_the_change_form_takes_effect_and_is_audited(admin_client):
+    alice = UserFactory(username="alice")
+    services.flag_update("dynamic_titles", everyone=None, **_who("per-user from now on"))
+    form = admin_client.get(change_url("dynamic_titles"))
+    data = as_posted(form, users=str(alice.pk), reason="alice tries titles")
+    response = admin_client.post(change_url("dynamic_titles"), data, follow=True)
+
+    assert any("was changed successfully" in m for m in messages_of(response))
+    assert flag_is_active_for(alice, "dynamic_titles") is True
+    titles = next(
+        f for f in admin_client.get(STATUS_JSON).json()["flags"] if f["name"] == "dynamic_titles"
+    )
+    assert titles["overrides"] == ["1 user"]
+    latest = history(admin_client, "dynamic_titles")[0]
+    assert (latest["actor"], latest["source"], latest["reason"]) == (
+        "root",
+        "admin",
+        "alice tries titles",
+    )
+    assert latest["changed"] == {"users": {"before": [], "after": ["alice"]}}
+
+
+def test_ramp_and_ramp_step_typed_in_the_change_form_are_saved_and_audited(admin_client):
+    form = admin_client.get(change_url("storage_hybrid"))
+    data = as_posted(form, ramp=json.dumps(RAMP), ramp_step="0", percent="5", reason="plan it")
+    response = admin_client.post(change_url("storage_hybrid"), data, follow=True)
+
+    assert any("was changed successfully" in m for m in messages_of(response))
+    flag = Flag.objects.get(name="storage_hybrid")
+    assert (flag.ramp, flag.ramp_step, flag.percent) == (RAMP, 0, Decimal("5.00"))
+    changed = history(admin_client, "storage_hybrid")[0]["changed"]
+    assert changed["ramp"] == {"before": {}, "after": RAMP}
+    assert changed["rampStep"] == {"before": None, "after": 0}
+    assert "step 1 of 4" in admin_client.get(CHANGELIST).content.decode()
+
+
+@pytest.mark.parametrize(
+    ("ramp", "step", "error"),
+    [
+        ("[5, 25]", "", "ramp must be {} (no plan) or an object like"),
+        ('{"steps": [50, 25]}', "", "steps must rise"),
+        ('{"steps": [5, 250]}', "", "percent must be from 0 to 100"),
+        (json.dumps(RAMP), "4", "ramp_step must be unset or a step of the ramp plan, 0 to 3"),
+        ("{}", "1", "ramp_step must be unset while the flag has no ramp plan"),
+    ],
+)
+def test_a_bad_ramp_in_the_change_form_is_refused_naming_what_is_wrong(
+    admin_client, ramp, step, error
+):
+    form = admin_client.get(change_url("storage_hybrid"))
+    data = as_posted(form, ramp=ramp, ramp_step=step, reason="plan it")
+    response = admin_client.post(change_url("storage_hybrid"), data)
+    assert response.status_code == 200  # the form again, with the error
+    assert error in response.content.decode()
+    flag = Flag.objects.get(name="storage_hybrid")
+    assert (flag.ramp, flag.ramp_step) == ({}, None)
+    assert FlagChange.objects.count() == 0
+
+
+def test_the_change_form_saves_everything_it_lets_an_admin_edit(admin_client):
+    """What the form shows as editable is saved; waffle's "rollout" mode (meaningless with
+    termsys's bucketing) and the timestamps are not editable there."""
+    form = admin_client.get(change_url("session_search"))
+    editable = set(form.context["adminform"].form.fields)
+    assert editable == {"note", *services.EDITABLE_FIELDS, "reason"}
+    html = form.content.decode()
+    assert 'name="rollout"' not in html and 'name="ramp_step_at"' not in html
+
+
+def test_a_flags_name_cannot_be_changed_in_the_change_form(admin_client):
+    form = admin_client.get(change_url("session_search"))
+    assert 'name="name"' not in form.content.decode()  # shown, not editable
+    data = as_posted(form, name="session_search_renamed", note="renamed?", reason="tidy")
+    response = admin_client.post(change_url("session_search"), data, follow=True)
+
+    shown = messages_of(response)
+    assert not any("No flag" in m or "no flag" in m for m in shown)
+    assert Flag.objects.filter(name="session_search", note="renamed?").exists()
+    assert not Flag.objects.filter(name="session_search_renamed").exists()
+
+
+def test_a_flag_added_in_the_admin_is_audited(admin_client):
+    form = admin_client.get(f"{CHANGELIST}add/")
+    data = as_posted(form, name="new_sidebar", note="the new sidebar", everyone="true")
+    response = admin_client.post(f"{CHANGELIST}add/", data)
+    assert flag_admin.MSG_SAY_WHY in response.content.decode()  # reasons are required
+    assert not Flag.objects.filter(name="new_sidebar").exists()
+
+    data["reason"] = "sidebar beta"
+    response = admin_client.post(f"{CHANGELIST}add/", data, follow=True)
+    assert any("was added successfully" in m for m in messages_of(response))
+    assert Flag.objects.get(name="new_sidebar").everyone is True
+    created = history(admin_client, "new_sidebar")[0]
+    assert (created["actor"], created["source"], created["reason"]) == (
+        "root",
+        "admin",
+        "sidebar beta",
+    )
+    assert created["changed"]["everyone"] == {"before": None, "after": True}
+
+
+def test_a_flag_deleted_in_the_admin_is_audited_and_needs_a_reason(admin_client):
+    services.flag_create("old_banner", everyone=True, **_who("banner"))
+    page = admin_client.get(delete_url("old_banner"))
+    assert 'name="reason"' in page.content.decode()
+
+    response = admin_client.post(delete_url("old_banner"), {"post": "yes"}, follow=True)
+    assert messages_of(response) == [
+        flag_admin.MSG_NOTHING_CHANGED.format(
+            error="a reason is required for every flag change (TERMSYS_FLAG_REASON_REQUIRED)"
+        )
+    ]
+    assert Flag.objects.filter(name="old_banner").exists()
+
+    response = admin_client.post(
+        delete_url("old_banner"), {"post": "yes", "reason": "banner retired"}, follow=True
+    )
+    assert messages_of(response) == [flag_admin.MSG_DELETED.format(name="old_banner")]
+    assert not Flag.objects.filter(name="old_banner").exists()
+    deleted = FlagChange.objects.filter(flag="old_banner").first()
+    assert (deleted.actor, deleted.source, deleted.reason) == ("root", "admin", "banner retired")
+    assert deleted.before["everyone"] is True and deleted.after == {}
+
+
+@pytest.mark.parametrize("name", sorted(services.PRODUCT_FLAGS))
+def test_a_product_flag_cannot_be_deleted_in_the_admin(admin_client, name):
+    services.flag_enable(name, **_who("on"))
+    assert delete_url(name) not in admin_client.get(change_url(name)).content.decode()
+    for response in (
+        admin_client.get(delete_url(name), follow=True),
+        admin_client.post(delete_url(name), {"post": "yes", "reason": "cleanup"}, follow=True),
+    ):
+        assert messages_of(response) == [services.MSG_PRODUCT_FLAG.format(name=name)]
+    assert Flag.objects.get(name=name).everyone is True
+    assert FlagChange.objects.filter(flag=name).count() == 1  # only the enable
 
 
 # --- status page and JSON -------------------------------------------------------------------

@@ -125,3 +125,96 @@ def test_a_ramp_advances_only_after_its_hold_with_enough_users_and_a_healthy_coh
     assert safeguard.latest_figures()["dynamic_titles"]["breach"].startswith("error rate")
     assert tasks.ramp_tick() == []
     assert Flag.objects.get(name="dynamic_titles").percent == 25
+
+
+# --- one user cannot roll a flag back for everyone ------------------------------------------
+
+
+def test_one_users_failing_requests_do_not_roll_the_flag_back(cohorts, monkeypatch):
+    """400 requests of one user that the server fails (a client stuck retrying, or requests
+    crafted to fail) rolled session_search back for everyone within 16 s."""
+    on, off = cohorts
+    culprit = on[0]
+    from sessions_app import selectors
+
+    real = selectors.project_list
+
+    def failing_for_one_user(*, user):
+        if user.pk == culprit.pk:
+            raise RuntimeError("this user's requests fail")
+        return real(user=user)
+
+    monkeypatch.setattr(selectors, "project_list", failing_for_one_user)
+    client = Client()
+    client.force_login(culprit)
+    assert {client.get("/api/projects").status_code for _ in range(150)} == {500}
+    for user in on[1:] + off:
+        client = Client()
+        client.force_login(user)
+        assert client.get("/api/projects").status_code == 200
+
+    for _ in range(5):
+        assert safeguard.check() == []
+    assert not Flag.objects.get(name="session_search").rolled_back
+    assert not RollbackEvent.objects.exists()
+    figures = safeguard.latest_figures()["session_search"]
+    assert figures["on"]["errors"] == 150 and figures["on"]["errorUsers"] == 1
+    assert figures["breach"] is None and figures["streak"] == 0
+    assert figures["note"] == safeguard.MSG_FEW_USERS.format(
+        figure=f"error rate {figures['on']['errorRate']:.1f} % > 1 %", users=3
+    )
+    admin = Client()
+    admin.force_login(UserFactory(is_staff=True, is_superuser=True))
+    page = admin.get("/admin/featureflags/status/").content.decode()
+    assert "from fewer than 3 users: not judged" in page and "users with errors" in page
+
+
+def test_one_user_cannot_tip_a_cohort_whose_other_errors_stay_under_the_threshold(cohorts):
+    on, _ = cohorts
+    culprit, *others = on
+    for _ in range(150):
+        safeguard.record(culprit.pk, ok=False, latency_ms=5)
+    for user in others[:3]:  # a few errors elsewhere, as any service has: 0.7 % of the rest
+        safeguard.record(user.pk, ok=False, latency_ms=5)
+    for i in range(420):
+        safeguard.record(others[i % len(others)].pk, ok=True, latency_ms=5)
+    for _ in range(5):
+        assert safeguard.check() == []
+    assert not Flag.objects.get(name="session_search").rolled_back
+
+
+def test_one_users_slow_responses_do_not_roll_the_flag_back(cohorts):
+    on, off = cohorts
+    for _ in range(100):
+        safeguard.record(on[0].pk, ok=True, latency_ms=900)
+    for user in on[1:] + off:
+        for _ in range(3):
+            safeguard.record(user.pk, ok=True, latency_ms=8)
+    for _ in range(5):
+        assert safeguard.check() == []
+    assert not Flag.objects.get(name="session_search").rolled_back
+    assert "p95 latency" in safeguard.latest_figures()["session_search"]["note"]
+
+
+def test_failures_of_enough_users_roll_back_however_many_requests_one_of_them_sends(cohorts):
+    on, _ = cohorts
+    for _ in range(300):  # one heavy user ...
+        safeguard.record(on[0].pk, ok=False, latency_ms=5)
+    for user in on[1:]:  # ... and every other user of the cohort failing too
+        safeguard.record(user.pk, ok=False, latency_ms=5)
+    for _ in range(3):
+        rolled_back = safeguard.check()
+    assert rolled_back == ["session_search"]
+    assert RollbackEvent.objects.get(flag="session_search").reason.startswith(
+        "error rate 100.0 % > 1 % over 3 checks"
+    )
+
+
+def test_min_users_1_judges_a_single_user_as_before(cohorts, settings):
+    settings.TERMSYS_SAFEGUARD_MIN_USERS = 1
+    on, _ = cohorts
+    for _ in range(150):
+        safeguard.record(on[0].pk, ok=False, latency_ms=5)
+    for _ in range(3):
+        rolled_back = safeguard.check()
+    assert rolled_back == ["session_search"]
