@@ -53,6 +53,11 @@ FIELDS = (
 )
 
 NOT_JSON = "not valid JSON: {error}"
+TOO_DEEP = "not a termsys flags export: nested too deeply to read"
+NOT_UNICODE = (
+    "{where} holds text that is not valid Unicode (an unpaired surrogate, \\u{code:04x}); "
+    "a flags export never does"
+)
 NOT_A_DOCUMENT = 'not a termsys flags export: expected an object with "format": "termsys-flags"'
 WRONG_FORMAT = 'format {found!r} is not a termsys flags export (expected "termsys-flags")'
 BAD_VERSION = "version must be an integer, got {found!r}"
@@ -136,6 +141,11 @@ def flags_document_parse(text: str) -> dict[str, dict[str, Any]]:
         document = json.loads(text)
     except json.JSONDecodeError as exc:
         raise TransferError([NOT_JSON.format(error=exc)]) from None
+    except RecursionError:
+        raise TransferError([TOO_DEEP]) from None
+    unpaired = _unpaired_surrogate(document)
+    if unpaired is not None:
+        raise TransferError([NOT_UNICODE.format(where=unpaired[0], code=unpaired[1])])
     if not isinstance(document, dict) or "format" not in document:
         raise TransferError([NOT_A_DOCUMENT])
     if document["format"] != FORMAT:
@@ -160,6 +170,26 @@ def flags_document_parse(text: str) -> dict[str, dict[str, Any]]:
     if problems:
         raise TransferError(problems)
     return flags
+
+
+def _unpaired_surrogate(document: Any) -> tuple[str, int] | None:
+    """Return where the first string with an unpaired surrogate is (JSON's "\\ud800" decodes
+    to one; no database stores it) and its code point, or None."""
+    stack: list[tuple[str, Any]] = [("the file", document)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, dict):
+            for key, item in value.items():
+                stack.append((f"key {key!r}", key))
+                stack.append((f"{key!r}", item))
+        elif isinstance(value, list):
+            stack.extend((where, item) for item in value)
+        elif isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                return where, ord(value[exc.start])
+    return None
 
 
 def _clean(field: str, value: Any) -> Any:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -558,3 +559,25 @@ def test_from_a_shell_a_refusal_exits_1_with_a_message_and_no_traceback(tmp_path
     assert shown.returncode == 0, shown.stderr
     assert "storage_hybrid" in shown.stdout
     assert Flag.objects.get(name="storage_hybrid").everyone is False
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+        (
+            '{"format": "termsys-flags", "version": 1, "flags": '
+            '{"storage_hybrid": {"note": "a\\ud800b"}}}',
+            "'note' holds text that is not valid Unicode (an unpaired surrogate, \\ud800)",
+        ),
+        (
+            '{"format": "termsys-flags", "version": 1, "flags": {"x\\udc00": {}}}',
+            "not valid Unicode",
+        ),
+    ],
+)
+def test_an_import_file_no_export_could_be_is_refused_with_why(tmp_path, text, message):
+    before = snapshot()
+    with pytest.raises(CommandError, match=re.escape(message)):
+        flags("import", write(tmp_path / "flags.json", text), "--apply", "--reason", "x")
+    assert snapshot() == before
