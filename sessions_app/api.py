@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import uuid
 from collections.abc import Awaitable, Callable
 from functools import wraps
@@ -11,8 +12,10 @@ from typing import Any
 
 from asgiref.sync import sync_to_async
 from channels.db import database_sync_to_async
+from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.http.request import RawPostDataException
 from django.utils import timezone
 
 from sessions_app import conf, selectors, services, terminals, workspace
@@ -22,6 +25,7 @@ from sessions_app.errors import (
     NotFound,
     PayloadTooLarge,
     TermsysError,
+    UnsupportedMediaType,
     ValidationFailed,
 )
 from sessions_app.health import health_checks, storage_figures
@@ -92,20 +96,70 @@ def ok(request: HttpRequest, body: dict[str, Any], status: int = 200) -> JsonRes
     return response
 
 
+MSG_BODY_TOO_LARGE = "Request body is larger than {limit} bytes (DATA_UPLOAD_MAX_MEMORY_SIZE)."
+MSG_BODY_NOT_JSON = "Request body is not valid JSON: {problem}."
+MSG_BODY_NOT_OBJECT = "Request body must be a JSON object."
+MSG_SEND_JSON = "Send the request body as JSON (Content-Type: application/json), not {kind}."
+MSG_JSON_CONSTANT = "{constant} is not a JSON value (JSON has no NaN or Infinity)"
+MSG_LONE_SURROGATE = (
+    "{field} is not valid Unicode: it holds a lone surrogate U+{code:04X} at character "
+    "{position}; send text as UTF-8, and escape only complete surrogate pairs."
+)
+_LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def _refuse_constant(constant: str) -> None:
+    raise ValueError(MSG_JSON_CONSTANT.format(constant=constant))
+
+
+def _check_unicode(data: dict[str, Any]) -> None:
+    """Raise ValidationFailed naming the first field whose text (or key) is not valid Unicode.
+
+    Python's JSON decoder turns an escaped lone surrogate (backslash-u D800) into a string that
+    no database (nor UTF-8) can store. Walked with a stack: bodies may nest deeply.
+    """
+    stack: list[tuple[str, Any]] = [(str(key), value) for key, value in data.items()]
+    stack += [(f"{key!r} (a key)", key) for key in data]
+    while stack:
+        field, value = stack.pop()
+        if isinstance(value, str):
+            bad = _LONE_SURROGATE.search(value)
+            if bad:
+                name = _LONE_SURROGATE.sub("\N{REPLACEMENT CHARACTER}", field)
+                raise ValidationFailed(
+                    MSG_LONE_SURROGATE.format(
+                        field=name, code=ord(bad.group()), position=bad.start() + 1
+                    ),
+                    details={"field": name},
+                )
+        elif isinstance(value, dict):
+            stack += [(f"{field}.{key}", item) for key, item in value.items()]
+            stack += [(f"{field}.{key!r} (a key)", key) for key in value]
+        elif isinstance(value, list):
+            stack += [(f"{field}[{index}]", item) for index, item in enumerate(value)]
+
+
 def json_body(request: HttpRequest) -> dict[str, Any]:
-    """Return the request's JSON object body, or raise a 400/413 that says what is wrong."""
+    """Return the request's JSON object body, or raise a 400/413/415 that says what is wrong."""
+    if request.content_type.startswith("multipart/"):
+        raise UnsupportedMediaType(MSG_SEND_JSON.format(kind=request.content_type))
     try:
         raw = request.body
     except RequestDataTooBig:
-        raise PayloadTooLarge("Request body is too large.") from None
+        raise PayloadTooLarge(
+            MSG_BODY_TOO_LARGE.format(limit=settings.DATA_UPLOAD_MAX_MEMORY_SIZE)
+        ) from None
+    except RawPostDataException:  # the form parser read it first: it was not JSON
+        raise UnsupportedMediaType(MSG_SEND_JSON.format(kind=request.content_type)) from None
     if not raw:
         return {}
     try:
-        data = json.loads(raw)
+        data = json.loads(raw, parse_constant=_refuse_constant)
     except (ValueError, RecursionError) as exc:
-        raise ValidationFailed(f"Request body is not valid JSON: {exc}.") from None
+        raise ValidationFailed(MSG_BODY_NOT_JSON.format(problem=exc)) from None
     if not isinstance(data, dict):
-        raise ValidationFailed("Request body must be a JSON object.")
+        raise ValidationFailed(MSG_BODY_NOT_OBJECT)
+    _check_unicode(data)
     return data
 
 

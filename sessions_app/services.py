@@ -7,6 +7,7 @@ on the server's event loop.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -39,6 +40,11 @@ Kind = SessionEvent.Kind
 # A shell that ended because its server process went away; such a session can be revived.
 END_SERVER_RESTARTED = "server_restarted"
 NAME_MAX = 100
+MSG_PROJECT_ID_REQUIRED = "projectId is required: the id of one of your projects."
+MSG_PROJECT_ID_TYPE = (
+    "projectId must be a project's id, a whole number such as 12; got {value} ({kind})."
+)
+_JSON_KINDS = {bool: "true/false", int: "number", float: "number", str: "string", list: "array"}
 PROJECT_NAME_RE = re.compile(r"^[^\x00-\x1f/\\]{1,100}$")
 
 
@@ -200,8 +206,16 @@ def _session_insert(
         raise ValidationFailed(
             "tabName must be a string of at most 100 characters.", details={"field": "tabName"}
         )
-    if project_id in (None, ""):
-        raise ValidationFailed("projectId is required.", details={"field": "projectId"})
+    if project_id is None:
+        raise ValidationFailed(MSG_PROJECT_ID_REQUIRED, details={"field": "projectId"})
+    if isinstance(project_id, bool) or not isinstance(project_id, int):
+        raise ValidationFailed(
+            MSG_PROJECT_ID_TYPE.format(
+                value=json.dumps(project_id, default=repr)[:40],
+                kind=_JSON_KINDS.get(type(project_id), "object"),
+            ),
+            details={"field": "projectId"},
+        )
     with transaction.atomic():
         project = selectors.project_get(user=user, project_id=project_id)
         Project.objects.select_for_update().filter(

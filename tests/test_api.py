@@ -89,6 +89,90 @@ async def test_oversized_body_is_413(client):
     assert_error(response, 413, "payload_too_large")
 
 
+def strict_json(response) -> dict:
+    """Parse a response as standard JSON: NaN and Infinity are not JSON."""
+
+    def refuse(constant):
+        raise ValueError(f"{constant} in the response")
+
+    return json.loads(response.content, parse_constant=refuse)
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+async def test_nan_and_infinity_are_not_json(client, project, constant):
+    response = await client.post(
+        "/api/terminal/create",
+        data=f'{{"projectId": {constant}}}',
+        content_type="application/json",
+    )
+    error = assert_error(response, 400, "validation_failed")
+    assert f"{constant} is not a JSON value" in error["message"]
+    strict_json(response)
+
+
+@pytest.mark.parametrize("value", ["true", "1.5", "1.9", '"1"', "[1]"])
+async def test_project_id_must_be_a_whole_number(client, project, value, live_terminals):
+    response = await client.post(
+        "/api/terminal/create",
+        data=f'{{"projectId": {value.replace("1", str(project.pk))}}}',
+        content_type="application/json",
+    )
+    error = assert_error(response, 400, "validation_failed")
+    assert error["details"] == {"field": "projectId"}
+    assert "projectId must be a project's id, a whole number" in error["message"]
+    assert terminals.all_terminals() == []
+
+
+@pytest.mark.parametrize("value", ["1e400", "100000000000000000000000", "-1", "0"])
+async def test_a_project_id_no_project_can_have_is_not_found(client, value):
+    response = await client.post(
+        "/api/terminal/create", data=f'{{"projectId": {value}}}', content_type="application/json"
+    )
+    assert response.status_code in (400, 404), response.content
+    assert_error(response, response.status_code)
+    strict_json(response)
+
+
+@pytest.mark.parametrize(
+    ("url", "body", "field"),
+    [
+        ("/api/projects", '{"name": "x\\ud800"}', "name"),
+        ("/api/projects", '{"name": "ok", "path": "/tmp/\\udcff"}', "path"),
+        ("/api/terminal/create", '{"projectId": 1, "tabName": "\\udfff"}', "tabName"),
+        ("/api/projects", '{"name": "ok", "extra": {"deep": ["\\ud83d"]}}', "extra.deep[0]"),
+    ],
+)
+async def test_text_not_valid_unicode_is_refused_naming_the_field(client, url, body, field):
+    response = await client.post(url, data=body, content_type="application/json")
+    error = assert_error(response, 400, "validation_failed")
+    assert error["details"]["field"] == field
+    assert f"{field} is not valid Unicode" in error["message"]
+    assert not await Project.objects.filter(name="ok").aexists()
+
+
+async def test_rename_to_text_that_is_not_valid_unicode_is_refused(client, session):
+    response = await client.post(
+        f"/api/terminal/{session.id}/rename",
+        data='{"tabName": "\\udfff"}',
+        content_type="application/json",
+    )
+    error = assert_error(response, 400, "validation_failed")
+    assert error["details"]["field"] == "tabName"
+    assert (await TerminalSession.objects.aget(pk=session.id)).tab_name == "main"
+
+
+async def test_a_multipart_body_is_refused_saying_to_send_json(user):
+    strict = AsyncClient(enforce_csrf_checks=True)
+    await strict.aforce_login(user)
+    token = (await strict.get("/")).cookies["csrftoken"].value
+    response = await strict.post(
+        "/api/projects", data={"name": "x"}, headers={"X-CSRFToken": token}
+    )
+    error = assert_error(response, 415, "unsupported_media_type")
+    assert "application/json" in error["message"]
+    assert not await Project.objects.filter(name="x").aexists()
+
+
 async def test_terminal_lifecycle(client, user, project, live_terminals):
     response = await post(
         client,
