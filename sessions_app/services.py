@@ -45,6 +45,15 @@ MSG_PROJECT_ID_TYPE = (
     "projectId must be a project's id, a whole number such as 12; got {value} ({kind})."
 )
 _JSON_KINDS = {bool: "true/false", int: "number", float: "number", str: "string", list: "array"}
+PATH_MAX = Project._meta.get_field("path").max_length
+MSG_PATH_NOT_TEXT = "Project path must be a string: an absolute path of an existing directory."
+MSG_PATH_NO_HOME = (
+    "Project path {path} starts with ~ but names no user of this machine; give an absolute path."
+)
+MSG_PATH_RELATIVE = "Project path {path} must be absolute (start with / or ~)."
+MSG_PATH_NOT_A_DIRECTORY = "Project path {path} does not exist or is not a directory."
+MSG_PATH_UNUSABLE = "Project path {path} cannot be used: {reason}."
+MSG_PATH_TOO_LONG = f"Project path {{path}} is longer than {PATH_MAX} characters."
 PROJECT_NAME_RE = re.compile(r"^[^\x00-\x1f/\\]{1,100}$")
 
 
@@ -55,6 +64,36 @@ def _default_project_path(owner: AbstractBaseUser, name: str) -> Path:
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "project"
     owner_dir = re.sub(r"[^A-Za-z0-9._-]+", "-", owner.get_username()) or f"user-{owner.pk}"
     return conf.projects_root() / owner_dir / slug
+
+
+def _existing_directory(path: Any) -> Path:
+    """Return ``path`` (``~`` expanded, resolved) if it names an existing directory, or raise
+    ValidationFailed naming the field ``path`` and what is wrong with it."""
+    if not isinstance(path, str):
+        raise ValidationFailed(MSG_PATH_NOT_TEXT, details={"field": "path"})
+    shown = repr(path[:PATH_MAX]) + ("…" if len(path) > PATH_MAX else "")
+    try:
+        directory = Path(path).expanduser()
+    except RuntimeError:  # ~name of a user this machine does not have
+        raise ValidationFailed(
+            MSG_PATH_NO_HOME.format(path=shown), details={"field": "path"}
+        ) from None
+    if not directory.is_absolute():
+        raise ValidationFailed(MSG_PATH_RELATIVE.format(path=shown), details={"field": "path"})
+    try:
+        if not directory.is_dir():
+            raise ValidationFailed(
+                MSG_PATH_NOT_A_DIRECTORY.format(path=shown), details={"field": "path"}
+            )
+        resolved = directory.resolve(strict=True)
+    except (OSError, ValueError, RuntimeError) as exc:  # too long, a NUL, a symlink loop, …
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise ValidationFailed(
+            MSG_PATH_UNUSABLE.format(path=shown, reason=reason), details={"field": "path"}
+        ) from None
+    if len(str(resolved)) > PATH_MAX:
+        raise ValidationFailed(MSG_PATH_TOO_LONG.format(path=shown), details={"field": "path"})
+    return resolved
 
 
 def project_create(*, owner: AbstractBaseUser, name: Any, path: Any = None) -> Project:
@@ -71,21 +110,10 @@ def project_create(*, owner: AbstractBaseUser, name: Any, path: Any = None) -> P
         directory = _default_project_path(owner, name)
         directory.mkdir(parents=True, exist_ok=True)
     else:
-        if not isinstance(path, str):
-            raise ValidationFailed("Project path must be a string.", details={"field": "path"})
-        directory = Path(path).expanduser()
-        if not directory.is_absolute():
-            raise ValidationFailed(
-                f"Project path {path!r} must be absolute.", details={"field": "path"}
-            )
-        if not directory.is_dir():
-            raise ValidationFailed(
-                f"Project path {path!r} does not exist or is not a directory.",
-                details={"field": "path"},
-            )
+        directory = _existing_directory(path)
     try:
         with transaction.atomic():
-            return Project.objects.create(owner=owner, name=name, path=str(directory.resolve()))
+            return Project.objects.create(owner=owner, name=name, path=str(directory))
     except IntegrityError:
         raise Conflict(
             f"You already have a project named {name!r}.", details={"field": "name"}

@@ -72,6 +72,23 @@ async def test_project_validation(client, body, field):
     assert error["details"]["field"] == field
 
 
+@pytest.mark.parametrize(
+    ("path", "fragment"),
+    [
+        ("/tmp/" + "a" * 300, "File name too long"),
+        ("~nosuchuser-termsys", "names no user of this machine"),
+        ("~nosuchuser-termsys/work", "names no user of this machine"),
+        ("/tmp/a\x00b", "does not exist or is not a directory"),
+    ],
+)
+async def test_a_path_the_system_cannot_use_is_400_naming_path(client, path, fragment):
+    response = await post(client, "/api/projects", {"name": "p", "path": path})
+    error = assert_error(response, 400, "validation_failed")
+    assert error["details"] == {"field": "path"}
+    assert fragment in error["message"]
+    assert not await Project.objects.filter(name="p").aexists()
+
+
 async def test_duplicate_project_name_is_409(client):
     await post(client, "/api/projects", {"name": "twice"})
     assert_error(await post(client, "/api/projects", {"name": "twice"}), 409)
