@@ -19,7 +19,7 @@ from django.contrib.auth.models import AbstractBaseUser
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from sessions_app import conf, housekeeping, selectors, storage, terminals
+from sessions_app import conf, housekeeping, names, selectors, storage, terminals
 from sessions_app.dbthread import db_call
 from sessions_app.errors import (
     Conflict,
@@ -39,7 +39,6 @@ logger = logging.getLogger(__name__)
 Kind = SessionEvent.Kind
 # A shell that ended because its server process went away; such a session can be revived.
 END_SERVER_RESTARTED = "server_restarted"
-NAME_MAX = 100
 MSG_PROJECT_ID_REQUIRED = "projectId is required: the id of one of your projects."
 MSG_PROJECT_ID_TYPE = (
     "projectId must be a project's id, a whole number such as 12; got {value} ({kind})."
@@ -54,7 +53,6 @@ MSG_PATH_RELATIVE = "Project path {path} must be absolute (start with / or ~)."
 MSG_PATH_NOT_A_DIRECTORY = "Project path {path} does not exist or is not a directory."
 MSG_PATH_UNUSABLE = "Project path {path} cannot be used: {reason}."
 MSG_PATH_TOO_LONG = f"Project path {{path}} is longer than {PATH_MAX} characters."
-PROJECT_NAME_RE = re.compile(r"^[^\x00-\x1f/\\]{1,100}$")
 
 
 # --- projects ---------------------------------------------------------------------------------
@@ -98,14 +96,7 @@ def _existing_directory(path: Any) -> Path:
 
 def project_create(*, owner: AbstractBaseUser, name: Any, path: Any = None) -> Project:
     """Create a project; its path must be an existing directory, or defaults to one we create."""
-    if not isinstance(name, str) or not name.strip():
-        raise ValidationFailed("Project name is required.", details={"field": "name"})
-    name = name.strip()
-    if not PROJECT_NAME_RE.match(name):
-        raise ValidationFailed(
-            "Project name must be 1-100 characters without slashes or control characters.",
-            details={"field": "name"},
-        )
+    name = names.name_clean(name, field="name", refused=names.PROJECT_NAME_SEPARATORS)
     if path in (None, ""):
         directory = _default_project_path(owner, name)
         directory.mkdir(parents=True, exist_ok=True)
@@ -152,12 +143,11 @@ def session_transition(
 
 
 def session_rename(*, user: AbstractBaseUser, session_id: str, tab_name: Any) -> SessionRecord:
-    if not isinstance(tab_name, str) or not tab_name.strip() or len(tab_name.strip()) > NAME_MAX:
-        raise ValidationFailed("tabName must be 1-100 characters.", details={"field": "tabName"})
+    tab_name = names.name_clean(tab_name, field="tabName")
     record = selectors.session_get(user=user, session_id=session_id)
     provider = get_storage(record.storage_mode)
     with transaction.atomic():
-        updated = provider.update(record.id, tab_name=tab_name.strip())
+        updated = provider.update(record.id, tab_name=tab_name)
         provider.add_event(
             record.id, Kind.RENAMED, {"from": record.tab_name, "to": updated.tab_name}
         )
@@ -230,10 +220,9 @@ def _session_insert(
             f"Unknown terminal type {profile!r}; available: {', '.join(sorted(profiles))}.",
             details={"field": "type", "allowed": sorted(profiles)},
         )
-    if tab_name is not None and (not isinstance(tab_name, str) or len(tab_name) > NAME_MAX):
-        raise ValidationFailed(
-            "tabName must be a string of at most 100 characters.", details={"field": "tabName"}
-        )
+    # No tab name (or only spaces): the next free "Terminal N".
+    if tab_name is not None and not (isinstance(tab_name, str) and not tab_name.strip()):
+        tab_name = names.name_clean(tab_name, field="tabName")
     if project_id is None:
         raise ValidationFailed(MSG_PROJECT_ID_REQUIRED, details={"field": "projectId"})
     if isinstance(project_id, bool) or not isinstance(project_id, int):

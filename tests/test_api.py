@@ -89,6 +89,90 @@ async def test_a_path_the_system_cannot_use_is_400_naming_path(client, path, fra
     assert not await Project.objects.filter(name="p").aexists()
 
 
+REFUSED_IN_NAMES = [
+    ("\x00", "control character"),
+    ("\x1b", "control character"),
+    ("\x07", "control character"),
+    ("\r", "control character"),
+    ("\n", "control character"),
+    ("\x7f", "control character"),
+    ("\x9b", "control character"),
+    ("\u202e", "invisible formatting character"),
+    ("\u200b", "invisible formatting character"),
+    ("\u2028", "line separator"),
+    ("\u2029", "paragraph separator"),
+]
+
+
+@pytest.mark.parametrize(("char", "what"), REFUSED_IN_NAMES)
+async def test_names_refuse_invisible_and_control_characters_everywhere(
+    client, project, char, what, live_terminals
+):
+    name = f"ab{char}cd"
+    code = f"U+{ord(char):04X}"
+    for url, body, field in [
+        ("/api/projects", {"name": name}, "name"),
+        ("/api/terminal/create", {"projectId": project.pk, "tabName": name}, "tabName"),
+    ]:
+        error = assert_error(await post(client, url, body), 400, "validation_failed")
+        assert error["details"] == {"field": field, "position": 3, "codePoint": code}
+        assert error["message"].startswith(f"{field} must not contain ")
+        assert f"{what}: {code} at character 3" in error["message"]
+    assert await Project.objects.acount() == 1
+    assert terminals.all_terminals() == []
+    created = await post(client, "/api/terminal/create", {"projectId": project.pk, "tabName": "t"})
+    session_id = created.json()["session"]["id"]
+    response = await post(client, f"/api/terminal/{session_id}/rename", {"tabName": name})
+    error = assert_error(response, 400, "validation_failed")
+    assert error["details"]["codePoint"] == code
+    assert (await TerminalSession.objects.aget(pk=session_id)).tab_name == "t"
+
+
+async def test_a_name_is_trimmed_before_its_length_is_checked_at_create_and_rename(
+    client, project, live_terminals
+):
+    longest, too_long = "x" * 100, "y" * 101
+    created = await post(
+        client, "/api/terminal/create", {"projectId": project.pk, "tabName": f" {longest} "}
+    )
+    assert created.status_code == 201, created.content
+    session_id = created.json()["session"]["id"]
+    assert created.json()["session"]["tabName"] == longest
+    renamed = await post(client, f"/api/terminal/{session_id}/rename", {"tabName": longest + " "})
+    assert renamed.json()["session"]["tabName"] == longest
+    project_created = await post(client, "/api/projects", {"name": longest + " "})
+    assert project_created.json()["project"]["name"] == longest
+    for url, body, field in [
+        ("/api/terminal/create", {"projectId": project.pk, "tabName": too_long}, "tabName"),
+        (f"/api/terminal/{session_id}/rename", {"tabName": too_long}, "tabName"),
+        ("/api/projects", {"name": too_long}, "name"),
+    ]:
+        error = assert_error(await post(client, url, body), 400, "validation_failed")
+        assert error["details"] == {"field": field, "max": 100}
+        assert f"{field} must be at most 100 characters" in error["message"]
+
+
+def test_the_admin_holds_project_names_to_the_same_rule(project):
+    from django.contrib.auth import get_user_model
+    from django.test import Client
+
+    staff = get_user_model().objects.create_user("root-names", password="x" * 12)
+    staff.is_staff = staff.is_superuser = True
+    staff.save()
+    client = Client()
+    client.force_login(staff)
+    url = f"/admin/sessions_app/project/{project.pk}/change/"
+    form = {"owner": project.owner.pk, "name": "evil\u202eexe.txt", "path": project.path}
+    page = client.post(url, form)
+    assert page.status_code == 200  # the form again, with the error
+    assert "U+202E" in page.content.decode()
+    project.refresh_from_db()
+    assert project.name != "evil\u202eexe.txt"
+    client.post(url, dict(form, name="  renamed  "))
+    project.refresh_from_db()
+    assert project.name == "renamed"
+
+
 async def test_duplicate_project_name_is_409(client):
     await post(client, "/api/projects", {"name": "twice"})
     assert_error(await post(client, "/api/projects", {"name": "twice"}), 409)
