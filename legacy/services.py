@@ -24,9 +24,10 @@ from django.db import transaction
 
 from legacy.models import LegacyImport, LegacySession
 from legacy.parsing import LegacyRecord, Problem, check_records, load_records
-from sessions_app import conf, names
+from sessions_app import names
 from sessions_app.errors import ValidationFailed
 from sessions_app.models import Project, SessionEvent, StorageMode, TerminalSession, new_session_id
+from sessions_app.services import project_directory_allocate
 from sessions_app.states import SessionState
 from sessions_app.storage import SessionRecord, get_storage
 
@@ -173,18 +174,13 @@ def _project_name(project_id: str, project_map: Mapping[str, str]) -> str:
 
 def _project_path(owner: Any, name: str, paths: Iterable[str], *, dry_run: bool) -> str:
     """Return the sessions' common directory if it exists here, else a new directory under
-    TERMSYS_PROJECTS_ROOT (not created on a dry run)."""
+    TERMSYS_PROJECTS_ROOT that no other project has (not created on a dry run)."""
     absolute = [p for p in paths if os.path.isabs(p)]
     if absolute:
         common = Path(os.path.commonpath(absolute))
         if common.is_dir() and common != Path(common.anchor):
             return str(common.resolve())
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "project"
-    owner_dir = re.sub(r"[^A-Za-z0-9._-]+", "-", owner.get_username()) or f"user-{owner.pk}"
-    directory = conf.projects_root() / owner_dir / slug
-    if not dry_run:
-        directory.mkdir(parents=True, exist_ok=True)
-    return str(directory)
+    return str(project_directory_allocate(owner=owner, name=name, create=not dry_run))
 
 
 def _session_id(legacy_id: str) -> str:

@@ -7,10 +7,12 @@ on the server's event loop.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-import re
+import secrets
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,11 @@ MSG_PROJECT_ID_TYPE = (
     "projectId must be a project's id, a whole number such as 12; got {value} ({kind})."
 )
 _JSON_KINDS = {bool: "true/false", int: "number", float: "number", str: "string", list: "array"}
+MSG_PROJECT_EXISTS = "You already have a project named {name!r}; choose another name."
+# Directories made for projects given no path (see project_directory_allocate)
+SLUG_MAX_BYTES = 80
+DIRECTORY_TRIES = 1000
+MSG_NO_DIRECTORY = "No free directory {parent}/{base}-N for the project; give it a path."
 PATH_MAX = Project._meta.get_field("path").max_length
 MSG_PATH_NOT_TEXT = "Project path must be a string: an absolute path of an existing directory."
 MSG_PATH_NO_HOME = (
@@ -58,10 +65,46 @@ MSG_PATH_TOO_LONG = f"Project path {{path}} is longer than {PATH_MAX} characters
 # --- projects ---------------------------------------------------------------------------------
 
 
-def _default_project_path(owner: AbstractBaseUser, name: str) -> Path:
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "project"
-    owner_dir = re.sub(r"[^A-Za-z0-9._-]+", "-", owner.get_username()) or f"user-{owner.pk}"
-    return conf.projects_root() / owner_dir / slug
+def _slug(text: str, fallback: str) -> str:
+    """Return ``text`` as one readable path component: letters, marks and digits of any script,
+    ``.``, ``_`` and ``-``; every other run of characters one ``-``; ``fallback`` if nothing is
+    left. Never ``.`` or ``..``, at most SLUG_MAX_BYTES of UTF-8."""
+    text = unicodedata.normalize("NFKC", text)
+    kept = "".join(c if unicodedata.category(c)[0] in "LMN" or c in "._-" else " " for c in text)
+    slug = "-".join(kept.split()).strip("-.")
+    slug = slug.encode()[:SLUG_MAX_BYTES].decode("utf-8", "ignore").strip("-.")
+    return slug or fallback
+
+
+def project_directory_allocate(*, owner: AbstractBaseUser, name: str, create: bool = True) -> Path:
+    """Return a new directory for a project given no path, created unless ``create`` is False.
+
+    It is TERMSYS_PROJECTS_ROOT/<owner>/<slug of the name>, with ``-2``, ``-3``, … added when
+    a project of any user already points there or the directory already exists (left by a
+    deleted project, or made by someone else): two projects never share a directory by
+    accident, and a new project never finds another's files in its own. Creating it with
+    ``mkdir`` (not ``exist_ok``) settles a race between two requests choosing the same one.
+    """
+    parent = conf.projects_root().resolve() / _slug(owner.get_username(), f"user-{owner.pk}")
+    base = _slug(name, "project")
+    taken = set(
+        Project.objects.filter(path__startswith=str(parent / base)).values_list("path", flat=True)
+    )
+    if create:
+        parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, DIRECTORY_TRIES + 2):
+        suffix = f"-{n}" if n <= DIRECTORY_TRIES else f"-{secrets.token_hex(6)}"
+        candidate = parent / (base if n == 1 else base + suffix)
+        if str(candidate) in taken or (not create and os.path.lexists(candidate)):
+            continue
+        if not create:
+            return candidate
+        try:
+            candidate.mkdir()
+        except FileExistsError:
+            continue
+        return candidate
+    raise Conflict(MSG_NO_DIRECTORY.format(parent=parent, base=base))
 
 
 def _existing_directory(path: Any) -> Path:
@@ -97,18 +140,23 @@ def _existing_directory(path: Any) -> Path:
 def project_create(*, owner: AbstractBaseUser, name: Any, path: Any = None) -> Project:
     """Create a project; its path must be an existing directory, or defaults to one we create."""
     name = names.name_clean(name, field="name", refused=names.PROJECT_NAME_SEPARATORS)
-    if path in (None, ""):
-        directory = _default_project_path(owner, name)
-        directory.mkdir(parents=True, exist_ok=True)
+    duplicate = Conflict(MSG_PROJECT_EXISTS.format(name=name), details={"field": "name"})
+    if Project.objects.filter(owner=owner, name=name).exists():
+        raise duplicate  # before a directory is made for it
+    if path not in (None, ""):
+        directory, made = _existing_directory(path), False
     else:
-        directory = _existing_directory(path)
+        directory, made = project_directory_allocate(owner=owner, name=name), True
     try:
         with transaction.atomic():
             return Project.objects.create(owner=owner, name=name, path=str(directory))
-    except IntegrityError:
-        raise Conflict(
-            f"You already have a project named {name!r}.", details={"field": "name"}
-        ) from None
+    except BaseException as exc:
+        if made:
+            with contextlib.suppress(OSError):
+                directory.rmdir()  # made for a project that was refused: leave nothing behind
+        if isinstance(exc, IntegrityError):
+            raise duplicate from None
+        raise
 
 
 # --- session state ----------------------------------------------------------------------------

@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+from pathlib import Path
 
 import pytest
+from channels.db import database_sync_to_async
 from django.test import AsyncClient
 
 from sessions_app import terminals
 from sessions_app.models import Project, TerminalSession
 from sessions_app.pty import descendants, is_running, processes_with_env
+from tests.factories import UserFactory
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -171,6 +174,48 @@ def test_the_admin_holds_project_names_to_the_same_rule(project):
     client.post(url, dict(form, name="  renamed  "))
     project.refresh_from_db()
     assert project.name == "renamed"
+
+
+async def test_every_project_without_a_path_gets_a_directory_of_its_own(client, user, settings):
+    root = Path(settings.TERMSYS_PROJECTS_ROOT).resolve()
+    owner_dir = root / user.username
+    (owner_dir / "left-over").mkdir(parents=True)  # a deleted project's, or someone else's
+    names = ["my app", "my-app", "My App", "..", ".", "~", "名前", "😀", "😀😀", "left-over"]
+    paths = {}
+    for name in names:
+        response = await post(client, "/api/projects", {"name": name})
+        assert response.status_code == 201, response.content
+        paths[name] = Path(response.json()["project"]["path"])
+    assert len(set(paths.values())) == len(names)
+    for path in paths.values():
+        assert path.parent == owner_dir and path.is_dir() and not any(path.iterdir())
+    assert paths["my app"].name == "my-app" and paths["my-app"].name == "my-app-2"
+    assert paths["名前"].name == "名前"
+    assert paths["left-over"].name == "left-over-2"
+    assert {paths[n].name for n in ("..", ".", "~", "😀", "😀😀")} == {
+        "project",
+        *(f"project-{n}" for n in range(2, 6)),
+    }
+
+
+async def test_no_two_users_share_a_project_directory(settings):
+    root = Path(settings.TERMSYS_PROJECTS_ROOT).resolve()
+    paths = []
+    for username in ["a@b", "a+b", "..", "."]:  # valid Django usernames
+        client = AsyncClient()
+        await client.aforce_login(await database_sync_to_async(UserFactory)(username=username))
+        response = await post(client, "/api/projects", {"name": "x"})
+        assert response.status_code == 201, response.content
+        paths.append(Path(response.json()["project"]["path"]))
+    assert len(set(paths)) == 4
+    assert all(root in path.parents for path in paths)
+
+
+async def test_a_refused_project_leaves_no_directory_behind(client, settings):
+    first = await post(client, "/api/projects", {"name": "twice"})
+    assert_error(await post(client, "/api/projects", {"name": "twice"}), 409, "conflict")
+    made = Path(first.json()["project"]["path"])
+    assert sorted(p.name for p in made.parent.iterdir()) == ["twice"]
 
 
 async def test_duplicate_project_name_is_409(client):

@@ -292,6 +292,16 @@ def test_imported_names_follow_the_rule_of_names_users_give(tmp_path, ana):
         run(write(tmp_path, records, "again.json"), "--map-project", "x=evil\u202etxt")
 
 
+def test_imported_projects_without_a_directory_here_get_one_each(tmp_path, ana):
+    records = [
+        dict(legacy_session(3), projectId="p 1", currentPath="/nowhere/a"),
+        dict(legacy_session(6), projectId="p-1", currentPath="/nowhere/b"),
+    ]
+    run(write(tmp_path, records))
+    paths = sorted(Project.objects.values_list("path", flat=True))
+    assert [p.rsplit("/", 1)[1] for p in paths] == ["legacy-p-1", "legacy-p-1-2"]
+
+
 def test_not_legacy_state_is_refused(tmp_path, ana):
     bad = tmp_path / "bad.json"
     bad.write_text("{oops")
