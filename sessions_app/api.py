@@ -12,7 +12,6 @@ from typing import Any
 
 from asgiref.sync import sync_to_async
 from channels.db import database_sync_to_async
-from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.http.request import RawPostDataException
@@ -23,12 +22,12 @@ from sessions_app.errors import (
     MethodNotAllowed,
     NotAuthenticated,
     NotFound,
-    PayloadTooLarge,
     TermsysError,
     UnsupportedMediaType,
     ValidationFailed,
 )
 from sessions_app.health import health_checks, storage_figures
+from sessions_app.middleware import MSG_SEND_JSON, client_error
 from sessions_app.models import Project
 from sessions_app.storage import SessionRecord
 
@@ -96,10 +95,8 @@ def ok(request: HttpRequest, body: dict[str, Any], status: int = 200) -> JsonRes
     return response
 
 
-MSG_BODY_TOO_LARGE = "Request body is larger than {limit} bytes (DATA_UPLOAD_MAX_MEMORY_SIZE)."
 MSG_BODY_NOT_JSON = "Request body is not valid JSON: {problem}."
 MSG_BODY_NOT_OBJECT = "Request body must be a JSON object."
-MSG_SEND_JSON = "Send the request body as JSON (Content-Type: application/json), not {kind}."
 MSG_JSON_CONSTANT = "{constant} is not a JSON value (JSON has no NaN or Infinity)"
 MSG_LONE_SURROGATE = (
     "{field} is not valid Unicode: it holds a lone surrogate U+{code:04X} at character "
@@ -145,12 +142,10 @@ def json_body(request: HttpRequest) -> dict[str, Any]:
         raise UnsupportedMediaType(MSG_SEND_JSON.format(kind=request.content_type))
     try:
         raw = request.body
-    except RequestDataTooBig:
-        raise PayloadTooLarge(
-            MSG_BODY_TOO_LARGE.format(limit=settings.DATA_UPLOAD_MAX_MEMORY_SIZE)
-        ) from None
-    except RawPostDataException:  # the form parser read it first: it was not JSON
-        raise UnsupportedMediaType(MSG_SEND_JSON.format(kind=request.content_type)) from None
+    except (RequestDataTooBig, RawPostDataException) as exc:  # too big; read as a form first
+        error = client_error(exc)
+        assert error is not None
+        raise error from None
     if not raw:
         return {}
     try:

@@ -319,6 +319,58 @@ async def test_a_multipart_body_is_refused_saying_to_send_json(user):
     assert not await Project.objects.filter(name="x").aexists()
 
 
+@pytest.fixture
+async def strict_client(user):
+    """A logged-in client that goes through the CSRF check, which parses form bodies."""
+    client = AsyncClient(enforce_csrf_checks=True)
+    await client.aforce_login(user)
+    token = (await client.get("/")).cookies["csrftoken"].value
+    client.defaults["HTTP_X_CSRFTOKEN"] = token
+    return client
+
+
+async def test_a_form_body_over_the_limit_is_413_json(strict_client):
+    response = await strict_client.post(
+        "/api/projects",
+        data="name=" + "a" * 1_100_000,
+        content_type="application/x-www-form-urlencoded",
+    )
+    error = assert_error(response, 413, "payload_too_large")
+    assert "DATA_UPLOAD_MAX_MEMORY_SIZE" in error["message"]
+
+
+async def test_a_form_body_with_too_many_fields_is_400_json(strict_client):
+    response = await strict_client.post(
+        "/api/projects",
+        data="&".join(f"k{i}=v" for i in range(1100)),
+        content_type="application/x-www-form-urlencoded",
+    )
+    error = assert_error(response, 400, "bad_request")
+    assert "more than 1000 query parameters or form fields" in error["message"]
+
+
+async def test_a_multipart_body_without_boundary_is_415_json(strict_client):
+    response = await strict_client.post(
+        "/api/projects", data="name=x", content_type="multipart/form-data"
+    )
+    assert "application/json" in assert_error(response, 415, "unsupported_media_type")["message"]
+
+
+async def test_too_many_query_parameters_is_400_json(client):
+    query = "&".join(f"k{i}=v" for i in range(1100))
+    response = await client.get(f"/api/sessions/search?q=x&{query}")
+    error = assert_error(response, 400, "bad_request")
+    assert "DATA_UPLOAD_MAX_NUMBER_FIELDS" in error["message"]
+
+
+async def test_a_host_not_allowed_is_400_json_under_api_and_a_page_elsewhere(client):
+    response = await client.get("/api/projects", headers={"host": "evil.example"})
+    error = assert_error(response, 400, "bad_request")
+    assert "ALLOWED_HOSTS" in error["message"] and "evil" not in error["message"]
+    page = await client.get("/accounts/login/", headers={"host": "evil.example"})
+    assert page.status_code == 400 and page["Content-Type"].startswith("text/html")
+
+
 async def test_terminal_lifecycle(client, user, project, live_terminals):
     response = await post(
         client,
