@@ -280,6 +280,20 @@ def test_filters(corpus):
     assert found(user, "frobnicate since:1d") == {"build", "deploy"}
 
 
+def test_project_filter_ignores_case_in_every_script(corpus):
+    user = corpus["user"]
+    apples = ProjectFactory(owner=user, name="Äpfel")
+    make_session(user, apples, tab_name="fruit", output=b"crunch\r\n")
+    street = ProjectFactory(owner=user, name="Straße")
+    make_session(user, street, tab_name="road", output=b"crunch\r\n")
+    for name in ["Äpfel", "äpfel", "ÄPFEL", '"äPFEL"']:
+        assert found(user, f"crunch project:{name}") == {"fruit"}, name
+        assert found(user, f"project:{name}") == {"fruit"}, name
+    assert found(user, "crunch project:STRASSE") == {"road"}
+    assert found(user, "crunch project:straße") == {"road"}
+    assert found(corpus["other"], "project:äpfel") == set()
+
+
 def test_filters_follow_a_session_that_changes(corpus):
     """A session's state, project, profile and owner can change after its output was indexed."""
     user, other, build = corpus["user"], corpus["other"], corpus["build"]
