@@ -35,12 +35,14 @@ from sessions_app.models import Project, SessionEvent, TerminalSession, new_sess
 from sessions_app.pty import PtyProcess, shell_environment
 from sessions_app.states import LIVE_STATES, SessionState, check_transition
 from sessions_app.storage import Scrollback, SessionRecord, get_storage
+from sessions_app.storage.hybrid import StorageBusy
 
 logger = logging.getLogger(__name__)
 
 Kind = SessionEvent.Kind
 # A shell that ended because its server process went away; such a session can be revived.
 END_SERVER_RESTARTED = "server_restarted"
+DISCARD_FLUSH_SECONDS = 5.0
 MSG_PROJECT_ID_REQUIRED = "projectId is required: the id of one of your projects."
 MSG_PROJECT_ID_TYPE = (
     "projectId must be a project's id, a whole number such as 12; got {value} ({kind})."
@@ -268,8 +270,9 @@ def _session_insert(
             f"Unknown terminal type {profile!r}; available: {', '.join(sorted(profiles))}.",
             details={"field": "type", "allowed": sorted(profiles)},
         )
-    # No tab name (or only spaces): the next free "Terminal N".
-    if tab_name is not None and not (isinstance(tab_name, str) and not tab_name.strip()):
+    if isinstance(tab_name, str) and not tab_name.strip():
+        tab_name = None  # no tab name (or only spaces): the next free "Terminal N"
+    if tab_name is not None:
         tab_name = names.name_clean(tab_name, field="tabName")
     if project_id is None:
         raise ValidationFailed(MSG_PROJECT_ID_REQUIRED, details={"field": "projectId"})
@@ -294,7 +297,7 @@ def _session_insert(
                 project_id=project.pk,
                 user_id=user.pk,
                 profile=profile,
-                tab_name=(tab_name or "").strip() or f"Terminal {len(sessions) + 1}",
+                tab_name=tab_name or _next_tab_name(sessions),
                 state=SessionState.CREATING,
                 storage_mode=provider.mode,
                 cwd=project.path,
@@ -302,6 +305,16 @@ def _session_insert(
         )
         provider.add_event(record.id, Kind.CREATED, {"profile": profile})
     return record, project
+
+
+def _next_tab_name(sessions: list[SessionRecord]) -> str:
+    """Return "Terminal N" for the project's next tab, as the page names it: N one more than
+    the tabs shown, or the next number no tab has."""
+    taken = {r.tab_name for r in sessions}
+    n = len(sessions) + 1
+    while f"Terminal {n}" in taken:
+        n += 1
+    return f"Terminal {n}"
 
 
 async def session_create(
@@ -313,11 +326,40 @@ async def session_create(
     cols: int = 80,
     rows: int = 24,
 ) -> SessionRecord:
-    """Create a session in the user's project and start its shell on a PTY."""
+    """Create a session in the user's project and start its shell on a PTY.
+
+    A shell that cannot start (SpawnFailed: the profile's command does not exist, say) leaves
+    no session behind: the request is refused as a whole, the tab list is as before, and the
+    next terminal gets the name this one would have had.
+    """
     record, project = await database_sync_to_async(_session_insert)(
         user=user, project_id=project_id, profile=profile, tab_name=tab_name
     )
-    return await _start_terminal(record, cwd=project.path, cols=cols, rows=rows)
+    try:
+        return await _start_terminal(record, cwd=project.path, cols=cols, rows=rows)
+    except SpawnFailed as exc:
+        logger.warning(
+            "terminal of %s in project %s not created: %s",
+            user.get_username(),
+            project.pk,
+            exc.message,
+        )
+        await database_sync_to_async(_session_discard)(record=record)
+        raise
+
+
+def _session_discard(*, record: SessionRecord) -> None:
+    """Remove a session whose shell never started, with its events.
+
+    A write-behind provider (HYBRID) may have written the session to the database already,
+    where lists would still find it until the delete follows: wait for that, briefly.
+    """
+    provider = get_storage(record.storage_mode)
+    provider.delete(record.id)
+    try:
+        provider.flush(session_id=record.id, timeout=DISCARD_FLUSH_SECONDS)
+    except StorageBusy as exc:  # the database is down: it is deleted when it is back
+        logger.warning("discarded session %s is still listed: %s", record.id, exc.message)
 
 
 async def _start_terminal(
@@ -335,26 +377,17 @@ async def _start_terminal(
     new shell's output; ``banner`` is written into the output stream first.
     """
     argv = conf.profiles().get(record.profile)
-    try:
-        if argv is None:
-            raise SpawnFailed(
-                f"Terminal type {record.profile!r} is no longer configured (TERMSYS_PROFILES)."
-            )
-        pty = PtyProcess.spawn(
-            argv,
-            cwd=cwd,
-            env=shell_environment(cwd=cwd, session_id=record.id),
-            cols=cols,
-            rows=rows,
+    if argv is None:
+        raise SpawnFailed(
+            f"Terminal type {record.profile!r} is no longer configured (TERMSYS_PROFILES)."
         )
-    except SpawnFailed as exc:
-        await database_sync_to_async(session_transition)(
-            session_id=record.id,
-            target=SessionState.ERROR,
-            event=Kind.ERROR,
-            data={"message": exc.message},
-        )
-        raise
+    pty = PtyProcess.spawn(
+        argv,
+        cwd=cwd,
+        env=shell_environment(cwd=cwd, session_id=record.id),
+        cols=cols,
+        rows=rows,
+    )
     terminal = terminals.LiveTerminal(
         session_id=record.id,
         user_id=record.user_id,
@@ -465,9 +498,18 @@ async def session_revive(
     )
     stamp = timezone.localtime().strftime("%Y-%m-%d %H:%M")
     banner = f"\r\n\x1b[2m── history restored · new shell in {record.cwd} · {stamp} ──\x1b[0m\r\n"
-    return await _start_terminal(
-        record, cwd=record.cwd, cols=cols, rows=rows, history=history, banner=banner.encode()
-    )
+    try:
+        return await _start_terminal(
+            record, cwd=record.cwd, cols=cols, rows=rows, history=history, banner=banner.encode()
+        )
+    except SpawnFailed as exc:  # the session and its history stay, marked as failed
+        await database_sync_to_async(session_transition)(
+            session_id=record.id,
+            target=SessionState.ERROR,
+            event=Kind.ERROR,
+            data={"message": exc.message},
+        )
+        raise
 
 
 async def session_kill(*, session_id: str, actor: str = "") -> SessionRecord:

@@ -11,7 +11,7 @@ import pytest
 from channels.db import database_sync_to_async
 from django.test import AsyncClient
 
-from sessions_app import terminals
+from sessions_app import services, terminals
 from sessions_app.models import Project, TerminalSession
 from sessions_app.pty import descendants, is_running, processes_with_env
 from tests.factories import UserFactory
@@ -470,19 +470,52 @@ async def test_unknown_profile_is_400(client, project):
     assert "system" in error["details"]["allowed"]
 
 
+@pytest.mark.parametrize("mode", ["DATABASE", "LOCAL", "HYBRID"])
 async def test_a_profile_whose_command_does_not_exist_is_a_clear_error_not_a_hung_tab(
-    client, project, settings
+    client, project, settings, tmp_path, mode, live_terminals
 ):
-    settings.TERMSYS_PROFILES = {"ghost": ["/opt/nowhere/ghost-shell", "-l"]}
-    error = assert_error(
-        await post(client, "/api/terminal/create", {"projectId": project.pk, "type": "ghost"}),
-        400,
-        "spawn_failed",
-    )
-    assert "/opt/nowhere/ghost-shell" in error["message"]
-    listed = (await client.get("/api/terminal/list")).json()["sessions"]
-    assert [s["state"] for s in listed if s["type"] == "ghost"] in ([], ["error"])
-    assert not any(s["state"] in ("creating", "active") for s in listed)
+    """A create refused with 400 leaves nothing behind: no tab in either list, no row, and the
+    next terminal is "Terminal 1" as if the attempt had not happened."""
+    from sessions_app import storage
+
+    settings.TERMSYS_STORAGE_MODE = mode
+    not_a_program = tmp_path / "not-a-program"
+    not_a_program.write_text("this is text, not a program\n")
+    not_a_program.chmod(0o755)
+    settings.TERMSYS_PROFILES = {
+        "ghost": ["/opt/nowhere/ghost-shell", "-l"],
+        "text": [str(not_a_program)],
+        "system": ["/bin/bash", "--noprofile", "--norc"],
+    }
+    try:
+        for profile, fragment in [("ghost", "/opt/nowhere/ghost-shell"), ("text", "Exec format")]:
+            response = await post(
+                client, "/api/terminal/create", {"projectId": project.pk, "type": profile}
+            )
+            error = assert_error(response, 400, "spawn_failed")
+            assert fragment in error["message"]
+            assert "session" not in response.json()
+        assert (await client.get("/api/terminal/list")).json()["sessions"] == []
+        url = f"/api/workspace/projects/{project.pk}/terminals"
+        assert (await client.get(url)).json()["terminals"] == []
+        snapshot = (await client.get(f"/api/workspace/projects/{project.pk}/snapshot")).json()
+        assert snapshot["terminals"] == []
+        assert not await TerminalSession.objects.aexists()
+        created = await post(client, "/api/terminal/create", {"projectId": project.pk})
+        assert created.json()["session"]["tabName"] == "Terminal 1"
+    finally:
+        await services.terminals_shutdown()
+        storage._close_all()
+
+
+async def test_the_default_tab_name_is_one_no_tab_of_the_project_has(
+    client, project, live_terminals
+):
+    for name in ["Terminal 2", None]:
+        body = {"projectId": project.pk, **({"tabName": name} if name else {})}
+        assert (await post(client, "/api/terminal/create", body)).status_code == 201
+    tabs = (await client.get(f"/api/workspace/projects/{project.pk}/terminals")).json()
+    assert [t["tabName"] for t in tabs["terminals"]] == ["Terminal 2", "Terminal 3"]
 
 
 async def test_another_users_ids_are_404_and_nothing_spawns(
