@@ -214,8 +214,9 @@ async def terminal_create(request: HttpRequest) -> JsonResponse:
     )
 
 
-def _memory_usage() -> dict[str, int]:
-    """Return the server process's resident set and data segment (heap + stacks), in bytes."""
+def _memory_usage(user: Any) -> dict[str, int]:
+    """Return the server process's resident set and data segment (heap + stacks), in bytes, and
+    how many of ``user``'s terminals it runs (never other users')."""
     try:
         with open("/proc/self/statm") as fh:
             fields = fh.read().split()
@@ -223,7 +224,8 @@ def _memory_usage() -> dict[str, int]:
     except (OSError, IndexError, ValueError):
         rss = data = 0
     page = os.sysconf("SC_PAGE_SIZE")
-    return {"rss": rss * page, "heap": data * page, "sessionCount": len(terminals.all_terminals())}
+    yours = sum(1 for t in terminals.all_terminals() if t.user_id == user.pk)
+    return {"rss": rss * page, "heap": data * page, "sessionCount": yours}
 
 
 def _list_sessions(user: Any) -> list[SessionRecord]:
@@ -235,7 +237,11 @@ def _list_sessions(user: Any) -> list[SessionRecord]:
 async def terminal_list(request: HttpRequest) -> JsonResponse:
     records = await database_sync_to_async(_list_sessions)(request.user)
     return ok(
-        request, {"sessions": [session_json(r) for r in records], "memoryUsage": _memory_usage()}
+        request,
+        {
+            "sessions": [session_json(r) for r in records],
+            "memoryUsage": _memory_usage(request.user),
+        },
     )
 
 

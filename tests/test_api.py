@@ -518,6 +518,15 @@ async def test_the_default_tab_name_is_one_no_tab_of_the_project_has(
     assert [t["tabName"] for t in tabs["terminals"]] == ["Terminal 2", "Terminal 3"]
 
 
+async def test_the_session_count_is_only_your_own(client, session, other_user, live_terminals):
+    listed = (await client.get("/api/terminal/list")).json()
+    assert listed["memoryUsage"]["sessionCount"] == 1
+    other = AsyncClient()
+    await other.aforce_login(other_user)
+    theirs = (await other.get("/api/terminal/list")).json()
+    assert theirs["sessions"] == [] and theirs["memoryUsage"]["sessionCount"] == 0
+
+
 async def test_another_users_ids_are_404_and_nothing_spawns(
     client, other_user, tmp_path, live_terminals
 ):
