@@ -27,7 +27,7 @@ from legacy.parsing import LegacyRecord, Problem, check_records, load_records
 from sessions_app import names
 from sessions_app.errors import ValidationFailed
 from sessions_app.models import Project, SessionEvent, StorageMode, TerminalSession, new_session_id
-from sessions_app.services import project_directory_allocate
+from sessions_app.projectdirs import directory_allocate
 from sessions_app.states import SessionState
 from sessions_app.storage import SessionRecord, get_storage
 
@@ -180,7 +180,7 @@ def _project_path(owner: Any, name: str, paths: Iterable[str], *, dry_run: bool)
         common = Path(os.path.commonpath(absolute))
         if common.is_dir() and common != Path(common.anchor):
             return str(common.resolve())
-    return str(project_directory_allocate(owner=owner, name=name, create=not dry_run))
+    return str(directory_allocate(owner=owner, name=name, create=not dry_run))
 
 
 def _session_id(legacy_id: str) -> str:
