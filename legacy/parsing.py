@@ -7,8 +7,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from sessions_app.names import name_sanitize
+
 PROFILES = ("system", "claude")
-TAB_NAME_MAX = 100
 LEGACY_ID_MAX = 200
 # Epoch numbers above this are milliseconds (1e11 s is the year 5138).
 EPOCH_MS_THRESHOLD = 10**11
@@ -139,7 +140,8 @@ def _record(index: int, item: Any) -> LegacyRecord:
         project_id=_key(item, "projectId") or "",
         user_id=_key(item, "userId", required=False),
         profile=profile,
-        tab_name=tab_name.strip()[:TAB_NAME_MAX],
+        # what the old system allowed in a name and termsys does not (ESC, BEL, ...) becomes a space
+        tab_name=name_sanitize(tab_name),
         active=active,
         output=tuple(output),
         current_path=current_path,

@@ -24,9 +24,10 @@ from django.db import transaction
 
 from legacy.models import LegacyImport, LegacySession
 from legacy.parsing import LegacyRecord, Problem, check_records, load_records
-from sessions_app import conf
+from sessions_app import names
+from sessions_app.errors import ValidationFailed
 from sessions_app.models import Project, SessionEvent, StorageMode, TerminalSession, new_session_id
-from sessions_app.services import PROJECT_NAME_RE
+from sessions_app.projectdirs import directory_allocate
 from sessions_app.states import SessionState
 from sessions_app.storage import SessionRecord, get_storage
 
@@ -42,10 +43,7 @@ LOOKUP_BATCH = 500
 
 NO_SUCH_USER = "no termsys user {username!r} (given by {option})"
 NO_DEFAULT_USER = "missing, and no --default-user USERNAME was given"
-BAD_PROJECT_NAME = (
-    "--map-project {old}={name}: a project name is 1-100 characters without slashes or "
-    "control characters"
-)
+BAD_PROJECT_NAME = "--map-project {old}={name!r}: {problem}"
 UNKNOWN_USER = (
     "no termsys user for legacy user {user_id!r}; map it with --map-user {user_id}=USERNAME "
     "or pass --create-users"
@@ -169,24 +167,20 @@ def _plan(
 def _project_name(project_id: str, project_map: Mapping[str, str]) -> str:
     if project_id in project_map:
         return project_map[project_id]
-    name = PROJECT_PREFIX + re.sub(r"[\x00-\x1f/\\]+", "-", project_id)
-    return name[:100]
+    return names.name_sanitize(
+        PROJECT_PREFIX + project_id, refused=names.PROJECT_NAME_SEPARATORS, replacement="-"
+    )
 
 
 def _project_path(owner: Any, name: str, paths: Iterable[str], *, dry_run: bool) -> str:
     """Return the sessions' common directory if it exists here, else a new directory under
-    TERMSYS_PROJECTS_ROOT (not created on a dry run)."""
+    TERMSYS_PROJECTS_ROOT that no other project has (not created on a dry run)."""
     absolute = [p for p in paths if os.path.isabs(p)]
     if absolute:
         common = Path(os.path.commonpath(absolute))
         if common.is_dir() and common != Path(common.anchor):
             return str(common.resolve())
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "project"
-    owner_dir = re.sub(r"[^A-Za-z0-9._-]+", "-", owner.get_username()) or f"user-{owner.pk}"
-    directory = conf.projects_root() / owner_dir / slug
-    if not dry_run:
-        directory.mkdir(parents=True, exist_ok=True)
-    return str(directory)
+    return str(directory_allocate(owner=owner, name=name, create=not dry_run))
 
 
 def _session_id(legacy_id: str) -> str:
@@ -289,8 +283,14 @@ def legacy_state_import(
     """
     user_map, project_map = dict(user_map or {}), dict(project_map or {})
     for old, name in project_map.items():
-        if not PROJECT_NAME_RE.match(name):
-            raise LegacyImportError(BAD_PROJECT_NAME.format(old=old, name=name))
+        try:
+            project_map[old] = names.name_clean(
+                name, field="the project name", refused=names.PROJECT_NAME_SEPARATORS
+            )
+        except ValidationFailed as exc:
+            raise LegacyImportError(
+                BAD_PROJECT_NAME.format(old=old, name=name, problem=exc.message)
+            ) from None
     sha256 = hashlib.sha256(raw).hexdigest()
     items = load_records(raw)
     records, problems = check_records(items)

@@ -4,20 +4,33 @@ kill action."""
 from __future__ import annotations
 
 from asgiref.sync import async_to_sync
+from django import forms
 from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
 from django.urls import reverse
 from django.utils.html import format_html
 
-from sessions_app import services
-from sessions_app.errors import TermsysError
+from sessions_app import names, services
+from sessions_app.errors import TermsysError, ValidationFailed
 from sessions_app.models import Project, SessionEvent, TerminalSession
 from sessions_app.states import LIVE_STATES
 
 
+class ProjectForm(forms.ModelForm):
+    def clean_name(self) -> str:
+        """Hold a name typed here to the rule of every other place a project is named."""
+        try:
+            return names.name_clean(
+                self.cleaned_data.get("name"), field="name", refused=names.PROJECT_NAME_SEPARATORS
+            )
+        except ValidationFailed as exc:
+            raise forms.ValidationError(exc.message) from None
+
+
 @admin.register(Project)
 class ProjectAdmin(admin.ModelAdmin):
+    form = ProjectForm
     list_display = ("name", "owner", "path", "created_at")
     list_filter = ("owner",)
     search_fields = ("name", "path", "owner__username")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import uuid
 from collections.abc import Awaitable, Callable
 from functools import wraps
@@ -13,6 +14,7 @@ from asgiref.sync import sync_to_async
 from channels.db import database_sync_to_async
 from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.http.request import RawPostDataException
 from django.utils import timezone
 
 from sessions_app import conf, selectors, services, terminals, workspace
@@ -20,11 +22,12 @@ from sessions_app.errors import (
     MethodNotAllowed,
     NotAuthenticated,
     NotFound,
-    PayloadTooLarge,
     TermsysError,
+    UnsupportedMediaType,
     ValidationFailed,
 )
 from sessions_app.health import health_checks, storage_figures
+from sessions_app.middleware import MSG_SEND_JSON, client_error
 from sessions_app.models import Project
 from sessions_app.storage import SessionRecord
 
@@ -92,20 +95,66 @@ def ok(request: HttpRequest, body: dict[str, Any], status: int = 200) -> JsonRes
     return response
 
 
+MSG_BODY_NOT_JSON = "Request body is not valid JSON: {problem}."
+MSG_BODY_NOT_OBJECT = "Request body must be a JSON object."
+MSG_JSON_CONSTANT = "{constant} is not a JSON value (JSON has no NaN or Infinity)"
+MSG_LONE_SURROGATE = (
+    "{field} is not valid Unicode: it holds a lone surrogate U+{code:04X} at character "
+    "{position}; send text as UTF-8, and escape only complete surrogate pairs."
+)
+_LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def _refuse_constant(constant: str) -> None:
+    raise ValueError(MSG_JSON_CONSTANT.format(constant=constant))
+
+
+def _check_unicode(data: dict[str, Any]) -> None:
+    """Raise ValidationFailed naming the first field whose text (or key) is not valid Unicode.
+
+    Python's JSON decoder turns an escaped lone surrogate (backslash-u D800) into a string that
+    no database (nor UTF-8) can store. Walked with a stack: bodies may nest deeply.
+    """
+    stack: list[tuple[str, Any]] = [(str(key), value) for key, value in data.items()]
+    stack += [(f"{key!r} (a key)", key) for key in data]
+    while stack:
+        field, value = stack.pop()
+        if isinstance(value, str):
+            bad = _LONE_SURROGATE.search(value)
+            if bad:
+                name = _LONE_SURROGATE.sub("\N{REPLACEMENT CHARACTER}", field)
+                raise ValidationFailed(
+                    MSG_LONE_SURROGATE.format(
+                        field=name, code=ord(bad.group()), position=bad.start() + 1
+                    ),
+                    details={"field": name},
+                )
+        elif isinstance(value, dict):
+            stack += [(f"{field}.{key}", item) for key, item in value.items()]
+            stack += [(f"{field}.{key!r} (a key)", key) for key in value]
+        elif isinstance(value, list):
+            stack += [(f"{field}[{index}]", item) for index, item in enumerate(value)]
+
+
 def json_body(request: HttpRequest) -> dict[str, Any]:
-    """Return the request's JSON object body, or raise a 400/413 that says what is wrong."""
+    """Return the request's JSON object body, or raise a 400/413/415 that says what is wrong."""
+    if request.content_type.startswith("multipart/"):
+        raise UnsupportedMediaType(MSG_SEND_JSON.format(kind=request.content_type))
     try:
         raw = request.body
-    except RequestDataTooBig:
-        raise PayloadTooLarge("Request body is too large.") from None
+    except (RequestDataTooBig, RawPostDataException) as exc:  # too big; read as a form first
+        error = client_error(exc)
+        assert error is not None
+        raise error from None
     if not raw:
         return {}
     try:
-        data = json.loads(raw)
+        data = json.loads(raw, parse_constant=_refuse_constant)
     except (ValueError, RecursionError) as exc:
-        raise ValidationFailed(f"Request body is not valid JSON: {exc}.") from None
+        raise ValidationFailed(MSG_BODY_NOT_JSON.format(problem=exc)) from None
     if not isinstance(data, dict):
-        raise ValidationFailed("Request body must be a JSON object.")
+        raise ValidationFailed(MSG_BODY_NOT_OBJECT)
+    _check_unicode(data)
     return data
 
 
@@ -165,8 +214,9 @@ async def terminal_create(request: HttpRequest) -> JsonResponse:
     )
 
 
-def _memory_usage() -> dict[str, int]:
-    """Return the server process's resident set and data segment (heap + stacks), in bytes."""
+def _memory_usage(user: Any) -> dict[str, int]:
+    """Return the server process's resident set and data segment (heap + stacks), in bytes, and
+    how many of ``user``'s terminals it runs (never other users')."""
     try:
         with open("/proc/self/statm") as fh:
             fields = fh.read().split()
@@ -174,7 +224,8 @@ def _memory_usage() -> dict[str, int]:
     except (OSError, IndexError, ValueError):
         rss = data = 0
     page = os.sysconf("SC_PAGE_SIZE")
-    return {"rss": rss * page, "heap": data * page, "sessionCount": len(terminals.all_terminals())}
+    yours = sum(1 for t in terminals.all_terminals() if t.user_id == user.pk)
+    return {"rss": rss * page, "heap": data * page, "sessionCount": yours}
 
 
 def _list_sessions(user: Any) -> list[SessionRecord]:
@@ -186,7 +237,11 @@ def _list_sessions(user: Any) -> list[SessionRecord]:
 async def terminal_list(request: HttpRequest) -> JsonResponse:
     records = await database_sync_to_async(_list_sessions)(request.user)
     return ok(
-        request, {"sessions": [session_json(r) for r in records], "memoryUsage": _memory_usage()}
+        request,
+        {
+            "sessions": [session_json(r) for r in records],
+            "memoryUsage": _memory_usage(request.user),
+        },
     )
 
 

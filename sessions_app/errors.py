@@ -50,6 +50,10 @@ class PayloadTooLarge(TermsysError):
     status, code, close_code = 413, "payload_too_large", 4413
 
 
+class UnsupportedMediaType(TermsysError):
+    status, code = 415, "unsupported_media_type"
+
+
 class RateLimited(TermsysError):
     status, code, close_code = 429, "rate_limited", 4429
 

@@ -34,6 +34,10 @@ logger = logging.getLogger(__name__)
 ENV_ALLOW = ("PATH", "LANG", "LANGUAGE", "TZ", "LC_ALL", "LC_CTYPE", "LC_MESSAGES", "LC_COLLATE")
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 MARKER_VARIABLE = "TERMSYS_SESSION_ID"
+# exec() errors that say the command itself cannot be run
+_CANNOT_EXEC = frozenset(
+    {errno.ENOENT, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.ENOEXEC, errno.ELOOP}
+)
 
 
 def shell_environment(*, cwd: str, session_id: str) -> dict[str, str]:
@@ -120,7 +124,9 @@ class PtyProcess:
             os.close(master)
             if cgroup is not None:
                 cgroup.remove()
-            if isinstance(exc, (FileNotFoundError, PermissionError, NotADirectoryError)):
+            # the command cannot be run (missing, not executable, not a program): the
+            # profile's fault, not the server's
+            if isinstance(exc, OSError) and exc.errno in _CANNOT_EXEC:
                 raise SpawnFailed(
                     f"Cannot start {argv[0]!r}: {exc.strerror}.", details={"argv": argv}
                 ) from None

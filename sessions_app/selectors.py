@@ -14,11 +14,18 @@ def project_list(*, user: AbstractBaseUser) -> list[Project]:
     return list(Project.objects.filter(owner=user))
 
 
+# Primary keys are 64-bit; a larger number names no project (and no database could look it up).
+_ID_MAX = 2**63 - 1
+
+
 def project_get(*, user: AbstractBaseUser, project_id: int | str) -> Project:
     """Return the user's project, or raise NotFound (also for another user's project)."""
     try:
-        return Project.objects.get(pk=int(project_id), owner=user)
-    except (Project.DoesNotExist, ValueError, TypeError):
+        pk = int(project_id)
+        if not 0 < pk <= _ID_MAX:
+            raise ValueError(pk)
+        return Project.objects.get(pk=pk, owner=user)
+    except (Project.DoesNotExist, ValueError, TypeError, OverflowError):
         raise NotFound(f"No project {project_id}.", details={"projectId": project_id}) from None
 
 

@@ -7,10 +7,10 @@ on the server's event loop.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
-import re
-from pathlib import Path
 from typing import Any
 
 from channels.db import database_sync_to_async
@@ -18,7 +18,7 @@ from django.contrib.auth.models import AbstractBaseUser
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from sessions_app import conf, housekeeping, selectors, storage, terminals
+from sessions_app import conf, housekeeping, names, projectdirs, selectors, storage, terminals
 from sessions_app.dbthread import db_call
 from sessions_app.errors import (
     Conflict,
@@ -32,58 +32,45 @@ from sessions_app.models import Project, SessionEvent, TerminalSession, new_sess
 from sessions_app.pty import PtyProcess, shell_environment
 from sessions_app.states import LIVE_STATES, SessionState, check_transition
 from sessions_app.storage import Scrollback, SessionRecord, get_storage
+from sessions_app.storage.hybrid import StorageBusy
 
 logger = logging.getLogger(__name__)
 
 Kind = SessionEvent.Kind
 # A shell that ended because its server process went away; such a session can be revived.
 END_SERVER_RESTARTED = "server_restarted"
-NAME_MAX = 100
-PROJECT_NAME_RE = re.compile(r"^[^\x00-\x1f/\\]{1,100}$")
+DISCARD_FLUSH_SECONDS = 5.0
+MSG_PROJECT_ID_REQUIRED = "projectId is required: the id of one of your projects."
+MSG_PROJECT_ID_TYPE = (
+    "projectId must be a project's id, a whole number such as 12; got {value} ({kind})."
+)
+_JSON_KINDS = {bool: "true/false", int: "number", float: "number", str: "string", list: "array"}
+MSG_PROJECT_EXISTS = "You already have a project named {name!r}; choose another name."
 
 
 # --- projects ---------------------------------------------------------------------------------
 
 
-def _default_project_path(owner: AbstractBaseUser, name: str) -> Path:
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "project"
-    owner_dir = re.sub(r"[^A-Za-z0-9._-]+", "-", owner.get_username()) or f"user-{owner.pk}"
-    return conf.projects_root() / owner_dir / slug
-
-
 def project_create(*, owner: AbstractBaseUser, name: Any, path: Any = None) -> Project:
     """Create a project; its path must be an existing directory, or defaults to one we create."""
-    if not isinstance(name, str) or not name.strip():
-        raise ValidationFailed("Project name is required.", details={"field": "name"})
-    name = name.strip()
-    if not PROJECT_NAME_RE.match(name):
-        raise ValidationFailed(
-            "Project name must be 1-100 characters without slashes or control characters.",
-            details={"field": "name"},
-        )
-    if path in (None, ""):
-        directory = _default_project_path(owner, name)
-        directory.mkdir(parents=True, exist_ok=True)
+    name = names.name_clean(name, field="name", refused=names.PROJECT_NAME_SEPARATORS)
+    duplicate = Conflict(MSG_PROJECT_EXISTS.format(name=name), details={"field": "name"})
+    if Project.objects.filter(owner=owner, name=name).exists():
+        raise duplicate  # before a directory is made for it
+    if path not in (None, ""):
+        directory, made = projectdirs.existing_directory(path), False
     else:
-        if not isinstance(path, str):
-            raise ValidationFailed("Project path must be a string.", details={"field": "path"})
-        directory = Path(path).expanduser()
-        if not directory.is_absolute():
-            raise ValidationFailed(
-                f"Project path {path!r} must be absolute.", details={"field": "path"}
-            )
-        if not directory.is_dir():
-            raise ValidationFailed(
-                f"Project path {path!r} does not exist or is not a directory.",
-                details={"field": "path"},
-            )
+        directory, made = projectdirs.directory_allocate(owner=owner, name=name), True
     try:
         with transaction.atomic():
-            return Project.objects.create(owner=owner, name=name, path=str(directory.resolve()))
-    except IntegrityError:
-        raise Conflict(
-            f"You already have a project named {name!r}.", details={"field": "name"}
-        ) from None
+            return Project.objects.create(owner=owner, name=name, path=str(directory))
+    except BaseException as exc:
+        if made:
+            with contextlib.suppress(OSError):
+                directory.rmdir()  # made for a project that was refused: leave nothing behind
+        if isinstance(exc, IntegrityError):
+            raise duplicate from None
+        raise
 
 
 # --- session state ----------------------------------------------------------------------------
@@ -118,12 +105,11 @@ def session_transition(
 
 
 def session_rename(*, user: AbstractBaseUser, session_id: str, tab_name: Any) -> SessionRecord:
-    if not isinstance(tab_name, str) or not tab_name.strip() or len(tab_name.strip()) > NAME_MAX:
-        raise ValidationFailed("tabName must be 1-100 characters.", details={"field": "tabName"})
+    tab_name = names.name_clean(tab_name, field="tabName")
     record = selectors.session_get(user=user, session_id=session_id)
     provider = get_storage(record.storage_mode)
     with transaction.atomic():
-        updated = provider.update(record.id, tab_name=tab_name.strip())
+        updated = provider.update(record.id, tab_name=tab_name)
         provider.add_event(
             record.id, Kind.RENAMED, {"from": record.tab_name, "to": updated.tab_name}
         )
@@ -196,12 +182,20 @@ def _session_insert(
             f"Unknown terminal type {profile!r}; available: {', '.join(sorted(profiles))}.",
             details={"field": "type", "allowed": sorted(profiles)},
         )
-    if tab_name is not None and (not isinstance(tab_name, str) or len(tab_name) > NAME_MAX):
+    if isinstance(tab_name, str) and not tab_name.strip():
+        tab_name = None  # no tab name (or only spaces): the next free "Terminal N"
+    if tab_name is not None:
+        tab_name = names.name_clean(tab_name, field="tabName")
+    if project_id is None:
+        raise ValidationFailed(MSG_PROJECT_ID_REQUIRED, details={"field": "projectId"})
+    if isinstance(project_id, bool) or not isinstance(project_id, int):
         raise ValidationFailed(
-            "tabName must be a string of at most 100 characters.", details={"field": "tabName"}
+            MSG_PROJECT_ID_TYPE.format(
+                value=json.dumps(project_id, default=repr)[:40],
+                kind=_JSON_KINDS.get(type(project_id), "object"),
+            ),
+            details={"field": "projectId"},
         )
-    if project_id in (None, ""):
-        raise ValidationFailed("projectId is required.", details={"field": "projectId"})
     with transaction.atomic():
         project = selectors.project_get(user=user, project_id=project_id)
         Project.objects.select_for_update().filter(
@@ -215,7 +209,7 @@ def _session_insert(
                 project_id=project.pk,
                 user_id=user.pk,
                 profile=profile,
-                tab_name=(tab_name or "").strip() or f"Terminal {len(sessions) + 1}",
+                tab_name=tab_name or _next_tab_name(sessions),
                 state=SessionState.CREATING,
                 storage_mode=provider.mode,
                 cwd=project.path,
@@ -223,6 +217,16 @@ def _session_insert(
         )
         provider.add_event(record.id, Kind.CREATED, {"profile": profile})
     return record, project
+
+
+def _next_tab_name(sessions: list[SessionRecord]) -> str:
+    """Return "Terminal N" for the project's next tab, as the page names it: N one more than
+    the tabs shown, or the next number no tab has."""
+    taken = {r.tab_name for r in sessions}
+    n = len(sessions) + 1
+    while f"Terminal {n}" in taken:
+        n += 1
+    return f"Terminal {n}"
 
 
 async def session_create(
@@ -234,11 +238,40 @@ async def session_create(
     cols: int = 80,
     rows: int = 24,
 ) -> SessionRecord:
-    """Create a session in the user's project and start its shell on a PTY."""
+    """Create a session in the user's project and start its shell on a PTY.
+
+    A shell that cannot start (SpawnFailed: the profile's command does not exist, say) leaves
+    no session behind: the request is refused as a whole, the tab list is as before, and the
+    next terminal gets the name this one would have had.
+    """
     record, project = await database_sync_to_async(_session_insert)(
         user=user, project_id=project_id, profile=profile, tab_name=tab_name
     )
-    return await _start_terminal(record, cwd=project.path, cols=cols, rows=rows)
+    try:
+        return await _start_terminal(record, cwd=project.path, cols=cols, rows=rows)
+    except SpawnFailed as exc:
+        logger.warning(
+            "terminal of %s in project %s not created: %s",
+            user.get_username(),
+            project.pk,
+            exc.message,
+        )
+        await database_sync_to_async(_session_discard)(record=record)
+        raise
+
+
+def _session_discard(*, record: SessionRecord) -> None:
+    """Remove a session whose shell never started, with its events.
+
+    A write-behind provider (HYBRID) may have written the session to the database already,
+    where lists would still find it until the delete follows: wait for that, briefly.
+    """
+    provider = get_storage(record.storage_mode)
+    provider.delete(record.id)
+    try:
+        provider.flush(session_id=record.id, timeout=DISCARD_FLUSH_SECONDS)
+    except StorageBusy as exc:  # the database is down: it is deleted when it is back
+        logger.warning("discarded session %s is still listed: %s", record.id, exc.message)
 
 
 async def _start_terminal(
@@ -256,26 +289,17 @@ async def _start_terminal(
     new shell's output; ``banner`` is written into the output stream first.
     """
     argv = conf.profiles().get(record.profile)
-    try:
-        if argv is None:
-            raise SpawnFailed(
-                f"Terminal type {record.profile!r} is no longer configured (TERMSYS_PROFILES)."
-            )
-        pty = PtyProcess.spawn(
-            argv,
-            cwd=cwd,
-            env=shell_environment(cwd=cwd, session_id=record.id),
-            cols=cols,
-            rows=rows,
+    if argv is None:
+        raise SpawnFailed(
+            f"Terminal type {record.profile!r} is no longer configured (TERMSYS_PROFILES)."
         )
-    except SpawnFailed as exc:
-        await database_sync_to_async(session_transition)(
-            session_id=record.id,
-            target=SessionState.ERROR,
-            event=Kind.ERROR,
-            data={"message": exc.message},
-        )
-        raise
+    pty = PtyProcess.spawn(
+        argv,
+        cwd=cwd,
+        env=shell_environment(cwd=cwd, session_id=record.id),
+        cols=cols,
+        rows=rows,
+    )
     terminal = terminals.LiveTerminal(
         session_id=record.id,
         user_id=record.user_id,
@@ -386,9 +410,18 @@ async def session_revive(
     )
     stamp = timezone.localtime().strftime("%Y-%m-%d %H:%M")
     banner = f"\r\n\x1b[2m── history restored · new shell in {record.cwd} · {stamp} ──\x1b[0m\r\n"
-    return await _start_terminal(
-        record, cwd=record.cwd, cols=cols, rows=rows, history=history, banner=banner.encode()
-    )
+    try:
+        return await _start_terminal(
+            record, cwd=record.cwd, cols=cols, rows=rows, history=history, banner=banner.encode()
+        )
+    except SpawnFailed as exc:  # the session and its history stay, marked as failed
+        await database_sync_to_async(session_transition)(
+            session_id=record.id,
+            target=SessionState.ERROR,
+            event=Kind.ERROR,
+            data={"message": exc.message},
+        )
+        raise
 
 
 async def session_kill(*, session_id: str, actor: str = "") -> SessionRecord:

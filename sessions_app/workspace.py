@@ -18,6 +18,7 @@ import binascii
 import json
 import logging
 import queue
+import re
 import secrets
 import threading
 import time
@@ -39,6 +40,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_TAIL_BYTES = 256 * 1024
 RECENT_PROJECTS = 5
 WARM_SECONDS = 30.0
+_WHOLE_NUMBER = re.compile(r"[0-9]{1,12}")
 MSG_BAD_TAIL = "tail must be a whole number of bytes from 0 to {limit} (TERMSYS_SCROLLBACK_BYTES)."
 
 
@@ -47,7 +49,8 @@ def parse_tail(value: str | None) -> int:
     limit = conf.scrollback_bytes()
     if value is None or value == "":
         return min(DEFAULT_TAIL_BYTES, limit)
-    if not value.isdigit() or len(value) > 12 or int(value) > limit:
+    # str.isdigit() also holds for "²" (int() refuses it) and "٣" (int() reads 3): ASCII only
+    if not _WHOLE_NUMBER.fullmatch(value) or int(value) > limit:
         raise ValidationFailed(
             MSG_BAD_TAIL.format(limit=limit),
             details={"field": "tail", "value": value[:40], "max": limit},

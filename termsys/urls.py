@@ -4,6 +4,13 @@ from django.urls import include, path, re_path
 
 from sessions_app import api, metrics, views
 
+# Errors Django raises before a view runs (a body too large, a Host not allowed, ...): JSON under
+# /api/, Django's own pages elsewhere.
+handler400 = "sessions_app.middleware.bad_request"
+handler403 = "sessions_app.middleware.permission_denied"
+handler404 = "sessions_app.middleware.page_not_found"
+handler500 = "sessions_app.middleware.server_error"
+
 urlpatterns = [
     path("", views.workspace, name="workspace"),
     path(

@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+from pathlib import Path
 
 import pytest
+from channels.db import database_sync_to_async
 from django.test import AsyncClient
 
-from sessions_app import terminals
+from sessions_app import services, terminals
 from sessions_app.models import Project, TerminalSession
 from sessions_app.pty import descendants, is_running, processes_with_env
+from tests.factories import UserFactory
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -72,6 +75,149 @@ async def test_project_validation(client, body, field):
     assert error["details"]["field"] == field
 
 
+@pytest.mark.parametrize(
+    ("path", "fragment"),
+    [
+        ("/tmp/" + "a" * 300, "File name too long"),
+        ("~nosuchuser-termsys", "names no user of this machine"),
+        ("~nosuchuser-termsys/work", "names no user of this machine"),
+        ("/tmp/a\x00b", "does not exist or is not a directory"),
+    ],
+)
+async def test_a_path_the_system_cannot_use_is_400_naming_path(client, path, fragment):
+    response = await post(client, "/api/projects", {"name": "p", "path": path})
+    error = assert_error(response, 400, "validation_failed")
+    assert error["details"] == {"field": "path"}
+    assert fragment in error["message"]
+    assert not await Project.objects.filter(name="p").aexists()
+
+
+REFUSED_IN_NAMES = [
+    ("\x00", "control character"),
+    ("\x1b", "control character"),
+    ("\x07", "control character"),
+    ("\r", "control character"),
+    ("\n", "control character"),
+    ("\x7f", "control character"),
+    ("\x9b", "control character"),
+    ("\u202e", "invisible formatting character"),
+    ("\u200b", "invisible formatting character"),
+    ("\u2028", "line separator"),
+    ("\u2029", "paragraph separator"),
+]
+
+
+@pytest.mark.parametrize(("char", "what"), REFUSED_IN_NAMES)
+async def test_names_refuse_invisible_and_control_characters_everywhere(
+    client, project, char, what, live_terminals
+):
+    name = f"ab{char}cd"
+    code = f"U+{ord(char):04X}"
+    for url, body, field in [
+        ("/api/projects", {"name": name}, "name"),
+        ("/api/terminal/create", {"projectId": project.pk, "tabName": name}, "tabName"),
+    ]:
+        error = assert_error(await post(client, url, body), 400, "validation_failed")
+        assert error["details"] == {"field": field, "position": 3, "codePoint": code}
+        assert error["message"].startswith(f"{field} must not contain ")
+        assert f"{what}: {code} at character 3" in error["message"]
+    assert await Project.objects.acount() == 1
+    assert terminals.all_terminals() == []
+    created = await post(client, "/api/terminal/create", {"projectId": project.pk, "tabName": "t"})
+    session_id = created.json()["session"]["id"]
+    response = await post(client, f"/api/terminal/{session_id}/rename", {"tabName": name})
+    error = assert_error(response, 400, "validation_failed")
+    assert error["details"]["codePoint"] == code
+    assert (await TerminalSession.objects.aget(pk=session_id)).tab_name == "t"
+
+
+async def test_a_name_is_trimmed_before_its_length_is_checked_at_create_and_rename(
+    client, project, live_terminals
+):
+    longest, too_long = "x" * 100, "y" * 101
+    created = await post(
+        client, "/api/terminal/create", {"projectId": project.pk, "tabName": f" {longest} "}
+    )
+    assert created.status_code == 201, created.content
+    session_id = created.json()["session"]["id"]
+    assert created.json()["session"]["tabName"] == longest
+    renamed = await post(client, f"/api/terminal/{session_id}/rename", {"tabName": longest + " "})
+    assert renamed.json()["session"]["tabName"] == longest
+    project_created = await post(client, "/api/projects", {"name": longest + " "})
+    assert project_created.json()["project"]["name"] == longest
+    for url, body, field in [
+        ("/api/terminal/create", {"projectId": project.pk, "tabName": too_long}, "tabName"),
+        (f"/api/terminal/{session_id}/rename", {"tabName": too_long}, "tabName"),
+        ("/api/projects", {"name": too_long}, "name"),
+    ]:
+        error = assert_error(await post(client, url, body), 400, "validation_failed")
+        assert error["details"] == {"field": field, "max": 100}
+        assert f"{field} must be at most 100 characters" in error["message"]
+
+
+def test_the_admin_holds_project_names_to_the_same_rule(project):
+    from django.contrib.auth import get_user_model
+    from django.test import Client
+
+    staff = get_user_model().objects.create_user("root-names", password="x" * 12)
+    staff.is_staff = staff.is_superuser = True
+    staff.save()
+    client = Client()
+    client.force_login(staff)
+    url = f"/admin/sessions_app/project/{project.pk}/change/"
+    form = {"owner": project.owner.pk, "name": "evil\u202eexe.txt", "path": project.path}
+    page = client.post(url, form)
+    assert page.status_code == 200  # the form again, with the error
+    assert "U+202E" in page.content.decode()
+    project.refresh_from_db()
+    assert project.name != "evil\u202eexe.txt"
+    client.post(url, dict(form, name="  renamed  "))
+    project.refresh_from_db()
+    assert project.name == "renamed"
+
+
+async def test_every_project_without_a_path_gets_a_directory_of_its_own(client, user, settings):
+    root = Path(settings.TERMSYS_PROJECTS_ROOT).resolve()
+    owner_dir = root / user.username
+    (owner_dir / "left-over").mkdir(parents=True)  # a deleted project's, or someone else's
+    names = ["my app", "my-app", "My App", "..", ".", "~", "名前", "😀", "😀😀", "left-over"]
+    paths = {}
+    for name in names:
+        response = await post(client, "/api/projects", {"name": name})
+        assert response.status_code == 201, response.content
+        paths[name] = Path(response.json()["project"]["path"])
+    assert len(set(paths.values())) == len(names)
+    for path in paths.values():
+        assert path.parent == owner_dir and path.is_dir() and not any(path.iterdir())
+    assert paths["my app"].name == "my-app" and paths["my-app"].name == "my-app-2"
+    assert paths["名前"].name == "名前"
+    assert paths["left-over"].name == "left-over-2"
+    assert {paths[n].name for n in ("..", ".", "~", "😀", "😀😀")} == {
+        "project",
+        *(f"project-{n}" for n in range(2, 6)),
+    }
+
+
+async def test_no_two_users_share_a_project_directory(settings):
+    root = Path(settings.TERMSYS_PROJECTS_ROOT).resolve()
+    paths = []
+    for username in ["a@b", "a+b", "..", "."]:  # valid Django usernames
+        client = AsyncClient()
+        await client.aforce_login(await database_sync_to_async(UserFactory)(username=username))
+        response = await post(client, "/api/projects", {"name": "x"})
+        assert response.status_code == 201, response.content
+        paths.append(Path(response.json()["project"]["path"]))
+    assert len(set(paths)) == 4
+    assert all(root in path.parents for path in paths)
+
+
+async def test_a_refused_project_leaves_no_directory_behind(client, settings):
+    first = await post(client, "/api/projects", {"name": "twice"})
+    assert_error(await post(client, "/api/projects", {"name": "twice"}), 409, "conflict")
+    made = Path(first.json()["project"]["path"])
+    assert sorted(p.name for p in made.parent.iterdir()) == ["twice"]
+
+
 async def test_duplicate_project_name_is_409(client):
     await post(client, "/api/projects", {"name": "twice"})
     assert_error(await post(client, "/api/projects", {"name": "twice"}), 409)
@@ -87,6 +233,142 @@ async def test_malformed_json_is_400(client):
 async def test_oversized_body_is_413(client):
     response = await post(client, "/api/projects", {"name": "x" * (2 * 1024 * 1024)})
     assert_error(response, 413, "payload_too_large")
+
+
+def strict_json(response) -> dict:
+    """Parse a response as standard JSON: NaN and Infinity are not JSON."""
+
+    def refuse(constant):
+        raise ValueError(f"{constant} in the response")
+
+    return json.loads(response.content, parse_constant=refuse)
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+async def test_nan_and_infinity_are_not_json(client, project, constant):
+    response = await client.post(
+        "/api/terminal/create",
+        data=f'{{"projectId": {constant}}}',
+        content_type="application/json",
+    )
+    error = assert_error(response, 400, "validation_failed")
+    assert f"{constant} is not a JSON value" in error["message"]
+    strict_json(response)
+
+
+@pytest.mark.parametrize("value", ["true", "1.5", "1.9", '"1"', "[1]"])
+async def test_project_id_must_be_a_whole_number(client, project, value, live_terminals):
+    response = await client.post(
+        "/api/terminal/create",
+        data=f'{{"projectId": {value.replace("1", str(project.pk))}}}',
+        content_type="application/json",
+    )
+    error = assert_error(response, 400, "validation_failed")
+    assert error["details"] == {"field": "projectId"}
+    assert "projectId must be a project's id, a whole number" in error["message"]
+    assert terminals.all_terminals() == []
+
+
+@pytest.mark.parametrize("value", ["1e400", "100000000000000000000000", "-1", "0"])
+async def test_a_project_id_no_project_can_have_is_not_found(client, value):
+    response = await client.post(
+        "/api/terminal/create", data=f'{{"projectId": {value}}}', content_type="application/json"
+    )
+    assert response.status_code in (400, 404), response.content
+    assert_error(response, response.status_code)
+    strict_json(response)
+
+
+@pytest.mark.parametrize(
+    ("url", "body", "field"),
+    [
+        ("/api/projects", '{"name": "x\\ud800"}', "name"),
+        ("/api/projects", '{"name": "ok", "path": "/tmp/\\udcff"}', "path"),
+        ("/api/terminal/create", '{"projectId": 1, "tabName": "\\udfff"}', "tabName"),
+        ("/api/projects", '{"name": "ok", "extra": {"deep": ["\\ud83d"]}}', "extra.deep[0]"),
+    ],
+)
+async def test_text_not_valid_unicode_is_refused_naming_the_field(client, url, body, field):
+    response = await client.post(url, data=body, content_type="application/json")
+    error = assert_error(response, 400, "validation_failed")
+    assert error["details"]["field"] == field
+    assert f"{field} is not valid Unicode" in error["message"]
+    assert not await Project.objects.filter(name="ok").aexists()
+
+
+async def test_rename_to_text_that_is_not_valid_unicode_is_refused(client, session):
+    response = await client.post(
+        f"/api/terminal/{session.id}/rename",
+        data='{"tabName": "\\udfff"}',
+        content_type="application/json",
+    )
+    error = assert_error(response, 400, "validation_failed")
+    assert error["details"]["field"] == "tabName"
+    assert (await TerminalSession.objects.aget(pk=session.id)).tab_name == "main"
+
+
+async def test_a_multipart_body_is_refused_saying_to_send_json(user):
+    strict = AsyncClient(enforce_csrf_checks=True)
+    await strict.aforce_login(user)
+    token = (await strict.get("/")).cookies["csrftoken"].value
+    response = await strict.post(
+        "/api/projects", data={"name": "x"}, headers={"X-CSRFToken": token}
+    )
+    error = assert_error(response, 415, "unsupported_media_type")
+    assert "application/json" in error["message"]
+    assert not await Project.objects.filter(name="x").aexists()
+
+
+@pytest.fixture
+async def strict_client(user):
+    """A logged-in client that goes through the CSRF check, which parses form bodies."""
+    client = AsyncClient(enforce_csrf_checks=True)
+    await client.aforce_login(user)
+    token = (await client.get("/")).cookies["csrftoken"].value
+    client.defaults["HTTP_X_CSRFTOKEN"] = token
+    return client
+
+
+async def test_a_form_body_over_the_limit_is_413_json(strict_client):
+    response = await strict_client.post(
+        "/api/projects",
+        data="name=" + "a" * 1_100_000,
+        content_type="application/x-www-form-urlencoded",
+    )
+    error = assert_error(response, 413, "payload_too_large")
+    assert "DATA_UPLOAD_MAX_MEMORY_SIZE" in error["message"]
+
+
+async def test_a_form_body_with_too_many_fields_is_400_json(strict_client):
+    response = await strict_client.post(
+        "/api/projects",
+        data="&".join(f"k{i}=v" for i in range(1100)),
+        content_type="application/x-www-form-urlencoded",
+    )
+    error = assert_error(response, 400, "bad_request")
+    assert "more than 1000 query parameters or form fields" in error["message"]
+
+
+async def test_a_multipart_body_without_boundary_is_415_json(strict_client):
+    response = await strict_client.post(
+        "/api/projects", data="name=x", content_type="multipart/form-data"
+    )
+    assert "application/json" in assert_error(response, 415, "unsupported_media_type")["message"]
+
+
+async def test_too_many_query_parameters_is_400_json(client):
+    query = "&".join(f"k{i}=v" for i in range(1100))
+    response = await client.get(f"/api/sessions/search?q=x&{query}")
+    error = assert_error(response, 400, "bad_request")
+    assert "DATA_UPLOAD_MAX_NUMBER_FIELDS" in error["message"]
+
+
+async def test_a_host_not_allowed_is_400_json_under_api_and_a_page_elsewhere(client):
+    response = await client.get("/api/projects", headers={"host": "evil.example"})
+    error = assert_error(response, 400, "bad_request")
+    assert "ALLOWED_HOSTS" in error["message"] and "evil" not in error["message"]
+    page = await client.get("/accounts/login/", headers={"host": "evil.example"})
+    assert page.status_code == 400 and page["Content-Type"].startswith("text/html")
 
 
 async def test_terminal_lifecycle(client, user, project, live_terminals):
@@ -188,19 +470,61 @@ async def test_unknown_profile_is_400(client, project):
     assert "system" in error["details"]["allowed"]
 
 
+@pytest.mark.parametrize("mode", ["DATABASE", "LOCAL", "HYBRID"])
 async def test_a_profile_whose_command_does_not_exist_is_a_clear_error_not_a_hung_tab(
-    client, project, settings
+    client, project, settings, tmp_path, mode, live_terminals
 ):
-    settings.TERMSYS_PROFILES = {"ghost": ["/opt/nowhere/ghost-shell", "-l"]}
-    error = assert_error(
-        await post(client, "/api/terminal/create", {"projectId": project.pk, "type": "ghost"}),
-        400,
-        "spawn_failed",
-    )
-    assert "/opt/nowhere/ghost-shell" in error["message"]
-    listed = (await client.get("/api/terminal/list")).json()["sessions"]
-    assert [s["state"] for s in listed if s["type"] == "ghost"] in ([], ["error"])
-    assert not any(s["state"] in ("creating", "active") for s in listed)
+    """A create refused with 400 leaves nothing behind: no tab in either list, no row, and the
+    next terminal is "Terminal 1" as if the attempt had not happened."""
+    from sessions_app import storage
+
+    settings.TERMSYS_STORAGE_MODE = mode
+    not_a_program = tmp_path / "not-a-program"
+    not_a_program.write_text("this is text, not a program\n")
+    not_a_program.chmod(0o755)
+    settings.TERMSYS_PROFILES = {
+        "ghost": ["/opt/nowhere/ghost-shell", "-l"],
+        "text": [str(not_a_program)],
+        "system": ["/bin/bash", "--noprofile", "--norc"],
+    }
+    try:
+        for profile, fragment in [("ghost", "/opt/nowhere/ghost-shell"), ("text", "Exec format")]:
+            response = await post(
+                client, "/api/terminal/create", {"projectId": project.pk, "type": profile}
+            )
+            error = assert_error(response, 400, "spawn_failed")
+            assert fragment in error["message"]
+            assert "session" not in response.json()
+        assert (await client.get("/api/terminal/list")).json()["sessions"] == []
+        url = f"/api/workspace/projects/{project.pk}/terminals"
+        assert (await client.get(url)).json()["terminals"] == []
+        snapshot = (await client.get(f"/api/workspace/projects/{project.pk}/snapshot")).json()
+        assert snapshot["terminals"] == []
+        assert not await TerminalSession.objects.aexists()
+        created = await post(client, "/api/terminal/create", {"projectId": project.pk})
+        assert created.json()["session"]["tabName"] == "Terminal 1"
+    finally:
+        await services.terminals_shutdown()
+        storage._close_all()
+
+
+async def test_the_default_tab_name_is_one_no_tab_of_the_project_has(
+    client, project, live_terminals
+):
+    for name in ["Terminal 2", None]:
+        body = {"projectId": project.pk, **({"tabName": name} if name else {})}
+        assert (await post(client, "/api/terminal/create", body)).status_code == 201
+    tabs = (await client.get(f"/api/workspace/projects/{project.pk}/terminals")).json()
+    assert [t["tabName"] for t in tabs["terminals"]] == ["Terminal 2", "Terminal 3"]
+
+
+async def test_the_session_count_is_only_your_own(client, session, other_user, live_terminals):
+    listed = (await client.get("/api/terminal/list")).json()
+    assert listed["memoryUsage"]["sessionCount"] == 1
+    other = AsyncClient()
+    await other.aforce_login(other_user)
+    theirs = (await other.get("/api/terminal/list")).json()
+    assert theirs["sessions"] == [] and theirs["memoryUsage"]["sessionCount"] == 0
 
 
 async def test_another_users_ids_are_404_and_nothing_spawns(

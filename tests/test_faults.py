@@ -169,3 +169,72 @@ def test_a_corrupt_journal_is_reported_and_intact_records_are_kept(tmp_path, set
     assert [r.data for r in records] == [b"rec-0", b"rec-1", b"rec-3", b"rec-4"]
     assert reopened.problems and segment.name in reopened.problems[0]
     reopened.close()
+
+
+def _sqlite_error(message: str, code: int) -> Exception:
+    import sqlite3
+
+    error = sqlite3.OperationalError(message)
+    error.sqlite_errorcode = code
+    return error
+
+
+DATABASE_ERRORS = [
+    # (what the driver raised, whether it is the database being unavailable)
+    pytest.param(lambda: _sqlite_error("database is locked", 5), True, id="sqlite-busy"),
+    pytest.param(lambda: _sqlite_error("disk I/O error", 10), True, id="sqlite-ioerr"),
+    pytest.param(lambda: _sqlite_error("unable to open database file", 14), True, id="sqlite-open"),
+    pytest.param(lambda: _sqlite_error("fts5: syntax error near", 1), False, id="sqlite-fts5"),
+    pytest.param(lambda: _sqlite_error("no such column: x", 1), False, id="sqlite-sql"),
+    pytest.param(
+        lambda: __import__("psycopg").OperationalError("connection refused"), True, id="pg-down"
+    ),
+    pytest.param(
+        lambda: __import__("psycopg").errors.AdminShutdown("terminating connection"),
+        True,
+        id="pg-shutdown",
+    ),
+    pytest.param(
+        lambda: __import__("psycopg").errors.TooManyConnections("too many clients"),
+        True,
+        id="pg-full",
+    ),
+    pytest.param(
+        lambda: __import__("psycopg").errors.LockNotAvailable("could not obtain lock"),
+        False,
+        id="pg-lock",
+    ),
+]
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(("driver_error", "outage"), DATABASE_ERRORS)
+def test_only_a_database_that_cannot_be_used_is_reported_as_unavailable(
+    driver_error, outage, monkeypatch
+):
+    """A stopped or busy database is a 503 ("try again shortly"); an SQL statement the database
+    refused is a bug of ours, a 500 with a traceback in the log, not an outage."""
+    from django.db import OperationalError
+    from django.test import Client
+
+    from sessions_app import selectors
+    from tests.factories import UserFactory
+
+    cause = driver_error()
+    error = OperationalError(*cause.args)
+    error.__cause__ = cause
+
+    def fail(**kwargs):
+        raise error
+
+    monkeypatch.setattr(selectors, "project_list", fail)
+    client = Client()
+    client.force_login(UserFactory())
+    response = client.get("/api/projects")
+    body = response.json()
+    if outage:
+        assert response.status_code == 503
+        assert body["error"]["code"] == "database_unavailable"
+    else:
+        assert response.status_code == 500
+        assert body["error"]["code"] == "internal_error"

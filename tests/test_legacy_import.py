@@ -281,6 +281,27 @@ def test_existing_project_paths_and_mapped_projects(tmp_path, ana):
     assert "project ana/legacy-p1: created" in out.getvalue()
 
 
+def test_imported_names_follow_the_rule_of_names_users_give(tmp_path, ana):
+    """Characters termsys refuses in a name (ESC, BEL, bidi overrides) do not come in by import."""
+    records = [dict(legacy_session(3), projectId="p\u202e1", tabName="\x1b[31mred\x07 tab")]
+    run(write(tmp_path, records))
+    (session,) = TerminalSession.objects.all()
+    assert session.tab_name == "[31mred  tab"
+    assert session.project.name == "legacy-p-1"
+    with pytest.raises(CommandError, match="U\\+202E at character 5"):
+        run(write(tmp_path, records, "again.json"), "--map-project", "x=evil\u202etxt")
+
+
+def test_imported_projects_without_a_directory_here_get_one_each(tmp_path, ana):
+    records = [
+        dict(legacy_session(3), projectId="p 1", currentPath="/nowhere/a"),
+        dict(legacy_session(6), projectId="p-1", currentPath="/nowhere/b"),
+    ]
+    run(write(tmp_path, records))
+    paths = sorted(Project.objects.values_list("path", flat=True))
+    assert [p.rsplit("/", 1)[1] for p in paths] == ["legacy-p-1", "legacy-p-1-2"]
+
+
 def test_not_legacy_state_is_refused(tmp_path, ana):
     bad = tmp_path / "bad.json"
     bad.write_text("{oops")

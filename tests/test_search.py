@@ -6,6 +6,7 @@ DATABASE_URL): `make test` runs both.
 
 from __future__ import annotations
 
+import base64
 import io
 from datetime import timedelta
 from unittest import mock
@@ -91,13 +92,46 @@ def test_parse_bad_syntax_names_the_position(text, position, fragment):
         parse(text)
     assert fragment in caught.value.message
     assert f"(at position {position})" in caught.value.message
-    assert caught.value.details == {"position": position}
+    assert caught.value.details == {"field": "q", "position": position}
 
 
 @pytest.mark.parametrize("text", ["", "   "])
 def test_parse_empty_query(text):
-    with pytest.raises(ValidationFailed, match="Type something"):
+    with pytest.raises(ValidationFailed, match="Type something") as caught:
         parse(text)
+    assert caught.value.details == {"field": "q"}
+
+
+def test_parse_too_long_a_query_names_where_it_goes_over():
+    with pytest.raises(ValidationFailed, match="longer than 1000 characters") as caught:
+        parse("a" * 1001)
+    assert caught.value.details == {"field": "q", "position": 1001}
+
+
+@pytest.mark.parametrize(
+    ("text", "position", "code"),
+    [("a\x00b", 2, "U+0000"), ("ab \x1b[1m", 4, "U+001B"), ("x\x7f", 2, "U+007F")],
+)
+def test_parse_refuses_characters_that_cannot_be_searched(text, position, code):
+    with pytest.raises(ValidationFailed) as caught:
+        parse(text)
+    assert f"contains {code} (a control character), which cannot be searched for" in (
+        caught.value.message
+    )
+    assert caught.value.details == {"field": "q", "position": position}
+
+
+def test_tabs_and_newlines_in_a_query_separate_words():
+    assert parse("deploy\tfailed\n").text == And((Term("deploy", 1), Term("failed", 8)))
+
+
+def test_parse_bounds_how_deep_parentheses_and_not_nest():
+    assert parse("(" * 20 + "a" + ")" * 20).text == Term("a", 21)
+    with pytest.raises(ValidationFailed, match="nest more than 20 deep") as caught:
+        parse("(" * 400 + "a" + ")" * 400)
+    assert caught.value.details == {"field": "q", "position": 21}
+    with pytest.raises(ValidationFailed, match="nest more than 20 deep"):
+        parse("x " + "-(" * 11 + "a" + ")" * 11)
 
 
 # ---------------------------------------------------------------- fixtures
@@ -244,6 +278,20 @@ def test_filters(corpus):
     assert found(user, "frobnicate type:claude") == {"deploy"}
     assert found(user, "project:payments-api") == {"build", "scratch"}
     assert found(user, "frobnicate since:1d") == {"build", "deploy"}
+
+
+def test_project_filter_ignores_case_in_every_script(corpus):
+    user = corpus["user"]
+    apples = ProjectFactory(owner=user, name="Äpfel")
+    make_session(user, apples, tab_name="fruit", output=b"crunch\r\n")
+    street = ProjectFactory(owner=user, name="Straße")
+    make_session(user, street, tab_name="road", output=b"crunch\r\n")
+    for name in ["Äpfel", "äpfel", "ÄPFEL", '"äPFEL"']:
+        assert found(user, f"crunch project:{name}") == {"fruit"}, name
+        assert found(user, f"project:{name}") == {"fruit"}, name
+    assert found(user, "crunch project:STRASSE") == {"road"}
+    assert found(user, "crunch project:straße") == {"road"}
+    assert found(corpus["other"], "project:äpfel") == set()
 
 
 def test_filters_follow_a_session_that_changes(corpus):
@@ -431,10 +479,67 @@ async def test_api_bad_syntax_is_400_with_position(client):
     error = response.json()["error"]
     assert error["code"] == "validation_failed"
     assert "(at position 11)" in error["message"]
-    assert error["details"] == {"position": 11}
+    assert error["details"] == {"field": "q", "position": 11}
     response = await client.get("/api/sessions/search", {"q": "x", "limit": "1000"})
     assert response.status_code == 400
     assert "limit" in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("q", "position", "fragment"),
+    [
+        ("a\x00b", 2, "which cannot be searched for"),
+        ("(" * 400 + "a" + ")" * 400, 21, "nest more than 20 deep"),
+        ("x" * 1001, 1001, "longer than 1000 characters"),
+    ],
+)
+async def test_api_a_query_that_cannot_be_run_is_400_with_position(client, q, position, fragment):
+    response = await client.get("/api/sessions/search", {"q": q})
+    assert response.status_code == 400, response.content
+    error = response.json()["error"]
+    assert error["code"] == "validation_failed"
+    assert fragment in error["message"]
+    assert error["details"] == {"field": "q", "position": position}
+
+
+async def test_api_an_empty_query_names_the_field(client):
+    response = await client.get("/api/sessions/search", {"q": " "})
+    assert response.status_code == 400
+    assert response.json()["error"]["details"] == {"field": "q"}
+
+
+def _cursor(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+@pytest.mark.parametrize(
+    ("order", "raw"),
+    [
+        ("newest", b'["newest",null,1000000000000000000000]'),
+        ("newest", b'["newest",null,-5]'),
+        ("newest", b'["newest",null,true]'),
+        ("newest", b"[" * 3000 + b"]" * 3000),
+        ("rank", b'["rank",1000000000000000000000,5]'),
+        ("rank", b'["rank",1e999,5]'),
+        ("rank", b'["rank",NaN,5]'),
+        ("rank", b'["rank",' + b"9" * 400 + b",5]"),
+        ("rank", b'["rank",false,5]'),
+    ],
+)
+async def test_api_a_cursor_it_did_not_write_is_400(client, order, raw):
+    response = await client.get(
+        "/api/sessions/search", {"q": "frobnicate", "order": order, "cursor": _cursor(raw)}
+    )
+    assert response.status_code == 400, response.content
+    error = response.json()["error"]
+    assert error["message"] == BAD_CURSOR and error["details"] == {"field": "cursor"}
+
+
+@pytest.mark.parametrize("limit", ["\u0665", "\uff11\uff10", "1_0", " 5", "\u00b2", "5.0"])
+async def test_api_limit_is_ascii_digits(client, limit):
+    response = await client.get("/api/sessions/search", {"q": "frobnicate", "limit": limit})
+    assert response.status_code == 400, response.content
+    assert response.json()["error"]["details"] == {"field": "limit"}
 
 
 async def test_api_flag_off_is_403(client):

@@ -133,3 +133,12 @@ def test_zero_turns_the_websocket_rate_limits_off(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["True", "True"]
+
+
+@pytest.mark.parametrize("port", ["²", "0", "65536", "80a"])
+def test_serve_refuses_a_port_that_is_not_ascii_digits_1_to_65535(port):
+    from django.core.management import call_command
+    from django.core.management.base import CommandError
+
+    with pytest.raises(CommandError, match="is not a TCP port"):
+        call_command("serve", "--port", port)

@@ -187,6 +187,21 @@ def test_deleted_session_is_gone(provider, new):
         provider.read_scrollback(gone.id, max_bytes=100)
 
 
+def test_a_session_deleted_after_it_was_written_out_is_gone_at_once(provider, new):
+    """HYBRID writes behind: once a session is in the database, a delete must hide it from
+    every read before the delete itself reaches the database."""
+    kept, gone = new(), new()
+    provider.flush()
+    provider.delete(gone.id)
+    assert provider.get(gone.id) is None
+    assert [r.id for r in provider.list_by_project(kept.project_id)] == [kept.id]
+    assert [r.id for r in provider.list_by_user(kept.user_id)] == [kept.id]
+    provider.prefetch([kept.project_id])
+    assert provider.get(gone.id) is None
+    provider.flush(session_id=gone.id)
+    assert provider.get(gone.id) is None
+
+
 def test_lists_show_only_that_users_and_projects_open_tabs(
     provider, new, project, user, other_user
 ):

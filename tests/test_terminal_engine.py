@@ -417,6 +417,26 @@ async def test_only_a_shell_that_died_with_its_server_can_be_revived(user, sessi
     assert (record.state, record.end_reason, record.exit_code) == ("exited", "exited", 4)
 
 
+async def test_a_revival_whose_shell_cannot_start_keeps_the_session_and_says_why(
+    user, project, settings
+):
+    """Unlike a refused create, a failed revival keeps the tab and its history, in state
+    error: the session existed before the request."""
+    from sessions_app import services
+    from sessions_app.errors import SpawnFailed
+    from sessions_app.models import TerminalSession
+
+    settings.TERMSYS_PROFILES = {"system": ["/opt/nowhere/shell"]}
+    session = await TerminalSession.objects.acreate(
+        user=user, project=project, tab_name="old", state="exited", end_reason="server_restarted"
+    )
+    with pytest.raises(SpawnFailed, match="/opt/nowhere/shell"):
+        await services.session_revive(user=user, session_id=session.pk)
+    record = await database_sync_to_async(services._find)(session.pk)
+    assert (record.state, record.tab_name) == ("error", "old")
+    assert await SessionEvent.objects.filter(session_id=session.pk, kind="error").aexists()
+
+
 # --- total scrollback memory ----------------------------------------------------------------
 
 

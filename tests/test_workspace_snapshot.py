@@ -204,7 +204,10 @@ async def test_another_users_project_is_not_found(user, other_user, client):
     assert_error(await client.get(snapshot_url(999_999)), 404, "not_found")
 
 
-@pytest.mark.parametrize("tail", ["abc", "-1", "1.5", "1e3", "99999999999999"])
+@pytest.mark.parametrize(
+    "tail",
+    ["abc", "-1", "1.5", "1e3", "99999999999999", "%C2%B2", "%D9%A3", "%EF%BC%91", "1_0"],
+)
 async def test_bad_tail_is_refused(client, project, tail):
     error = assert_error(await client.get(snapshot_url(project.pk, tail)), 400, "validation_failed")
     assert error["details"]["field"] == "tail"

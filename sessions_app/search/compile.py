@@ -14,6 +14,7 @@ from typing import Any
 
 from django.db import connection
 
+from sessions_app.models import Project
 from sessions_app.search.query import And, Node, Not, Or, Query, Term
 from sessions_app.states import LIVE_STATES
 
@@ -88,7 +89,7 @@ def _pg_filters(query: Query, user_id: int | None, params: list[Any]) -> list[st
     if query.projects:
         # Ids, not a subquery: the planner then estimates the project's documents, and for
         # one project may walk (project_id, id) backwards, which a join would not let it do.
-        ids = _project_ids(query.projects)
+        ids = _project_ids(query.projects, user_id)
         where.append("d.project_id IN (" + ", ".join(["%s"] * len(ids)) + ")" if ids else "FALSE")
         params.extend(ids)
     if query.states:
@@ -235,11 +236,11 @@ def fts5_match(node: Node) -> str:
     raise AssertionError(f"a lone NOT reached the compiler: {node!r}")  # parse() refuses it
 
 
-def _sqlite_filters(query: Query, params: list[Any]) -> list[str]:
+def _sqlite_filters(query: Query, user_id: int | None, params: list[Any]) -> list[str]:
     """Return SQLite conditions on ``s`` (the session) and ``d`` (the document)."""
     where = []
     if query.projects:
-        ids = _project_ids(query.projects)
+        ids = _project_ids(query.projects, user_id)
         where.append("s.project_id IN (" + ", ".join(["%s"] * len(ids)) + ")" if ids else "0")
         params.extend(ids)
     if query.states:
@@ -276,7 +277,7 @@ def _sqlite_select(query: Query, user_id: int | None, rank: bool) -> Part:
     if user_id is not None:
         where.append("s.user_id = %s")
         params.append(user_id)
-    where += _sqlite_filters(query, params)
+    where += _sqlite_filters(query, user_id, params)
     sql = (
         f"SELECT {doc_id} AS id, {score} AS score FROM {source} "
         "JOIN sessions_app_terminalsession s ON s.id = d.session_id "
@@ -288,12 +289,17 @@ def _sqlite_select(query: Query, user_id: int | None, rank: bool) -> Part:
 # ---------------------------------------------------------------- both
 
 
-def _project_ids(names: tuple[str, ...]) -> list[int]:
-    """Return the ids of the projects with one of ``names``, any case, whoever owns them."""
-    marks = ", ".join(["lower(%s)"] * len(names))
-    with connection.cursor() as db:
-        db.execute(f"SELECT id FROM sessions_app_project WHERE lower(name) IN ({marks})", names)
-        return [row[0] for row in db.fetchall()]
+def _project_ids(names: tuple[str, ...], user_id: int | None) -> list[int]:
+    """Return the ids of ``user_id``'s projects (everyone's: None) named one of ``names``, in
+    any case of any script.
+
+    Compared in Python with str.casefold(): SQLite's lower() folds ASCII only (`ÄPFEL` did not
+    find `äpfel`), and PostgreSQL's follows the database's locale; casefold is Unicode's full
+    case folding (`STRASSE` finds `Straße`) on both. A user has few projects to read.
+    """
+    wanted = {name.casefold() for name in names}
+    projects = Project.objects.all() if user_id is None else Project.objects.filter(owner=user_id)
+    return [pk for pk, name in projects.values_list("id", "name") if name.casefold() in wanted]
 
 
 def select_sql(

@@ -12,6 +12,7 @@ import base64
 import binascii
 import html
 import json
+import math
 import re
 from dataclasses import dataclass
 from datetime import datetime
@@ -36,6 +37,8 @@ SEARCH_DISABLED = "Search is not enabled for your account (feature flag session_
 BAD_CURSOR = "The cursor is not one this search returned; start again without it."
 BAD_LIMIT = f"limit must be a whole number from 1 to {MAX_LIMIT}."
 BAD_ORDER = "order must be one of: " + ", ".join(ORDERS) + "."
+_ID_MAX = 2**63 - 1  # document ids are 64-bit
+_WHOLE_NUMBER = re.compile(r"[0-9]{1,3}")
 
 
 @dataclass(frozen=True)
@@ -62,15 +65,27 @@ def _encode_cursor(order: str, key: Any, doc_id: int) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
+def _refuse_constant(constant: str) -> None:
+    raise ValueError(constant)  # NaN, Infinity: never in a cursor this search wrote
+
+
 def _decode_cursor(cursor: str, order: str) -> tuple[Any, int]:
+    """Return (rank key, document id) from ``cursor``, or raise ValidationFailed.
+
+    A cursor comes back from the client, so anything may be in it: a key or id past what the
+    database stores (an int of 10**21 overflows SQLite's), JSON nested thousands deep, ...
+    """
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        kind, key, doc_id = json.loads(raw)
-        if kind != order or not isinstance(doc_id, int):
-            raise ValueError(kind)
-        if (order == "newest") != (key is None) or not isinstance(key, int | float | None):
+        kind, key, doc_id = json.loads(raw, parse_constant=_refuse_constant)
+        if kind != order or type(doc_id) is not int or not 0 < doc_id <= _ID_MAX:
+            raise ValueError(doc_id)
+        if order == "newest":
+            if key is not None:
+                raise ValueError(key)
+        elif type(key) is not float or not math.isfinite(key):  # scores are always floats
             raise ValueError(key)
-    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
+    except (ValueError, TypeError, OverflowError, RecursionError, binascii.Error):
         raise ValidationFailed(BAD_CURSOR, details={"field": "cursor"}) from None
     return key, doc_id
 
@@ -193,10 +208,15 @@ def search_enabled(user: AbstractBaseUser) -> bool:
 def _limit(limit: int | str | None) -> int:
     if limit in (None, ""):
         return DEFAULT_LIMIT
-    try:
-        value = int(limit)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise ValidationFailed(BAD_LIMIT, details={"field": "limit"}) from None
+    if isinstance(limit, str):
+        # ASCII digits only: int() also reads Arabic-Indic digits and "1_0"
+        if not _WHOLE_NUMBER.fullmatch(limit):
+            raise ValidationFailed(BAD_LIMIT, details={"field": "limit"})
+        value = int(limit)
+    elif type(limit) is int:
+        value = limit
+    else:
+        raise ValidationFailed(BAD_LIMIT, details={"field": "limit"})
     if not 1 <= value <= MAX_LIMIT:
         raise ValidationFailed(BAD_LIMIT, details={"field": "limit"})
     return value

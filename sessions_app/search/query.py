@@ -15,6 +15,7 @@ refused on both databases. Every error is a ValidationFailed naming the 1-based 
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -24,6 +25,9 @@ from sessions_app.errors import ValidationFailed
 from sessions_app.states import LIVE_STATES
 
 MAX_QUERY_CHARS = 1000
+# Parentheses and NOTs inside one another: the parser and the compilers recurse once per level.
+MAX_NESTING = 20
+FIELD = "q"  # the API's query parameter, named in every error's details
 STATUSES: dict[str, tuple[str, ...]] = {
     "active": tuple(sorted(LIVE_STATES)),
     "exited": ("exited",),
@@ -35,6 +39,11 @@ AGE_UNITS = {"h": "hours", "d": "days", "w": "weeks"}
 
 EMPTY_QUERY = "Type something to search for."
 TOO_LONG = f"The query is longer than {MAX_QUERY_CHARS} characters."
+TOO_DEEP = f"Parentheses and NOT nest more than {MAX_NESTING} deep here"
+UNSEARCHABLE = (
+    "The query contains {char} ({what}), which cannot be searched for; remove it. Output is "
+    "searched without control characters"
+)
 EXPECTED_TERM = 'a word, a "phrase", a filter or "("'
 
 
@@ -94,7 +103,20 @@ class _Token:
 
 
 def _fail(message: str, position: int) -> ValidationFailed:
-    return ValidationFailed(f"{message} (at position {position}).", details={"position": position})
+    return ValidationFailed(
+        f"{message} (at position {position}).", details={"field": FIELD, "position": position}
+    )
+
+
+def _check_characters(text: str) -> None:
+    """Refuse characters no document can hold: NUL and the other control characters (stored
+    output has none: escape sequences are stripped), and lone surrogates (not valid Unicode).
+    Whitespace control characters (tab, newline) separate words like a space."""
+    for index, char in enumerate(text):
+        category = unicodedata.category(char)
+        if (category == "Cc" and not char.isspace()) or category == "Cs":
+            what = "a lone surrogate" if category == "Cs" else "a control character"
+            raise _fail(UNSEARCHABLE.format(char=f"U+{ord(char):04X}", what=what), index + 1)
 
 
 _FILTER_RE = re.compile(r"([A-Za-z]+):(?!//)")
@@ -168,6 +190,7 @@ class _Parser:
         self.tokens = tokens
         self.at = 0
         self.depth = 0  # parentheses open around the current token
+        self.nesting = 0  # parentheses and NOTs around the current token
         self.filters: list[Filter] = []  # top-level filters, which narrow the whole query
 
     def peek(self) -> _Token:
@@ -231,11 +254,19 @@ class _Parser:
             raise _fail(f"The query ends after {after!r}: expected {EXPECTED_TERM}", token.position)
         raise _fail(f"Unexpected {token.value!r}: expected {EXPECTED_TERM}", token.position)
 
+    def _nest(self, token: _Token) -> None:
+        self.nesting += 1
+        if self.nesting > MAX_NESTING:
+            raise _fail(TOO_DEEP, token.position)
+
     def unary(self) -> Node:
         token = self.peek()
         if token.kind in ("not", "minus"):
             self.take()
-            return Not(self.unary(), token.position)
+            self._nest(token)
+            node = Not(self.unary(), token.position)
+            self.nesting -= 1
+            return node
         return self.atom()
 
     def atom(self) -> Node:
@@ -245,9 +276,11 @@ class _Parser:
                 raise _fail(
                     f'Empty parentheses: expected {EXPECTED_TERM} after "("', token.position
                 )
+            self._nest(token)
             self.depth += 1
             node = self.or_expr()
             self.depth -= 1
+            self.nesting -= 1
             closing = self.peek()
             if closing.kind != "rparen":
                 raise _fail(
@@ -320,9 +353,10 @@ def _positive_terms(node: Node | None) -> list[str]:
 def parse(text: str) -> Query:
     """Parse ``text`` into a Query, or raise ValidationFailed saying where and what is wrong."""
     if len(text) > MAX_QUERY_CHARS:
-        raise ValidationFailed(TOO_LONG)
+        raise ValidationFailed(TOO_LONG, details={"field": FIELD, "position": MAX_QUERY_CHARS + 1})
     if not text.strip():
-        raise ValidationFailed(EMPTY_QUERY)
+        raise ValidationFailed(EMPTY_QUERY, details={"field": FIELD})
+    _check_characters(text)
     parser = _Parser(_tokens(text))
     text_node = parser.parse()
     if text_node is not None:

@@ -202,8 +202,11 @@ class StorageProvider(ABC):
         """The project is on screen again: make its reads fast."""
         self.prefetch([project_id])
 
-    def flush(self) -> None:  # noqa: B027 - optional hook
-        """Write out anything pending; return when it is durable in the provider's store."""
+    def flush(  # noqa: B027 - optional hook
+        self, session_id: str | None = None, timeout: float = 30
+    ) -> None:
+        """Write out anything pending (of ``session_id``, if given); return when it is durable
+        in the provider's store, or raise StorageBusy after ``timeout`` seconds."""
 
     def pending(self) -> dict[str, float]:
         """Return write-behind figures: ``count`` of pending writes, ``oldest_age`` in seconds."""

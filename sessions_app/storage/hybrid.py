@@ -78,6 +78,9 @@ class HybridStorage(StorageProvider):
         self.journal = Journal(journal_dir, max_bytes=journal_max_bytes, fsync=fsync)
         self.journal_max_bytes = journal_max_bytes
         self._lock = threading.RLock()
+        # Sessions deleted here: the database may list them until the delete is written behind,
+        # so reads leave them out (ids are never reused: a tombstone can never hide another).
+        self._deleted: set[str] = set()
         self.engine = SyncEngine(
             database=self.database,
             on_applied=self.journal.release_through,
@@ -135,9 +138,12 @@ class HybridStorage(StorageProvider):
                 self.memory.append_output(session_id, meta["offset"], data)
         elif kind == "delete":
             self.memory.delete(session_id)
+            self._deleted.add(session_id)
 
     def _in_memory(self, session_id: str) -> SessionRecord | None:
         """Return the session from memory, loading it from the database on a miss."""
+        if session_id in self._deleted:
+            return None
         record = self.memory.get(session_id)
         if record is None:
             record = self.database.get(session_id)
@@ -154,6 +160,8 @@ class HybridStorage(StorageProvider):
         return created
 
     def get(self, session_id: str) -> SessionRecord | None:
+        if session_id in self._deleted:
+            return None
         record = self.memory.get(session_id)
         if record is not None:
             return record
@@ -175,20 +183,26 @@ class HybridStorage(StorageProvider):
     def delete(self, session_id: str) -> None:
         with self._lock:
             self.memory.delete(session_id)
+            self._deleted.add(session_id)
             self._write("delete", session_id, {})
+
+    def _not_deleted(self, records: list[SessionRecord]) -> list[SessionRecord]:
+        return [r for r in records if r.id not in self._deleted]
 
     def list_by_project(
         self, project_id: int, *, include_closed: bool = False
     ) -> list[SessionRecord]:
         return newest_versions(
             self.memory.list_by_project(project_id, include_closed=include_closed),
-            self.database.list_by_project(project_id, include_closed=include_closed),
+            self._not_deleted(
+                self.database.list_by_project(project_id, include_closed=include_closed)
+            ),
         )
 
     def list_by_user(self, user_id: int, *, include_closed: bool = False) -> list[SessionRecord]:
         return newest_versions(
             self.memory.list_by_user(user_id, include_closed=include_closed),
-            self.database.list_by_user(user_id, include_closed=include_closed),
+            self._not_deleted(self.database.list_by_user(user_id, include_closed=include_closed)),
         )
 
     def add_event(self, session_id: str, kind: str, data: dict[str, Any] | None = None) -> None:
@@ -244,7 +258,7 @@ class HybridStorage(StorageProvider):
 
     def prefetch(self, project_ids: list[int]) -> None:
         for project_id in project_ids:
-            for record in self.database.list_by_project(project_id):
+            for record in self._not_deleted(self.database.list_by_project(project_id)):
                 if self.memory.get(record.id) is None:
                     self.memory.put(record)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -87,7 +88,7 @@ class Command(BaseCommand):
         forwarded_allow_ips: str,
         **options: Any,
     ) -> None:
-        if not str(port).isdigit() or not 0 < int(port) < 65536:
+        if not re.fullmatch(r"[0-9]{1,5}", str(port)) or not 0 < int(port) < 65536:
             raise CommandError(f"PORT={port!r} is not a TCP port (1-65535).")
         import uvicorn
 
