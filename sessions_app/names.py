@@ -3,7 +3,8 @@
 A name is shown in the page, the admin, search hits and file names, so it may hold any
 visible text but nothing that hides, reorders or breaks the text around it: no control
 characters (NUL, ESC, BEL, CR/LF, DEL, C1), no invisible format characters (right-to-left
-overrides, zero-width joiners, BOM), no line or paragraph separators, and no lone surrogates
+overrides, zero-width spaces, BOM) but the two joiners that writing needs (ZWNJ in Persian and
+Indic scripts, ZWJ in emoji sequences), no line or paragraph separators, and no lone surrogates
 (which are not valid Unicode and cannot be stored). Spaces around a name are dropped before
 anything is checked, at creation and at renaming alike.
 """
@@ -24,6 +25,8 @@ REFUSED_CATEGORIES = {
     "Zl": "a line separator",
     "Zp": "a paragraph separator",
 }
+# Format characters that are part of ordinary text: zero-width non-joiner and joiner.
+JOINERS = "\u200c\u200d"
 # Project names become directory names and appear in paths: no path separators either.
 PROJECT_NAME_SEPARATORS = "/\\"
 
@@ -42,7 +45,7 @@ MSG_REFUSED_SEPARATOR = "{field} must not contain {char!r} (at character {positi
 def refused_character(text: str, *, also: str = "") -> tuple[int, str] | None:
     """Return the index of ``text``'s first character a name may not hold and why, or None."""
     for index, char in enumerate(text):
-        what = REFUSED_CATEGORIES.get(unicodedata.category(char))
+        what = None if char in JOINERS else REFUSED_CATEGORIES.get(unicodedata.category(char))
         if what is not None:
             return index, what
         if char in also:
@@ -95,7 +98,9 @@ def name_sanitize(text: str, *, refused: str = "", replacement: str = " ") -> st
     NAME_MAX: for names that come from elsewhere (a legacy import), never from a user."""
 
     def keep(char: str) -> bool:
-        return char not in refused and unicodedata.category(char) not in REFUSED_CATEGORIES
+        return char not in refused and (
+            char in JOINERS or unicodedata.category(char) not in REFUSED_CATEGORIES
+        )
 
     cleaned = "".join(char if keep(char) else replacement for char in text)
     return cleaned.strip()[:NAME_MAX].strip()

@@ -131,6 +131,18 @@ async def test_names_refuse_invisible_and_control_characters_everywhere(
     assert (await TerminalSession.objects.aget(pk=session_id)).tab_name == "t"
 
 
+async def test_names_keep_the_joiners_that_writing_needs(client, project, live_terminals):
+    """Persian and Indic scripts need the zero-width non-joiner, emoji sequences the joiner."""
+    for name in ("\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645", "👨\u200d👩\u200d👧 family"):
+        created = await post(client, "/api/projects", {"name": name})
+        assert created.status_code == 201, created.content
+        assert created.json()["project"]["name"] == name
+        opened = await post(
+            client, "/api/terminal/create", {"projectId": project.pk, "tabName": name}
+        )
+        assert opened.json()["session"]["tabName"] == name
+
+
 async def test_a_name_is_trimmed_before_its_length_is_checked_at_create_and_rename(
     client, project, live_terminals
 ):
