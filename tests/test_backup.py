@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import time
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -1009,3 +1010,81 @@ def test_an_archive_made_on_sqlite_restores_into_postgresql(tmp_path):
     assert list(get_user_model().objects.values_list("username", flat=True)) == ["ana"]
     # The sequences continue after the restored ids.
     assert UserFactory().pk > get_user_model().objects.get(username="ana").pk
+
+
+def test_short_writes_are_written_again_not_left_as_holes(backup_dir, monkeypatch):
+    """``os.pwrite`` may write part of what it is given (a disk filling up writes what fits):
+    the rest is written after, never skipped."""
+    seed()
+    real = os.pwrite
+
+    def half(fd: int, data: Any, offset: int) -> int:
+        return real(fd, bytes(data[: max(1, len(data) // 2)]), offset)
+
+    monkeypatch.setattr(archive.os, "pwrite", half)
+    backup("create", "--no-native")
+    monkeypatch.undo()
+    assert "OK" in backup("verify", str(only_archive(backup_dir)))
+
+
+def test_an_archive_never_reuses_nor_follows_files_put_where_it_is_written(tmp_path):
+    """In a directory others may write in, files and links named as an archive's temporary
+    file (as earlier versions named it) are left alone; the archive is the operator's own,
+    mode 0600, whatever the umask."""
+    seed()
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o1777)
+    shared.chmod(0o1777)
+    victim = tmp_path / "victim"
+    victim.write_text("not yours")
+    planted = []
+    for ahead in range(6):
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() + ahead))
+        planted_file = shared / f".termsys-backup-{stamp}-nightly.tar.tmp"
+        planted_file.write_text("theirs")
+        planted_file.chmod(0o666)
+        planted.append(planted_file)
+        (shared / f".termsys-backup-{stamp}.tar.tmp").symlink_to(victim)
+    umask = os.umask(0)
+    try:
+        backup("create", "--output", str(shared), "--label", "nightly")
+        backup("create", "--output", str(shared))
+    finally:
+        os.umask(umask)
+    archives = sorted(shared.glob("termsys-backup-*.tar"))
+    assert len(archives) == 2
+    for path in archives:
+        assert path.stat().st_mode & 0o777 == 0o600
+        assert not path.is_symlink()
+        backup("verify", str(path))
+    assert victim.read_text() == "not yours"
+    for planted_file in planted:
+        assert planted_file.read_text() == "theirs"
+        assert planted_file.stat().st_mode & 0o777 == 0o666
+
+
+def test_two_archives_written_at_once_under_one_name_are_both_kept(tmp_path):
+    """Two creates in the same second with the same label: each writes a file of its own and
+    ends with an archive of its own, never over the other's."""
+    path = tmp_path / "termsys-backup-20260101T000000Z-r.tar"
+    members = {}
+    for n in (1, 2):
+        members[n] = tmp_path / f"member{n}"
+        members[n].write_bytes(bytes([n]) * 5000)
+    manifest = {"format": archive.FORMAT, "version": archive.VERSION, "label": "r"}
+    first = archive.Writer(path, archive.manifest_bound(manifest, ["data"]))
+    second = archive.Writer(path, archive.manifest_bound(manifest, ["data"]))
+    first.add("data", members[1])
+    second.add("data", members[2])
+    assert second.finish(manifest) == path
+    assert first.finish(manifest) == tmp_path / "termsys-backup-20260101T000000Z-r-2.tar"
+    for n, name in ((2, path), (1, first.path)):
+        with archive.verified(name) as opened:
+            assert opened.member("data").read() == bytes([n]) * 5000
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_a_directory_given_as_the_archive_is_named_as_one(tmp_path):
+    for subcommand in (["verify"], ["restore", "--yes"]):
+        message = refused(subcommand[0], str(tmp_path), *subcommand[1:])
+        assert f"{tmp_path}: not a termsys backup archive (it is a directory" in message
