@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import json
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -1012,6 +1014,66 @@ def test_an_archive_made_on_sqlite_restores_into_postgresql(tmp_path):
     assert UserFactory().pk > get_user_model().objects.get(username="ana").pk
 
 
+# --- faults: full disks, unwritable directories, interrupts -----------------------------------
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: int) -> Iterator[Path]:
+    """A file system of ``size`` bytes at ``path``: a disk that fills up for real. Mounting
+    needs root (or CAP_SYS_ADMIN); the test is skipped where it cannot."""
+    path.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"a full disk needs a small tmpfs, and mount failed: {done.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        if subprocess.run(["umount", str(path)], check=False).returncode != 0:
+            subprocess.run(["umount", "--lazy", str(path)], check=True)  # unmounted all the same
+            raise AssertionError(f"{path} was still in use: a process was left writing there")
+
+
+def left_in(directory: Path) -> list[str]:
+    """What a failed backup or restore left in ``directory``, besides archives that verify."""
+    left = []
+    for path in sorted(directory.iterdir()):
+        if path.name.endswith(".tar"):
+            backup("verify", str(path))  # a complete archive of the data as it is is fine
+        else:
+            left.append(path.name)
+    return left
+
+
+KiB = 1024
+
+
+def test_create_on_a_full_disk_says_so_and_leaves_nothing(backup_dir, tmp_path):
+    """Whether the disk fills up while the members are written or only when the manifest is
+    (its place in the file is kept but not written until the end), create fails with exit 1
+    and a plain message, and leaves neither an archive nor its temporary files."""
+    seed()
+    backup("create")
+    size = only_archive(backup_dir).stat().st_size
+    for n, room in enumerate(range(size // 2, size + 64 * KiB, 16 * KiB)):
+        with tmpfs(tmp_path / f"disk{n}", room) as disk:
+            try:
+                printed = backup("create", "--output", str(disk))
+            except CommandError as exc:
+                assert exc.returncode == 1
+                assert str(exc).startswith(f"No space left on device writing {disk}/")
+                assert "no archive was written" in str(exc)
+                assert list(disk.iterdir()) == []
+                continue
+            assert f"Created {only_archive(disk)}" in printed  # there was room after all
+            backup("verify", str(only_archive(disk)))
+            break
+
+
 def test_short_writes_are_written_again_not_left_as_holes(backup_dir, monkeypatch):
     """``os.pwrite`` may write part of what it is given (a disk filling up writes what fits):
     the rest is written after, never skipped."""
@@ -1025,6 +1087,38 @@ def test_short_writes_are_written_again_not_left_as_holes(backup_dir, monkeypatc
     backup("create", "--no-native")
     monkeypatch.undo()
     assert "OK" in backup("verify", str(only_archive(backup_dir)))
+
+
+def test_restore_with_its_backup_disk_full_changes_nothing_and_says_why(
+    backup_dir, tmp_path, settings
+):
+    """The safety backup, then (SQLite) the archive's database copy extracted beside it, fill
+    the disk at one point or another: each time the restore stops with a plain message, the
+    data as it was and nothing but complete archives left."""
+    seeded = seed()
+    backup("create")
+    archived = only_archive(backup_dir)
+    change_data(seeded["ana"])
+    changed = snapshot()
+    size = archived.stat().st_size
+    for n, room in enumerate(range(size // 2, 3 * size, 16 * KiB)):
+        with tmpfs(tmp_path / f"disk{n}", room) as disk:
+            settings.TERMSYS_BACKUP_DIR = disk
+            try:
+                printed = backup("restore", str(archived), "--yes")
+            except CommandError as exc:
+                assert exc.returncode == 1
+                assert "nothing changed" in str(exc)
+                assert "No space left on device writing" in str(exc) or (
+                    "preparing its SQLite copy" in str(exc)
+                )
+                assert snapshot() == changed
+                assert left_in(disk) == []
+                continue
+            assert "row counts match the manifest" in printed
+            break
+    else:
+        raise AssertionError("no room was enough")
 
 
 def test_an_archive_never_reuses_nor_follows_files_put_where_it_is_written(tmp_path):
@@ -1063,6 +1157,47 @@ def test_an_archive_never_reuses_nor_follows_files_put_where_it_is_written(tmp_p
         assert planted_file.stat().st_mode & 0o777 == 0o666
 
 
+@contextlib.contextmanager
+def unwritable(path: Path) -> Iterator[Path]:
+    """An existing directory this process cannot write in: read-only for an ordinary user, a
+    read-only mount for root (whom permissions do not stop)."""
+    path.mkdir()
+    if os.geteuid() != 0:
+        path.chmod(0o500)
+        try:
+            yield path
+        finally:
+            path.chmod(0o700)
+        return
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"root needs a read-only mount here, and mount failed: {done.stderr}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+def test_a_directory_that_cannot_be_written_in_is_named(backup_dir, tmp_path, settings):
+    seed()
+    backup("create")
+    archived = only_archive(backup_dir)
+    before = snapshot()
+    with unwritable(tmp_path / "read-only") as directory:
+        for place in (directory, Path("/proc")):
+            message = refused("create", "--output", str(place))
+            assert message.startswith(f"cannot write in the backup directory {place} (")
+            settings.TERMSYS_BACKUP_DIR = place
+            message = refused("restore", str(archived), "--yes")
+            assert message.startswith(f"cannot write in the backup directory {place} (")
+            assert snapshot() == before
+
+
 def test_two_archives_written_at_once_under_one_name_are_both_kept(tmp_path):
     """Two creates in the same second with the same label: each writes a file of its own and
     ends with an archive of its own, never over the other's."""
@@ -1082,6 +1217,25 @@ def test_two_archives_written_at_once_under_one_name_are_both_kept(tmp_path):
         with archive.verified(name) as opened:
             assert opened.member("data").read() == bytes([n]) * 5000
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_an_archive_that_took_the_name_meanwhile_is_not_replaced(backup_dir, monkeypatch):
+    seed()
+    real = archive.Writer.finish
+    taken: list[Path] = []
+
+    def another_create_first(self: archive.Writer, manifest: dict) -> Path:
+        if not taken:  # another create (same second, same label) finished meanwhile
+            taken.append(self.path)
+            self.path.write_bytes(b"the other archive")
+        return real(self, manifest)
+
+    monkeypatch.setattr(archive.Writer, "finish", another_create_first)
+    printed = backup("create", "--label", "r")
+    assert taken[0].read_bytes() == b"the other archive"
+    path = backup_dir / taken[0].name.replace("-r.tar", "-r-2.tar")
+    assert f"Created {path}" in printed
+    backup("verify", str(path))
 
 
 def test_a_directory_given_as_the_archive_is_named_as_one(tmp_path):

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
+import sqlite3
 import subprocess
-import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -22,6 +23,7 @@ from django.db import connection, transaction
 from sessions_app.backup import (
     archive,
     copies,
+    leftovers,
     load,
     migrations,
     native,
@@ -41,6 +43,19 @@ NOTHING_TO_LOAD = (
     "nothing changed."
 )
 SAFETY_FAILED = "the safety backup failed ({error}); nothing was restored, nothing changed."
+WRITE_FAILED = "{error} writing {path}"
+NOT_WRITTEN = "; no archive was written (its temporary files are removed)."
+UNWRITABLE = (
+    "cannot write in the backup directory {dir} ({error}); give a directory this user can "
+    "write in (--output DIR, or TERMSYS_BACKUP_DIR)."
+)
+NATIVE_PREPARE_FAILED = (
+    "{file}: preparing its SQLite copy in {dir} failed ({error}); nothing was restored, "
+    "nothing changed."
+)
+PAGE_COPY_FAILED = (
+    "{file}: copying its SQLite pages failed ({error}); the copy was rolled back, nothing changed."
+)
 NATIVE_LEFT_OUT = "left out on request (restore loads the portable form)"
 UNKNOWN_MODEL = "{model}: in the archive, not in this code; its {rows} rows are left out"
 
@@ -100,13 +115,10 @@ def flush_pending_writes(reporter: Reporter) -> None:
 
 
 def _file_name(directory: Path, label: str, now: datetime) -> Path:
+    """The archive's name; ``archive.Writer`` adds ``-2``, ``-3``, ... if it is taken."""
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", label).strip("-.")[:40]
     stem = NAME_PREFIX + now.strftime("%Y%m%dT%H%M%SZ") + (f"-{slug}" if slug else "")
-    path, n = directory / f"{stem}{archive.SUFFIX}", 1
-    while path.exists():
-        n += 1
-        path = directory / f"{stem}-{n}{archive.SUFFIX}"
-    return path
+    return directory / f"{stem}{archive.SUFFIX}"
 
 
 @dataclass
@@ -148,6 +160,44 @@ def backup_create(
     flush_pending_writes(reporter)
     now = datetime.now(UTC)
     path = _file_name(directory, label, now)
+    try:
+        return _create(
+            directory=directory,
+            path=path,
+            now=now,
+            label=label,
+            native_copy=native_copy,
+            portable_form=portable_form,
+            search_index=search_index,
+            binary_copies=binary_copies,
+            documents_read=documents_read,
+            compress_threads=compress_threads,
+            reporter=reporter,
+        )
+    except leftovers.Unwritable as exc:
+        error = exc.error.strerror or exc.error
+        raise BackupError(UNWRITABLE.format(dir=directory, error=error)) from exc
+    except OSError as exc:
+        error = exc.strerror or str(exc)
+        raise BackupError(WRITE_FAILED.format(error=error, path=path) + NOT_WRITTEN) from exc
+    except archive.ArchiveError as exc:
+        raise BackupError(f"{exc}{NOT_WRITTEN}") from exc
+
+
+def _create(
+    *,
+    directory: Path,
+    path: Path,
+    now: datetime,
+    label: str,
+    native_copy: bool,
+    portable_form: bool,
+    search_index: bool,
+    binary_copies: bool,
+    documents_read: Callable[[], None] | None,
+    compress_threads: int | None,
+    reporter: Reporter,
+) -> Created:
     warnings: list[str] = []
     found = portable.backup_models()
     members = {
@@ -161,8 +211,9 @@ def backup_create(
     )
     index_codec = copies.CODEC if copied else "gzip"  # the documents as the copies beside them
     native.prepare()
-    with tempfile.TemporaryDirectory(dir=directory, prefix=".backup-") as tmp:
+    with leftovers.workdir(directory, ".backup-") as tmp:
         writer: archive.Writer | None = None
+        pending: native.Pending | None = None
         try:
             with transaction.atomic():
                 snapshot = native.begin_snapshot()  # the first statement of the transaction
@@ -204,8 +255,10 @@ def backup_create(
                     warnings=warnings,
                 )
             reporter.note(f"writing {path}")
-            writer.finish(manifest)
+            path = writer.finish(manifest)
         except BaseException:
+            if pending is not None:  # pg_dump or the backup API copy, writing into ``tmp``
+                pending.cancel()
             if writer is not None:
                 writer.abort()
             raise
@@ -480,20 +533,23 @@ def _restore(
         work.mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError as exc:
         raise BackupError(SAFETY_FAILED.format(error=exc)) from exc
-    with tempfile.TemporaryDirectory(dir=work, prefix=".restore-") as tmp:
-        try:
+    try:
+        with leftovers.workdir(work, ".restore-") as tmp:
             _replace(
                 opened,
                 result,
                 current=current,
                 same_migrations=same_migrations,
                 copied=copies_unusable is None,
-                tmp=Path(tmp),
+                tmp=tmp,
                 safety_dir=safety_dir,
                 reporter=reporter,
             )
-        except load.LoadError as exc:
-            raise BackupError(str(exc)) from exc
+    except leftovers.Unwritable as exc:
+        error = exc.error.strerror or exc.error
+        raise BackupError(UNWRITABLE.format(dir=work, error=error)) from exc
+    except load.LoadError as exc:
+        raise BackupError(str(exc)) from exc
     ContentType.objects.clear_cache()
     _forget_cached_flags()
     return result
@@ -531,16 +587,20 @@ def _replace(
                 result.safety = _safety_backup(safety_dir, reporter)
             finally:
                 extracting.exception()
-        extracting.result()
+        with _preparing(file, tmp):
+            extracting.result()
     elif connection.vendor == "postgresql" and _index_fits(manifest, same_migrations):
         beside = _safety_beside(safety_dir)
     else:
         result.safety = _safety_backup(safety_dir, reporter)
-    if page_copy and (why := sqlite_native.unfit(copy)) is not None:
-        logger.info("%s: the native copy is loaded row by row: %s", file, why)
-        page_copy = False
     if page_copy:
-        _load_pages(opened, copy, current, reporter)
+        with _preparing(file, tmp):
+            why = sqlite_native.unfit(copy)
+        if why is not None:
+            logger.info("%s: the native copy is loaded row by row: %s", file, why)
+            page_copy = False
+    if page_copy:
+        _load_pages(opened, copy, current, tmp, reporter)
         result.rows_from, result.index = "the SQLite copy, page for page", "copied with its pages"
         return
     if native_rows:
@@ -607,7 +667,7 @@ def _safety_backup(
     reporter.note("safety backup of the current data")
     sqlite = connection.vendor == "sqlite"
     try:
-        return backup_create(
+        created = backup_create(
             output_dir=safety_dir or backup_dir(),
             label=SAFETY_LABEL,
             native_copy=sqlite,
@@ -616,22 +676,45 @@ def _safety_backup(
             documents_read=documents_read,
             compress_threads=threads,
             reporter=reporter,
-        ).path
+        )
     except Exception as exc:
-        raise BackupError(SAFETY_FAILED.format(error=exc)) from exc
+        raise BackupError(SAFETY_FAILED.format(error=_short(exc))) from exc
+    return created.path
+
+
+def _short(exc: Exception) -> str:
+    """A failed create's message without what it adds for an operator of ``create``."""
+    return str(exc).removesuffix(NOT_WRITTEN)
+
+
+@contextlib.contextmanager
+def _preparing(file: Path, tmp: Path) -> Iterator[None]:
+    """Turn a failure to extract or prepare the archive's SQLite copy into a BackupError."""
+    try:
+        yield
+    except (OSError, sqlite3.Error) as exc:
+        error = getattr(exc, "strerror", None) or exc
+        raise BackupError(
+            NATIVE_PREPARE_FAILED.format(file=file, dir=tmp.parent, error=error)
+        ) from exc
 
 
 def _load_pages(
-    opened: archive.Archive, copy: Path, current: list[type[Any]], reporter: Reporter
+    opened: archive.Archive,
+    copy: Path,
+    current: list[type[Any]],
+    tmp: Path,
+    reporter: Reporter,
 ) -> None:
     """Restore SQLite from the archive's SQLite copy, page for page (``sqlite_native``)."""
     manifest, file = opened.manifest, opened.path
     labels = {model._meta.label_lower for model in current}
     entries = {e["table"]: e for e in manifest["models"] if e["model"] in labels}
     reporter.note("checking the native copy")
-    differ = sqlite_native.prepare(
-        copy, {table: e["rows"] for table, e in entries.items()}, load.LOGIN_SESSIONS_TABLE
-    )
+    with _preparing(file, tmp):
+        differ = sqlite_native.prepare(
+            copy, {table: e["rows"] for table, e in entries.items()}, load.LOGIN_SESSIONS_TABLE
+        )
     if differ:
         table, found = next(iter(differ.items()))
         raise BackupError(
@@ -643,7 +726,10 @@ def _load_pages(
             )
         )
     reporter.note("loading the native copy")
-    sqlite_native.page_copy(copy)
+    try:
+        sqlite_native.page_copy(copy)
+    except sqlite3.Error as exc:
+        raise BackupError(PAGE_COPY_FAILED.format(file=file, error=exc)) from exc
 
 
 def _forget_cached_flags() -> None:
