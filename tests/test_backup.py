@@ -8,6 +8,7 @@ import io
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import tarfile
@@ -1119,6 +1120,74 @@ def test_restore_with_its_backup_disk_full_changes_nothing_and_says_why(
             break
     else:
         raise AssertionError("no room was enough")
+
+
+@pytest.mark.skipif(connection.vendor != "sqlite", reason="SQLite's write-ahead log")
+def test_a_safety_backup_holds_the_rows_even_when_the_database_copy_fails(
+    backup_dir, tmp_path, settings
+):
+    """A running server's read transaction keeps the write-ahead log from being emptied, so
+    the safety backup copies the database with SQLite's backup API, which fails on a disk too
+    small for the file. Then it holds the rows in the portable form instead, or the restore
+    stops: never a safety backup without them."""
+    seeded = seed()
+    backup("create", "--no-native")
+    archived = only_archive(backup_dir)
+    change_data(seeded["ana"])
+    changed = snapshot()
+    name = connection.settings_dict["NAME"]
+    reader = sqlite3.connect(name, isolation_level=None)
+    writer = sqlite3.connect(name, isolation_level=None)
+    with connection.cursor() as cursor:  # the checkpoint waits for the reader: not 20 s here
+        cursor.execute("PRAGMA busy_timeout = 50")
+    try:
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM sessions_app_project").fetchone()
+        writer.execute("UPDATE sessions_app_project SET name = name")  # after its snapshot
+        database = Path(name).stat().st_size
+        for n, room in enumerate(range(32 * KiB, database, 32 * KiB)):
+            with tmpfs(tmp_path / f"disk{n}", room) as disk:
+                settings.TERMSYS_BACKUP_DIR = disk
+                try:
+                    backup("restore", str(archived), "--yes")
+                except CommandError as exc:
+                    assert "the safety backup failed (No space left on device" in str(exc)
+                    assert snapshot() == changed
+                    assert list(disk.iterdir()) == []
+                    continue
+                (safety,) = disk.glob("*-safety.tar")
+                shutil.copy(safety, tmp_path / "safety.tar")
+                break
+        else:
+            raise AssertionError("no room was enough")
+    finally:
+        reader.rollback()
+        reader.close()
+        writer.close()
+    safety = tmp_path / "safety.tar"
+    manifest = archive.read_manifest(safety)
+    assert manifest["portable"] and manifest["native"]["member"] is None
+    assert "rows as: portable form" in backup("verify", str(safety))
+    settings.TERMSYS_BACKUP_DIR = backup_dir
+    backup("restore", str(safety), "--yes")
+    assert snapshot() == changed
+
+
+def test_an_archive_without_a_loadable_copy_of_its_rows_fails_verification(backup_dir, tmp_path):
+    seed()
+    backup("create", "--no-native")
+    path = only_archive(backup_dir)
+
+    def no_rows(manifest: dict) -> None:
+        manifest["portable"] = False
+        for entry in manifest["models"]:
+            entry["member"] = None
+
+    rewrite(path, no_rows, tmp=tmp_path, keep=lambda name: not name.startswith("data/"))
+    message = refused("verify", str(path))
+    assert services.NO_ROWS.format(file=path, why="")[:-30] in message
+    assert "holds no loadable copy of its rows" in message
+    assert "neither the portable form" in refused("restore", str(path), "--yes")
 
 
 def test_an_archive_never_reuses_nor_follows_files_put_where_it_is_written(tmp_path):

@@ -43,6 +43,10 @@ NOTHING_TO_LOAD = (
     "nothing changed."
 )
 SAFETY_FAILED = "the safety backup failed ({error}); nothing was restored, nothing changed."
+SAFETY_WITHOUT_ROWS = "{file} holds no loadable copy of the rows ({why})"
+NO_ROWS = (
+    "{file}: the archive holds no loadable copy of its rows ({why}): restore could not load it."
+)
 WRITE_FAILED = "{error} writing {path}"
 NOT_WRITTEN = "; no archive was written (its temporary files are removed)."
 UNWRITABLE = (
@@ -119,6 +123,29 @@ def _file_name(directory: Path, label: str, now: datetime) -> Path:
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", label).strip("-.")[:40]
     stem = NAME_PREFIX + now.strftime("%Y%m%dT%H%M%SZ") + (f"-{slug}" if slug else "")
     return directory / f"{stem}{archive.SUFFIX}"
+
+
+def rows_missing(manifest: dict[str, Any]) -> str | None:
+    """Return why the archive of ``manifest`` does not hold every model's rows in a form
+    ``restore`` loads (the portable form, a SQLite copy, or binary copies), or None."""
+    listed = manifest.get("members") or {}
+    models = manifest.get("models") or []
+    forms = []
+    if manifest.get("portable", True):
+        absent = [e["model"] for e in models if e.get("member") not in listed]
+        if not absent:
+            return None
+        forms.append(f"the portable form lacks {', '.join(absent)}")
+    if sqlite_native.has_copy(manifest):
+        if manifest["native"]["member"] in listed:
+            return None
+        forms.append("its SQLite copy is not among its members")
+    if manifest.get("copies"):
+        absent = [e["model"] for e in models if (e.get("copy") or {}).get("member") not in listed]
+        if not absent:
+            return None
+        forms.append(f"the binary copies lack {', '.join(absent)}")
+    return "; ".join(forms) or "neither the portable form, nor a SQLite copy, nor binary copies"
 
 
 @dataclass
@@ -254,6 +281,9 @@ def _create(
                     reporter=reporter,
                     warnings=warnings,
                 )
+            written = {**manifest, "members": writer.members}
+            if (why := rows_missing(written)) is not None:  # never an archive without the data
+                raise archive.ArchiveError(NO_ROWS.format(file=path, why=why))
             reporter.note(f"writing {path}")
             path = writer.finish(manifest)
         except BaseException:
@@ -287,9 +317,7 @@ def _fill(
     """Put the members into ``writer`` (inside the backup's transaction) and complete the
     manifest's description of them."""
     if not manifest["portable"] and pending is None and not copied:  # the data, at least once
-        manifest["portable"] = True
-        for entry, model in zip(manifest["models"], found, strict=True):
-            entry["member"] = members[model]
+        _as_portable(manifest, found, members)
     read = documents_read or (lambda: None)
     index = None
     if index_wanted and snapshot:  # beside the export, reading the same snapshot
@@ -327,6 +355,29 @@ def _fill(
             manifest["native"]["kind"] = pending.kind
         except native.NativeUnavailable as exc:
             manifest["native"] = _native_missing(exc, warnings)
+            if not manifest["portable"] and not copied:
+                # It was to be the only copy of the rows (a safety backup on SQLite): the
+                # portable form instead, read in the same transaction, so the same data.
+                reporter.note("the portable form instead")
+                _as_portable(manifest, found, members)
+                _write_rows(
+                    writer,
+                    manifest,
+                    found,
+                    members=members,
+                    copied={},
+                    compress=compress,
+                    work=work,
+                    reporter=reporter,
+                )
+
+
+def _as_portable(
+    manifest: dict[str, Any], found: list[type[Any]], members: dict[type[Any], str]
+) -> None:
+    manifest["portable"] = True
+    for entry, model in zip(manifest["models"], found, strict=True):
+        entry["member"] = members[model]
 
 
 def _write_rows(
@@ -433,9 +484,12 @@ def backup_verify(path: Path, *, reporter: Reporter | None = None) -> dict[str, 
     reporter.stage("verify", path.stat().st_size if path.is_file() else 0)
     try:
         with archive.verified(path, reporter.advance) as opened:
-            return opened.manifest
+            manifest = opened.manifest
     except archive.ArchiveError as exc:
         raise BackupError(str(exc)) from exc
+    if (why := rows_missing(manifest)) is not None:
+        raise BackupError(NO_ROWS.format(file=path, why=why))
+    return manifest
 
 
 @dataclass
@@ -679,6 +733,9 @@ def _safety_backup(
         )
     except Exception as exc:
         raise BackupError(SAFETY_FAILED.format(error=_short(exc))) from exc
+    if (why := rows_missing(created.manifest)) is not None:  # ``backup_create`` prevents it
+        error = SAFETY_WITHOUT_ROWS.format(file=created.path, why=why)
+        raise BackupError(SAFETY_FAILED.format(error=error))
     return created.path
 
 
