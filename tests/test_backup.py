@@ -8,6 +8,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -1224,6 +1225,74 @@ def test_an_archive_never_reuses_nor_follows_files_put_where_it_is_written(tmp_p
     for planted_file in planted:
         assert planted_file.read_text() == "theirs"
         assert planted_file.stat().st_mode & 0o777 == 0o666
+
+
+class _PageCopyInterrupted:
+    """Stands in for the ``sqlite3`` module in ``sqlite_native``: the page copy's backup gets
+    a real SIGINT sent to this process after its first step, or as its last step commits."""
+
+    def __init__(self, when: str) -> None:
+        self.when, self.sent = when, False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(sqlite3, name)
+
+    def connect(self, *args: Any, **kwargs: Any) -> Any:
+        return _Connection(sqlite3.connect(*args, **kwargs), self)
+
+
+class _Connection:
+    def __init__(self, real: sqlite3.Connection, signals: _PageCopyInterrupted) -> None:
+        self.real, self.signals = real, signals
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+    def backup(self, target: Any, *, pages: int = -1, progress: Any = None, **kw: Any) -> None:
+        def step(status: int, remaining: int, total: int) -> None:
+            last = status == sqlite3.SQLITE_DONE
+            if not self.signals.sent and (self.signals.when == "first step" or last):
+                self.signals.sent = True
+                os.kill(os.getpid(), signal.SIGINT)  # handled at once, as Ctrl-C would be
+            if progress is not None:
+                progress(status, remaining, total)
+
+        self.real.backup(target, pages=pages, progress=step, **kw)
+
+
+@pytest.mark.skipif(connection.vendor != "sqlite", reason="SQLite's page copy")
+@pytest.mark.parametrize("when", ["first step", "last step"])
+def test_ctrl_c_during_the_page_copy_is_told_truthfully(backup_dir, monkeypatch, when):
+    """Before the page copy's last step, Ctrl-C rolls it back and the restore says that nothing
+    changed; as the last step commits, the restore is done and says so, not "interrupted"."""
+    from sessions_app.backup import sqlite_native
+
+    seeded = seed()
+    before = snapshot()
+    backup("create")
+    archived = only_archive(backup_dir)
+    change_data(seeded["ana"])
+    changed = snapshot()
+    monkeypatch.setattr(sqlite_native, "PAGES_PER_STEP", 8)  # a copy of several steps
+    monkeypatch.setattr(sqlite_native, "sqlite3", _PageCopyInterrupted(when))
+    handler = signal.getsignal(signal.SIGINT)
+    if when == "first step":
+        with pytest.raises(CommandError) as caught:
+            backup("restore", str(archived), "--yes")
+        assert caught.value.returncode == command.INTERRUPTED_STATUS
+        message = str(caught.value)
+        assert "interrupted before the data was replaced" in message
+        assert "nothing changed" in message
+        assert snapshot() == changed
+        (safety,) = backup_dir.glob("*-safety.tar")
+        assert f"The safety backup written meanwhile is {safety}." in message
+    else:
+        printed = backup("restore", str(archived), "--yes")
+        assert services.INTERRUPT_TOO_LATE in printed
+        (safety,) = backup_dir.glob("*-safety.tar")
+        assert f"Restored {archived}" in printed and f"The data before is in {safety}" in printed
+        assert snapshot() == before
+    assert signal.getsignal(signal.SIGINT) is handler
 
 
 @contextlib.contextmanager

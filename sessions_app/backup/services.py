@@ -23,6 +23,7 @@ from django.db import connection, transaction
 from sessions_app.backup import (
     archive,
     copies,
+    interrupts,
     leftovers,
     load,
     migrations,
@@ -60,12 +61,24 @@ NATIVE_PREPARE_FAILED = (
 PAGE_COPY_FAILED = (
     "{file}: copying its SQLite pages failed ({error}); the copy was rolled back, nothing changed."
 )
+INTERRUPTED = (
+    "{file}: interrupted before the data was replaced; nothing was restored, nothing changed."
+)
+INTERRUPTED_SAFETY = " The safety backup written meanwhile is {safety}."
+INTERRUPT_TOO_LATE = (
+    "Ctrl-C came once the data was being replaced (past the point of no return): the restore "
+    "was completed, not interrupted."
+)
 NATIVE_LEFT_OUT = "left out on request (restore loads the portable form)"
 UNKNOWN_MODEL = "{model}: in the archive, not in this code; its {rows} rows are left out"
 
 
 class BackupError(Exception):
     """A backup operation refused or failed; the message says why, and that nothing changed."""
+
+
+class RestoreInterrupted(BackupError):
+    """Ctrl-C stopped a restore before its point of no return: nothing changed."""
 
 
 class Reporter:
@@ -525,16 +538,21 @@ def backup_restore(
     Verify every checksum, refuse an archive from newer code, take a safety backup, then in
     one transaction: delete, insert, reset sequences and compare row counts with the manifest.
     An archive from older code is loaded into this schema (columns it lacks take their
-    defaults); data migrations it had not run are listed, not re-run.
+    defaults); data migrations it had not run are listed, not re-run. Ctrl-C stops it until
+    the data is being replaced, and is ignored from then on (``interrupts``): RestoreInterrupted
+    means that nothing changed.
     """
     reporter = reporter or Reporter()
     path = Path(path)
     reporter.stage("verify", path.stat().st_size if path.is_file() else 0)
-    try:
-        with archive.verified(path, reporter.advance) as opened:
-            return _restore(opened, dry_run, safety_dir, reporter)
-    except archive.ArchiveError as exc:
-        raise BackupError(str(exc)) from exc
+    with contextlib.nullcontext() if dry_run else interrupts.guarded():
+        try:
+            with archive.verified(path, reporter.advance) as opened:
+                return _restore(opened, dry_run, safety_dir, reporter)
+        except archive.ArchiveError as exc:
+            raise BackupError(str(exc)) from exc
+        except KeyboardInterrupt as exc:  # before the point of no return
+            raise RestoreInterrupted(INTERRUPTED.format(file=path)) from exc
 
 
 def _restore(
@@ -599,6 +617,11 @@ def _restore(
                 safety_dir=safety_dir,
                 reporter=reporter,
             )
+    except KeyboardInterrupt as exc:  # before the point of no return (``interrupts``)
+        message = INTERRUPTED.format(file=file)
+        if result.safety is not None:
+            message += INTERRUPTED_SAFETY.format(safety=result.safety)
+        raise RestoreInterrupted(message) from exc
     except leftovers.Unwritable as exc:
         error = exc.error.strerror or exc.error
         raise BackupError(UNWRITABLE.format(dir=work, error=error)) from exc
@@ -606,6 +629,8 @@ def _restore(
         raise BackupError(str(exc)) from exc
     ContentType.objects.clear_cache()
     _forget_cached_flags()
+    if interrupts.requested():
+        result.warnings.append(INTERRUPT_TOO_LATE)
     return result
 
 
@@ -783,8 +808,9 @@ def _load_pages(
             )
         )
     reporter.note("loading the native copy")
+    interrupts.point_of_no_return()  # Ctrl-C from here: looked at between the copy's steps
     try:
-        sqlite_native.page_copy(copy)
+        sqlite_native.page_copy(copy, stop=interrupts.requested)
     except sqlite3.Error as exc:
         raise BackupError(PAGE_COPY_FAILED.format(file=file, error=exc)) from exc
 

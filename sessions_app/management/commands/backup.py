@@ -16,7 +16,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser, OutputWrapper
 
-from sessions_app.backup import services
+from sessions_app.backup import interrupts, services
 from sessions_app.backup.services import BackupError
 
 BAR_WIDTH = 30
@@ -29,6 +29,8 @@ NO_TTY = (
 )
 DECLINED = "Not restored; nothing changed."
 NO_BACKUPS = "No backups in {dir}."
+INTERRUPTED_BEFORE = "interrupted; nothing was restored, nothing changed."
+INTERRUPTED_STATUS = 130  # a shell's status for a command ended by Ctrl-C (128 + SIGINT)
 
 
 class Progress(services.Reporter):
@@ -114,6 +116,9 @@ class Command(BaseCommand):
         self.progress = Progress(self.stdout, self.stdout.isatty())
         try:
             getattr(self, f"handle_{subcommand}")(**options)
+        except services.RestoreInterrupted as exc:
+            self.progress.finish()
+            raise CommandError(str(exc), returncode=INTERRUPTED_STATUS) from exc
         except BackupError as exc:
             self.progress.finish()
             raise CommandError(str(exc)) from exc
@@ -175,30 +180,46 @@ class Command(BaseCommand):
         )
 
     def handle_restore(self, *, file: Path, dry_run: bool, yes: bool, **options: Any) -> None:
+        try:
+            if not self._confirmed(file, dry_run=dry_run, yes=yes):
+                return
+        except KeyboardInterrupt:
+            self.progress.finish()
+            raise CommandError(
+                f"{file}: {INTERRUPTED_BEFORE}", returncode=INTERRUPTED_STATUS
+            ) from None
+        # Ctrl-C stops the restore until the data is being replaced; from then on it is
+        # ignored to the end of this report (``interrupts``).
+        with interrupts.guarded():
+            done = services.backup_restore(file, reporter=self.progress)
+            self.progress.finish()
+            for warning in done.warnings:
+                self.stdout.write(self.style.WARNING(warning))
+            rows = sum(change.archived for change in done.changes)
+            self.stdout.write(
+                self.style.SUCCESS(
+                    f"Restored {file}: {rows} rows from {done.rows_from}, search index "
+                    f"{done.index}; row counts match the manifest. The data before "
+                    f"is in {done.safety}. Login sessions were cleared: everyone signs in again."
+                )
+            )
+
+    def _confirmed(self, file: Path, *, dry_run: bool, yes: bool) -> bool:
+        """Verify, show what would change and ask; return whether to restore."""
         plan = services.backup_restore(file, dry_run=True, reporter=self.progress)
         self.progress.finish()
         self._show_plan(plan)
         if dry_run:
             self.stdout.write(self.style.WARNING("Dry run: nothing changed."))
-            return
-        if not yes:
-            if not sys.stdin.isatty():
-                raise CommandError(NO_TTY)
-            if input(CONFIRM.format(file=file)).strip().lower() != "yes":
-                self.stdout.write(DECLINED)
-                return
-        done = services.backup_restore(file, reporter=self.progress)
-        self.progress.finish()
-        for warning in done.warnings:
-            self.stdout.write(self.style.WARNING(warning))
-        rows = sum(change.archived for change in done.changes)
-        self.stdout.write(
-            self.style.SUCCESS(
-                f"Restored {file}: {rows} rows from {done.rows_from}, search index "
-                f"{done.index}; row counts match the manifest. The data before "
-                f"is in {done.safety}. Login sessions were cleared: everyone signs in again."
-            )
-        )
+            return False
+        if yes:
+            return True
+        if not sys.stdin.isatty():
+            raise CommandError(NO_TTY)
+        if input(CONFIRM.format(file=file)).strip().lower() != "yes":
+            self.stdout.write(DECLINED)
+            return False
+        return True
 
     def _show_plan(self, plan: services.Restored) -> None:
         manifest = plan.manifest
