@@ -1188,6 +1188,7 @@ def test_an_archive_without_a_loadable_copy_of_its_rows_fails_verification(backu
     message = refused("verify", str(path))
     assert services.NO_ROWS.format(file=path, why="")[:-30] in message
     assert "holds no loadable copy of its rows" in message
+    assert "holds no loadable copy of its rows" in backup("list")
     assert "neither the portable form" in refused("restore", str(path), "--yes")
 
 
@@ -1334,6 +1335,68 @@ def test_a_directory_that_cannot_be_written_in_is_named(backup_dir, tmp_path, se
             message = refused("restore", str(archived), "--yes")
             assert message.startswith(f"cannot write in the backup directory {place} (")
             assert snapshot() == before
+
+
+# --- list, prune: damaged archives, names, leftovers --------------------------------------------
+
+
+def test_prune_never_keeps_a_damaged_archive_in_place_of_a_good_one(backup_dir):
+    seed()
+    for label in ("good1", "good2", "newest"):
+        backup("create", "--label", label)
+    newest = next(backup_dir.glob("*-newest.tar"))
+    flip_byte_in(newest, native_member(), at=100)  # found only by reading it whole
+    assert "DAMAGED" not in backup("list")  # the quick check: headers and sizes
+    listed = backup("list", "--verify")
+    assert f"{newest.name}  DAMAGED (corrupt archive: member {native_member()} fails" in listed
+
+    printed = backup("prune", "--keep", "1")
+    assert f"left {newest.name} for an operator: corrupt archive" in printed
+    assert "Pruned 1 archive(s); kept the newest 1 that verify (--keep 1)." in printed
+    left = sorted(p.name for p in backup_dir.glob("termsys-backup-*.tar"))
+    assert left == sorted([newest.name, next(backup_dir.glob("*-good2.tar")).name])
+
+
+def native_member() -> str:
+    return "native/db.sqlite3" if connection.vendor == "sqlite" else "native/db.pgdump"
+
+
+def test_list_marks_damaged_archives_without_reading_them_whole(backup_dir):
+    seed()
+    backup("create", "--label", "cut")
+    backup("create", "--label", "edited")
+    cut, edited = (next(backup_dir.glob(f"*-{label}.tar")) for label in ("cut", "edited"))
+    with cut.open("r+b") as fh:  # as a copy cut short by a full disk
+        fh.truncate(cut.stat().st_size // 2)
+    data = edited.read_bytes()  # the manifest edited by hand: still JSON, not what was summed
+    edited.write_bytes(data.replace(b'"label": "edited"', b'"label": "edifed"', 1))
+    listed = backup("list")
+    assert f"{cut.name}  unreadable: not a termsys backup archive" in listed
+    assert (
+        f"{edited.name}  DAMAGED (corrupt archive: manifest.json does not match "
+        "manifest.sha256): do not rely on it"
+    ) in listed
+
+
+def test_list_and_prune_take_a_link_to_nowhere_for_unreadable(backup_dir):
+    seed()
+    backup("create")
+    dangling = backup_dir / "termsys-backup-20260101T000000Z.tar"
+    dangling.symlink_to(backup_dir / "gone.tar")
+    listed = backup("list")
+    assert f"{dangling.name}  unreadable: not a termsys backup archive" in listed
+    assert "Pruned 0 archive(s)" in backup("prune", "--keep", "1")
+    assert dangling.is_symlink()
+
+
+def test_list_shows_labels_escaped(backup_dir):
+    seed()
+    label = "evil\x1b[2J\x1b]0;owned\x07\nnext line"
+    backup("create", "--label", label)
+    listed = backup("list")
+    assert "\x1b" not in listed and "\x07" not in listed
+    assert len(listed.splitlines()) == 1
+    assert listed.rstrip("\n").endswith(r"evil\x1b[2J\x1b]0;owned\x07\nnext line")
 
 
 def test_two_archives_written_at_once_under_one_name_are_both_kept(tmp_path):

@@ -827,42 +827,103 @@ def _forget_cached_flags() -> None:
 
 @dataclass
 class Listed:
+    """An archive in the backup directory, as ``backup_list`` found it."""
+
     path: Path
     size: int
-    manifest: dict[str, Any] | None
-    error: str | None
+    manifest: dict[str, Any] | None  # None: unreadable (not an archive, or no manifest)
+    error: str | None  # why it is unreadable, damaged, or fails verification; None: fine
 
     @property
     def created(self) -> str:
         if self.manifest and self.manifest.get("created_at"):
             return str(self.manifest["created_at"])
-        return datetime.fromtimestamp(self.path.stat().st_mtime, UTC).isoformat()
+        return datetime.fromtimestamp(_lstat(self.path).st_mtime, UTC).isoformat()
 
 
-def backup_list(directory: Path | None = None) -> list[Listed]:
-    """Return the archives in ``directory`` (default: the backup dir), newest first."""
+def _lstat(path: Path) -> Any:
+    """``stat`` of the file, or of the link itself when it points nowhere."""
+    try:
+        return path.stat()
+    except OSError:
+        return path.lstat()
+
+
+def backup_list(directory: Path | None = None, *, verify: bool = False) -> list[Listed]:
+    """Return the archives in ``directory`` (default: the backup dir), newest first.
+
+    Each is checked against its manifest: every member there with its size, the manifest
+    matching its sha256 (the tar headers only: quick at any size). ``verify``: every member's
+    sha256 too, which reads every archive whole (``backup_verify``).
+    """
     directory = Path(directory) if directory is not None else backup_dir()
     if not directory.is_dir():
         return []
     found = []
     for path in directory.glob(f"{NAME_PREFIX}*{archive.SUFFIX}"):
         try:
-            found.append(Listed(path, path.stat().st_size, archive.read_manifest(path), None))
+            size = _lstat(path).st_size
+        except OSError:  # gone meanwhile
+            continue
+        try:
+            manifest = archive.read_manifest(path)
         except archive.ArchiveError as exc:
-            found.append(Listed(path, path.stat().st_size, None, str(exc)))
+            found.append(Listed(path, size, None, _reason(path, exc)))
+            continue
+        found.append(Listed(path, size, manifest, _damage(path, full=verify)))
     return sorted(found, key=lambda item: (item.created, item.path.name), reverse=True)
 
 
-def backup_prune(*, keep: int, directory: Path | None = None) -> list[Path]:
-    """Delete all but the newest ``keep`` readable archives; return the deleted paths.
+def _damage(path: Path, *, full: bool) -> str | None:
+    """Return why the archive at ``path`` fails its checks (``full``: checksums too), or None."""
+    try:
+        if full:
+            with archive.verified(path) as opened:
+                manifest = opened.manifest
+        else:
+            manifest = archive.checked(path)
+    except archive.ArchiveError as exc:
+        return _reason(path, exc)
+    why = rows_missing(manifest)
+    return None if why is None else f"it holds no loadable copy of its rows ({why})"
 
-    Unreadable files are never counted as kept nor deleted: ``list`` shows them for an operator.
+
+def _reason(path: Path, exc: Exception) -> str:
+    """An archive's error without the file name and "nothing changed": for a listing."""
+    text = str(exc).removeprefix(f"{path}: ")
+    return text.removesuffix("; nothing changed.").removesuffix(" Nothing changed.")
+
+
+@dataclass
+class Pruned:
+    deleted: list[Path] = field(default_factory=list)
+    kept: list[Path] = field(default_factory=list)
+    left: list[Listed] = field(default_factory=list)  # unreadable or damaged: for an operator
+
+
+def backup_prune(
+    *, keep: int, directory: Path | None = None, reporter: Reporter | None = None
+) -> Pruned:
+    """Keep the newest ``keep`` archives that verify (every checksum); delete the older ones.
+
+    An archive that is unreadable, damaged or fails verification is never counted as kept, nor
+    deleted: ``list`` shows it for an operator.
     """
     if keep < 1:
         raise BackupError(f"--keep must be 1 or more, got {keep}: prune never deletes them all")
-    deleted = []
-    readable = [item for item in backup_list(directory) if item.manifest is not None]
-    for item in readable[keep:]:
-        item.path.unlink(missing_ok=True)
-        deleted.append(item.path)
-    return deleted
+    reporter = reporter or Reporter()
+    done = Pruned()
+    for item in backup_list(directory):
+        if item.manifest is None or item.error is not None:
+            done.left.append(item)
+        elif len(done.kept) < keep:
+            reporter.note(f"verifying {item.path.name}")
+            item.error = _damage(item.path, full=True)
+            if item.error is None:
+                done.kept.append(item.path)
+            else:
+                done.left.append(item)
+        else:
+            item.path.unlink(missing_ok=True)
+            done.deleted.append(item.path)
+    return done

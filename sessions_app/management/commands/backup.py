@@ -31,6 +31,9 @@ DECLINED = "Not restored; nothing changed."
 NO_BACKUPS = "No backups in {dir}."
 INTERRUPTED_BEFORE = "interrupted; nothing was restored, nothing changed."
 INTERRUPTED_STATUS = 130  # a shell's status for a command ended by Ctrl-C (128 + SIGINT)
+UNREADABLE = "{name}  unreadable: {error}"
+DAMAGED = "{name}  DAMAGED ({error}): do not rely on it"
+PRUNE_LEFT = "left {name} for an operator: {error}"
 
 
 class Progress(services.Reporter):
@@ -76,6 +79,15 @@ class Progress(services.Reporter):
         self.shown = -1
 
 
+def printable(text: str) -> str:
+    """``text`` with control and other unprintable characters escaped (``\\x1b``, ``\\n``):
+    a label or file name is shown, never acted on by the terminal."""
+    return "".join(
+        char if char.isprintable() else char.encode("unicode_escape").decode("ascii")
+        for char in text
+    )
+
+
 def size_label(size: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if size < 1024 or unit == "GiB":
@@ -100,7 +112,12 @@ class Command(BaseCommand):
             action="store_true",
             help="Leave out the engine's own copy (restore does not need it): smaller, faster.",
         )
-        sub.add_parser("list", help="The archives in TERMSYS_BACKUP_DIR, newest first.")
+        listing = sub.add_parser("list", help="The archives in TERMSYS_BACKUP_DIR, newest first.")
+        listing.add_argument(
+            "--verify",
+            action="store_true",
+            help="Check every member's sha256 too (reads every archive whole).",
+        )
         verify = sub.add_parser("verify", help="Check every member of an archive (sha256).")
         verify.add_argument("file", type=Path)
         restore = sub.add_parser("restore", help="Replace all data with an archive's.")
@@ -137,23 +154,30 @@ class Command(BaseCommand):
         size = size_label(created.path.stat().st_size)
         self.stdout.write(self.style.SUCCESS(f"Created {created.path} ({rows} rows, {size})."))
 
-    def handle_list(self, **options: Any) -> None:
-        found = services.backup_list()
+    def handle_list(self, *, verify: bool, **options: Any) -> None:
+        found = services.backup_list(verify=verify)
         if not found:
             self.stdout.write(NO_BACKUPS.format(dir=services.backup_dir()))
             return
         for item in found:
+            name = printable(item.path.name)
             if item.manifest is None:
-                self.stdout.write(self.style.ERROR(f"{item.path.name}  unreadable: {item.error}"))
+                error = printable(item.error or "")
+                self.stdout.write(self.style.ERROR(UNREADABLE.format(name=name, error=error)))
+                continue
+            if item.error is not None:
+                error = printable(item.error)
+                self.stdout.write(self.style.ERROR(DAMAGED.format(name=name, error=error)))
                 continue
             manifest = item.manifest
             sessions = next(
                 (m["rows"] for m in manifest["models"] if m["model"].endswith(".terminalsession")),
                 0,
             )
+            label = printable(str(manifest.get("label") or "-"))
             self.stdout.write(
-                f"{item.path.name}  {item.created[:19]}  {manifest['database']['vendor']}  "
-                f"{sessions} sessions  {size_label(item.size)}  {manifest.get('label') or '-'}"
+                f"{name}  {item.created[:19]}  {manifest['database']['vendor']}  "
+                f"{sessions} sessions  {size_label(item.size)}  {label}"
             )
 
     def handle_verify(self, *, file: Path, **options: Any) -> None:
@@ -250,7 +274,14 @@ class Command(BaseCommand):
             self.stdout.write(self.style.WARNING(warning))
 
     def handle_prune(self, *, keep: int, **options: Any) -> None:
-        deleted = services.backup_prune(keep=keep)
-        for path in deleted:
-            self.stdout.write(f"deleted {path.name}")
-        self.stdout.write(f"Pruned {len(deleted)} archive(s); kept the newest {keep}.")
+        done = services.backup_prune(keep=keep, reporter=self.progress)
+        self.progress.finish()
+        for path in done.deleted:
+            self.stdout.write(f"deleted {printable(path.name)}")
+        for item in done.left:
+            name, error = printable(item.path.name), printable(item.error or "")
+            self.stdout.write(self.style.WARNING(PRUNE_LEFT.format(name=name, error=error)))
+        self.stdout.write(
+            f"Pruned {len(done.deleted)} archive(s); kept the newest {len(done.kept)} that "
+            f"verify (--keep {keep})."
+        )
