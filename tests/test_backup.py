@@ -33,6 +33,7 @@ from sessions_app.backup import (
     archive,
     copies,
     derived,
+    leftovers,
     migrations,
     portable,
     services,
@@ -1437,6 +1438,86 @@ def test_an_archive_that_took_the_name_meanwhile_is_not_replaced(backup_dir, mon
     path = backup_dir / taken[0].name.replace("-r.tar", "-r-2.tar")
     assert f"Created {path}" in printed
     backup("verify", str(path))
+
+
+def test_leftovers_of_killed_backups_are_removed_once_their_process_is_gone(backup_dir):
+    """A killed create or restore leaves a hidden working directory or temporary archive: the
+    next create, restore or prune removes those no process holds, and says so."""
+    seed()
+    backup_dir.mkdir(parents=True, exist_ok=True)
+    old = time.time() - 2 * leftovers.GRACE
+    made = {}
+    for name, is_dir in (
+        (".backup-k1llz", True),
+        (".restore-k1llz", True),
+        (".termsys-backup-20260101T000000Z.tar.x1y2z3.tmp", False),
+        (".backup-alive", True),
+        (".termsys-backup-20260101T000001Z.tar.tmp", False),  # as versions before named it
+    ):
+        path = backup_dir / name
+        if is_dir:
+            path.mkdir()
+            (path / "native.sqlite3").write_bytes(b"x" * 100)
+        else:
+            path.write_bytes(b"x" * 100)
+        os.utime(path, (old, old))
+        made[name] = path
+    fresh = backup_dir / ".backup-just-made"
+    fresh.mkdir()
+    held = os.open(made[".backup-alive"], os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        import fcntl
+
+        fcntl.flock(held, fcntl.LOCK_EX)  # its process still at work
+        printed = backup("create")
+        assert "removed leftovers of killed backups or restores" in printed
+        gone = [
+            ".backup-k1llz",
+            ".restore-k1llz",
+            ".termsys-backup-20260101T000000Z.tar.x1y2z3.tmp",
+            ".termsys-backup-20260101T000001Z.tar.tmp",
+        ]
+        for name in gone:
+            assert name in printed and not made[name].exists()
+        assert made[".backup-alive"].exists() and fresh.exists()
+    finally:
+        os.close(held)
+    assert "removed leftovers" in backup("prune", "--keep", "1")
+    assert not made[".backup-alive"].exists() and fresh.exists()
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="PostgreSQL's documents beside")
+def test_prune_and_any_restore_drop_the_documents_table_a_killed_restore_left(backup_dir, tmp_path):
+    seed()
+    backup("create")
+    path = only_archive(backup_dir)
+    with connection.cursor() as cursor:  # as a restore killed mid-way leaves it
+        cursor.execute(f"CREATE TABLE {swap.SIDE} (id bigint)")
+    assert f"dropped {swap.SIDE}, left by a restore that was killed" in backup(
+        "prune", "--keep", "5"
+    )
+    assert not swap_table_left()
+    # A restore that rebuilds the documents (it does not load them beside) drops it too.
+    rewrite(path, lambda m: m.update(search_index=None), tmp=tmp_path)
+    with connection.cursor() as cursor:
+        cursor.execute(f"CREATE TABLE {swap.SIDE} (id bigint)")
+    printed = backup("restore", str(path), "--yes")
+    assert "search index rebuilt" in printed and f"dropped {swap.SIDE}" in printed
+    assert not swap_table_left()
+
+
+def test_ctrl_d_at_the_confirmation_is_no(backup_dir, monkeypatch):
+    seed()
+    backup("create")
+    TerminalSession.objects.all().delete()
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(sys, "stdin", Terminal(""))  # input() meets the end of input
+    assert command.DECLINED in backup("restore", str(only_archive(backup_dir)))
+    assert TerminalSession.objects.count() == 0
 
 
 def test_a_directory_given_as_the_archive_is_named_as_one(tmp_path):

@@ -31,6 +31,7 @@ from sessions_app.backup import (
     portable,
     searchindex,
     sqlite_native,
+    swap,
 )
 
 logger = logging.getLogger(__name__)
@@ -69,6 +70,8 @@ INTERRUPT_TOO_LATE = (
     "Ctrl-C came once the data was being replaced (past the point of no return): the restore "
     "was completed, not interrupted."
 )
+LEFTOVERS_REMOVED = "removed leftovers of killed backups or restores in {dir}: {names}"
+SIDE_DROPPED = "dropped {table}, left by a restore that was killed"
 NATIVE_LEFT_OUT = "left out on request (restore loads the portable form)"
 UNKNOWN_MODEL = "{model}: in the archive, not in this code; its {rows} rows are left out"
 
@@ -161,6 +164,14 @@ def rows_missing(manifest: dict[str, Any]) -> str | None:
     return "; ".join(forms) or "neither the portable form, nor a SQLite copy, nor binary copies"
 
 
+def clean_leftovers(directory: Path, reporter: Reporter) -> list[str]:
+    """Remove what killed backups and restores left in ``directory`` (``leftovers``); say so."""
+    removed = leftovers.clean(directory)
+    if removed:
+        reporter.note(LEFTOVERS_REMOVED.format(dir=directory, names=", ".join(removed)))
+    return removed
+
+
 @dataclass
 class Created:
     path: Path
@@ -197,6 +208,7 @@ def backup_create(
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError as exc:
         raise BackupError(f"cannot create the backup directory {directory}: {exc}") from exc
+    clean_leftovers(directory, reporter)
     flush_pending_writes(reporter)
     now = datetime.now(UTC)
     path = _file_name(directory, label, now)
@@ -605,6 +617,8 @@ def _restore(
         work.mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError as exc:
         raise BackupError(SAFETY_FAILED.format(error=exc)) from exc
+    clean_leftovers(work, reporter)
+    drop_side_table(reporter)
     try:
         with leftovers.workdir(work, ".restore-") as tmp:
             _replace(
@@ -632,6 +646,15 @@ def _restore(
     if interrupts.requested():
         result.warnings.append(INTERRUPT_TOO_LATE)
     return result
+
+
+def drop_side_table(reporter: Reporter) -> bool:
+    """On PostgreSQL, drop the documents table a killed restore left (``swap.SIDE``) unless a
+    restore is using it; say so."""
+    if connection.vendor != "postgresql" or not swap.drop_left():
+        return False
+    reporter.note(SIDE_DROPPED.format(table=swap.SIDE))
+    return True
 
 
 def _replace(
@@ -899,6 +922,7 @@ class Pruned:
     deleted: list[Path] = field(default_factory=list)
     kept: list[Path] = field(default_factory=list)
     left: list[Listed] = field(default_factory=list)  # unreadable or damaged: for an operator
+    leftovers: list[str] = field(default_factory=list)
 
 
 def backup_prune(
@@ -907,12 +931,17 @@ def backup_prune(
     """Keep the newest ``keep`` archives that verify (every checksum); delete the older ones.
 
     An archive that is unreadable, damaged or fails verification is never counted as kept, nor
-    deleted: ``list`` shows it for an operator.
+    deleted: ``list`` shows it for an operator. Also removes the leftovers of killed backups and
+    restores (``leftovers``) and, on PostgreSQL, a killed restore's documents table.
     """
     if keep < 1:
         raise BackupError(f"--keep must be 1 or more, got {keep}: prune never deletes them all")
     reporter = reporter or Reporter()
+    directory = Path(directory) if directory is not None else backup_dir()
     done = Pruned()
+    if directory.is_dir():
+        done.leftovers = clean_leftovers(directory, reporter)
+    drop_side_table(reporter)
     for item in backup_list(directory):
         if item.manifest is None or item.error is not None:
             done.left.append(item)

@@ -240,7 +240,12 @@ class Command(BaseCommand):
             return True
         if not sys.stdin.isatty():
             raise CommandError(NO_TTY)
-        if input(CONFIRM.format(file=file)).strip().lower() != "yes":
+        try:
+            answer = input(CONFIRM.format(file=file))
+        except EOFError:  # Ctrl-D: no answer is not a yes
+            answer = ""
+            self.stdout.write("")
+        if answer.strip().lower() != "yes":
             self.stdout.write(DECLINED)
             return False
         return True
