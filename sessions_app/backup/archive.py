@@ -168,7 +168,8 @@ def copy():
                 raise OSError(0, "copy_file_range copied nothing")
             done += step
     except OSError as exc:
-        if done or exc.errno not in (18, 38, 22, 95):  # EXDEV, ENOSYS, EINVAL, EOPNOTSUPP
+        # Nothing copied, or EXDEV, ENOSYS, EINVAL, EOPNOTSUPP at the start: the plain loop.
+        if done or exc.errno not in (0, 18, 38, 22, 95):
             raise
     while done < size:
         block = os.pread(fd, min(1 << 20, size - done), done)
