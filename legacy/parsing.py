@@ -11,11 +11,16 @@ from sessions_app.names import name_sanitize
 
 PROFILES = ("system", "claude")
 LEGACY_ID_MAX = 200
+CURRENT_PATH_MAX = 1024  # TerminalSession.cwd's max_length (PostgreSQL refuses longer)
 # Epoch numbers above this are milliseconds (1e11 s is the year 5138).
 EPOCH_MS_THRESHOLD = 10**11
 
 NOT_JSON = "the file is not JSON: {error}"
 NOT_A_LIST = 'the file must hold a list of sessions or {{"sessions": [...]}}, got {kind}'
+SURROGATE = "has a lone UTF-16 surrogate {char} at character {at}: not text any database stores"
+NUL = "has a NUL character at character {at}: PostgreSQL text cannot hold it"
+TOO_LONG = "must be at most {limit} characters, got {length}"
+OUT_OF_RANGE = "{value!r} is out of range once in UTC (years 1 to 9999)"
 
 
 class LegacyFormatError(Exception):
@@ -72,7 +77,22 @@ class _Invalid(Exception):
         self.message = message
 
 
-def _key(item: dict[str, Any], field: str, *, required: bool = True) -> str | None:
+def _text(field: str, text: str, *, nul: bool = False) -> str:
+    """Return ``text`` if every database stores it: no lone surrogate (JSON's ``\\ud800``,
+    which UTF-8 cannot encode) and, unless ``nul``, no NUL character."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        char = f"\\u{ord(text[exc.start]):04x}"
+        raise _Invalid(field, SURROGATE.format(char=char, at=exc.start)) from None
+    if not nul and "\x00" in text:
+        raise _Invalid(field, NUL.format(at=text.index("\x00")))
+    return text
+
+
+def _key(
+    item: dict[str, Any], field: str, *, required: bool = True, nul: bool = False
+) -> str | None:
     """Return a string or whole-number key as text."""
     value = item.get(field)
     if value is None:
@@ -84,7 +104,7 @@ def _key(item: dict[str, Any], field: str, *, required: bool = True) -> str | No
     text = str(value).strip()
     if not text or len(text) > LEGACY_ID_MAX:
         raise _Invalid(field, f"must be 1-{LEGACY_ID_MAX} characters, got {value!r}")
-    return text
+    return _text(field, text, nul=nul)
 
 
 def _time(item: dict[str, Any], field: str, *, required: bool = True) -> datetime | None:
@@ -102,12 +122,18 @@ def _time(item: dict[str, Any], field: str, *, required: bool = True) -> datetim
             return datetime.fromtimestamp(seconds, tz=UTC)
         if isinstance(value, str):
             parsed = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
-            return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-        raise TypeError
+        else:
+            raise TypeError
     except (TypeError, ValueError, OverflowError, OSError):
         raise _Invalid(
             field, f"must be an ISO 8601 time or epoch milliseconds, got {value!r}"
         ) from None
+    if parsed.tzinfo is None:
+        return parsed.replace(tzinfo=UTC)
+    try:  # stored in UTC: 0001-01-01T00:00+01:00 is in year 0 there
+        return parsed.astimezone(UTC)
+    except OverflowError:
+        raise _Invalid(field, OUT_OF_RANGE.format(value=value)) from None
 
 
 def _record(index: int, item: Any) -> LegacyRecord:
@@ -119,6 +145,7 @@ def _record(index: int, item: Any) -> LegacyRecord:
     tab_name = item.get("tabName")
     if not isinstance(tab_name, str):
         raise _Invalid("tabName", f"must be a string, got {tab_name!r}")
+    _text("tabName", tab_name)
     active = item.get("active")
     if not isinstance(active, bool):
         raise _Invalid("active", f"must be true or false, got {active!r}")
@@ -131,13 +158,19 @@ def _record(index: int, item: Any) -> LegacyRecord:
     current_path = item.get("currentPath")
     if not isinstance(current_path, str):
         raise _Invalid("currentPath", f"must be a string, got {current_path!r}")
+    _text("currentPath", current_path)
+    if len(current_path) > CURRENT_PATH_MAX:
+        raise _Invalid(
+            "currentPath", TOO_LONG.format(limit=CURRENT_PATH_MAX, length=len(current_path))
+        )
     pid = item.get("pid")
     if pid is not None and (isinstance(pid, bool) or not isinstance(pid, int)):
         raise _Invalid("pid", f"must be a whole number or null, got {pid!r}")
     return LegacyRecord(
         index=index,
         legacy_id=_key(item, "id") or "",
-        project_id=_key(item, "projectId") or "",
+        # Only the project's name comes from it, with control characters replaced.
+        project_id=_key(item, "projectId", nul=True) or "",
         user_id=_key(item, "userId", required=False),
         profile=profile,
         # what the old system allowed in a name and termsys does not (ESC, BEL, ...) becomes a space

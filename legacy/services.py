@@ -44,6 +44,7 @@ LOOKUP_BATCH = 500
 NO_SUCH_USER = "no termsys user {username!r} (given by {option})"
 NO_DEFAULT_USER = "missing, and no --default-user USERNAME was given"
 BAD_PROJECT_NAME = "--map-project {old}={name!r}: {problem}"
+NO_PROJECT_DIRECTORY = "cannot create the project directory {path}: {error}"
 UNKNOWN_USER = (
     "no termsys user for legacy user {user_id!r}; map it with --map-user {user_id}=USERNAME "
     "or pass --create-users"
@@ -172,15 +173,45 @@ def _project_name(project_id: str, project_map: Mapping[str, str]) -> str:
     )
 
 
-def _project_path(owner: Any, name: str, paths: Iterable[str], *, dry_run: bool) -> str:
+def _project_path(
+    owner: Any, name: str, paths: Iterable[str], *, dry_run: bool, made: list[Path]
+) -> str:
     """Return the sessions' common directory if it exists here, else a new directory under
-    TERMSYS_PROJECTS_ROOT that no other project has (not created on a dry run)."""
+    TERMSYS_PROJECTS_ROOT that no other project has (not created on a dry run; each directory
+    made is added to ``made``)."""
     absolute = [p for p in paths if os.path.isabs(p)]
     if absolute:
         common = Path(os.path.commonpath(absolute))
         if common.is_dir() and common != Path(common.anchor):
             return str(common.resolve())
-    return str(directory_allocate(owner=owner, name=name, create=not dry_run))
+    directory = directory_allocate(owner=owner, name=name, create=False)
+    if not dry_run:
+        _make_directory(directory, made)
+    return str(directory)
+
+
+def _make_directory(directory: Path, made: list[Path]) -> None:
+    """Create ``directory`` and its missing parents; add each one made to ``made``."""
+    missing = []
+    for parent in (directory, *directory.parents):
+        if parent.exists():
+            break
+        missing.append(parent)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        error = exc.strerror or exc
+        raise LegacyImportError(NO_PROJECT_DIRECTORY.format(path=directory, error=error)) from exc
+    made.extend(reversed(missing))
+
+
+def _remove_directories(made: list[Path]) -> None:
+    """Remove the directories an import that failed had made (still empty), deepest first."""
+    for directory in reversed(made):
+        try:
+            directory.rmdir()
+        except OSError as exc:
+            logger.warning("left %s, made by a failed import: %s", directory, exc)
 
 
 def _session_id(legacy_id: str) -> str:
@@ -243,7 +274,7 @@ def _create_users(plan: _Plan) -> list[str]:
 
 
 def _projects(
-    plan: _Plan, project_map: Mapping[str, str], *, dry_run: bool
+    plan: _Plan, project_map: Mapping[str, str], *, dry_run: bool, made: list[Path]
 ) -> tuple[dict[tuple[str, str], Project], list[str]]:
     """Return the project of each (username, legacy projectId), and those created."""
     paths: dict[tuple[str, str], list[str]] = {}
@@ -256,11 +287,58 @@ def _projects(
         name = _project_name(project_id, project_map)
         project = Project.objects.filter(owner=owner, name=name).first()
         if project is None:
-            path = _project_path(owner, name, cwds, dry_run=dry_run)
+            path = _project_path(owner, name, cwds, dry_run=dry_run, made=made)
             project = Project.objects.create(owner=owner, name=name, path=path)
             created.append(f"{username}/{name}")
         projects[(username, project_id)] = project
     return projects, created
+
+
+def _write(
+    plan: _Plan,
+    *,
+    project_map: Mapping[str, str],
+    sha256: str,
+    file_name: str,
+    records: int,
+    dry_run: bool,
+    made: list[Path],
+    progress: Callable[[int, int], None] | None,
+    progress_every: int,
+) -> tuple[list[str], list[str], int]:
+    """Create the plan's users, projects and sessions (in the caller's transaction); return
+    the users and projects created and how many ids were replaced."""
+    new_ids = 0
+    users_created = _create_users(plan)
+    projects, projects_created = _projects(plan, project_map, dry_run=dry_run, made=made)
+    ledger = None
+    for done, (record, username) in enumerate(plan.todo, start=1):
+        if ledger is None:
+            ledger, _ = LegacyImport.objects.get_or_create(
+                sha256=sha256,
+                defaults={"file_name": file_name[:1024], "records": records, "imported": 0},
+            )
+        session_id = _import_session(
+            record,
+            user=plan.users[username],
+            project=projects[(username, record.project_id)],
+            sha256=sha256,
+        )
+        new_ids += session_id != record.legacy_id
+        LegacySession.objects.create(
+            legacy_id=record.legacy_id,
+            session_id=session_id,
+            session_key=session_id,
+            source=ledger,
+            record_index=record.index,
+        )
+        if progress is not None and (done % progress_every == 0 or done == len(plan.todo)):
+            progress(done, len(plan.todo))
+    if ledger is not None:
+        ledger.imported += len(plan.todo)
+        ledger.file_name = file_name[:1024]
+        ledger.save(update_fields=["imported", "file_name", "last_run_at"])
+    return users_created, projects_created, new_ids
 
 
 def legacy_state_import(
@@ -300,39 +378,26 @@ def legacy_state_import(
     if problems and not skip_invalid:
         raise LegacyImportRefused(problems, read=len(items))
 
-    new_ids = 0
-    with transaction.atomic():
-        users_created = _create_users(plan)
-        projects, projects_created = _projects(plan, project_map, dry_run=dry_run)
-        ledger = None
-        for done, (record, username) in enumerate(plan.todo, start=1):
-            if ledger is None:
-                ledger, _ = LegacyImport.objects.get_or_create(
-                    sha256=sha256,
-                    defaults={"file_name": file_name[:1024], "records": len(items), "imported": 0},
-                )
-            session_id = _import_session(
-                record,
-                user=plan.users[username],
-                project=projects[(username, record.project_id)],
+    made: list[Path] = []  # project directories, removed again if the import fails
+    try:
+        with transaction.atomic():
+            counts = _write(
+                plan,
+                project_map=project_map,
                 sha256=sha256,
+                file_name=file_name,
+                records=len(items),
+                dry_run=dry_run,
+                made=made,
+                progress=progress,
+                progress_every=progress_every,
             )
-            new_ids += session_id != record.legacy_id
-            LegacySession.objects.create(
-                legacy_id=record.legacy_id,
-                session_id=session_id,
-                session_key=session_id,
-                source=ledger,
-                record_index=record.index,
-            )
-            if progress is not None and (done % progress_every == 0 or done == len(plan.todo)):
-                progress(done, len(plan.todo))
-        if ledger is not None:
-            ledger.imported += len(plan.todo)
-            ledger.file_name = file_name[:1024]
-            ledger.save(update_fields=["imported", "file_name", "last_run_at"])
-        if dry_run:
-            transaction.set_rollback(True)
+            if dry_run:
+                transaction.set_rollback(True)
+    except BaseException:
+        _remove_directories(made)
+        raise
+    users_created, projects_created, new_ids = counts
     if not dry_run:
         logger.info(
             "legacy import %s (%s): %d imported, %d already present, %d skipped",

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import json
 import os
 import shutil
+import signal
+import sqlite3
 import subprocess
 import sys
 import tarfile
+import time
+from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -28,6 +33,7 @@ from sessions_app.backup import (
     archive,
     copies,
     derived,
+    leftovers,
     migrations,
     portable,
     services,
@@ -1009,3 +1015,511 @@ def test_an_archive_made_on_sqlite_restores_into_postgresql(tmp_path):
     assert list(get_user_model().objects.values_list("username", flat=True)) == ["ana"]
     # The sequences continue after the restored ids.
     assert UserFactory().pk > get_user_model().objects.get(username="ana").pk
+
+
+# --- faults: full disks, unwritable directories, interrupts -----------------------------------
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: int) -> Iterator[Path]:
+    """A file system of ``size`` bytes at ``path``: a disk that fills up for real. Mounting
+    needs root (or CAP_SYS_ADMIN); the test is skipped where it cannot."""
+    path.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"a full disk needs a small tmpfs, and mount failed: {done.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        if subprocess.run(["umount", str(path)], check=False).returncode != 0:
+            subprocess.run(["umount", "--lazy", str(path)], check=True)  # unmounted all the same
+            raise AssertionError(f"{path} was still in use: a process was left writing there")
+
+
+def left_in(directory: Path) -> list[str]:
+    """What a failed backup or restore left in ``directory``, besides archives that verify."""
+    left = []
+    for path in sorted(directory.iterdir()):
+        if path.name.endswith(".tar"):
+            backup("verify", str(path))  # a complete archive of the data as it is is fine
+        else:
+            left.append(path.name)
+    return left
+
+
+KiB = 1024
+
+
+def test_create_on_a_full_disk_says_so_and_leaves_nothing(backup_dir, tmp_path):
+    """Whether the disk fills up while the members are written or only when the manifest is
+    (its place in the file is kept but not written until the end), create fails with exit 1
+    and a plain message, and leaves neither an archive nor its temporary files."""
+    seed()
+    backup("create")
+    size = only_archive(backup_dir).stat().st_size
+    for n, room in enumerate(range(size // 2, size + 64 * KiB, 16 * KiB)):
+        with tmpfs(tmp_path / f"disk{n}", room) as disk:
+            try:
+                printed = backup("create", "--output", str(disk))
+            except CommandError as exc:
+                assert exc.returncode == 1
+                assert str(exc).startswith(f"No space left on device writing {disk}/")
+                assert "no archive was written" in str(exc)
+                assert list(disk.iterdir()) == []
+                continue
+            assert f"Created {only_archive(disk)}" in printed  # there was room after all
+            backup("verify", str(only_archive(disk)))
+            break
+
+
+def test_short_writes_are_written_again_not_left_as_holes(backup_dir, monkeypatch):
+    """``os.pwrite`` may write part of what it is given (a disk filling up writes what fits):
+    the rest is written after, never skipped."""
+    seed()
+    real = os.pwrite
+
+    def half(fd: int, data: Any, offset: int) -> int:
+        return real(fd, bytes(data[: max(1, len(data) // 2)]), offset)
+
+    monkeypatch.setattr(archive.os, "pwrite", half)
+    backup("create", "--no-native")
+    monkeypatch.undo()
+    assert "OK" in backup("verify", str(only_archive(backup_dir)))
+
+
+def test_restore_with_its_backup_disk_full_changes_nothing_and_says_why(
+    backup_dir, tmp_path, settings
+):
+    """The safety backup, then (SQLite) the archive's database copy extracted beside it, fill
+    the disk at one point or another: each time the restore stops with a plain message, the
+    data as it was and nothing but complete archives left."""
+    seeded = seed()
+    backup("create")
+    archived = only_archive(backup_dir)
+    change_data(seeded["ana"])
+    changed = snapshot()
+    size = archived.stat().st_size
+    for n, room in enumerate(range(size // 2, 3 * size, 16 * KiB)):
+        with tmpfs(tmp_path / f"disk{n}", room) as disk:
+            settings.TERMSYS_BACKUP_DIR = disk
+            try:
+                printed = backup("restore", str(archived), "--yes")
+            except CommandError as exc:
+                assert exc.returncode == 1
+                assert "nothing changed" in str(exc)
+                assert "No space left on device writing" in str(exc) or (
+                    "preparing its SQLite copy" in str(exc)
+                )
+                assert snapshot() == changed
+                assert left_in(disk) == []
+                continue
+            assert "row counts match the manifest" in printed
+            break
+    else:
+        raise AssertionError("no room was enough")
+
+
+@pytest.mark.skipif(connection.vendor != "sqlite", reason="SQLite's write-ahead log")
+def test_a_safety_backup_holds_the_rows_even_when_the_database_copy_fails(
+    backup_dir, tmp_path, settings
+):
+    """A running server's read transaction keeps the write-ahead log from being emptied, so
+    the safety backup copies the database with SQLite's backup API, which fails on a disk too
+    small for the file. Then it holds the rows in the portable form instead, or the restore
+    stops: never a safety backup without them."""
+    seeded = seed()
+    backup("create", "--no-native")
+    archived = only_archive(backup_dir)
+    change_data(seeded["ana"])
+    changed = snapshot()
+    name = connection.settings_dict["NAME"]
+    reader = sqlite3.connect(name, isolation_level=None)
+    writer = sqlite3.connect(name, isolation_level=None)
+    with connection.cursor() as cursor:  # the checkpoint waits for the reader: not 20 s here
+        cursor.execute("PRAGMA busy_timeout = 50")
+    try:
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM sessions_app_project").fetchone()
+        writer.execute("UPDATE sessions_app_project SET name = name")  # after its snapshot
+        database = Path(name).stat().st_size
+        for n, room in enumerate(range(32 * KiB, database, 32 * KiB)):
+            with tmpfs(tmp_path / f"disk{n}", room) as disk:
+                settings.TERMSYS_BACKUP_DIR = disk
+                try:
+                    backup("restore", str(archived), "--yes")
+                except CommandError as exc:
+                    assert "the safety backup failed (No space left on device" in str(exc)
+                    assert snapshot() == changed
+                    assert list(disk.iterdir()) == []
+                    continue
+                (safety,) = disk.glob("*-safety.tar")
+                shutil.copy(safety, tmp_path / "safety.tar")
+                break
+        else:
+            raise AssertionError("no room was enough")
+    finally:
+        reader.rollback()
+        reader.close()
+        writer.close()
+    safety = tmp_path / "safety.tar"
+    manifest = archive.read_manifest(safety)
+    assert manifest["portable"] and manifest["native"]["member"] is None
+    assert "rows as: portable form" in backup("verify", str(safety))
+    settings.TERMSYS_BACKUP_DIR = backup_dir
+    backup("restore", str(safety), "--yes")
+    assert snapshot() == changed
+
+
+def test_an_archive_without_a_loadable_copy_of_its_rows_fails_verification(backup_dir, tmp_path):
+    seed()
+    backup("create", "--no-native")
+    path = only_archive(backup_dir)
+
+    def no_rows(manifest: dict) -> None:
+        manifest["portable"] = False
+        for entry in manifest["models"]:
+            entry["member"] = None
+
+    rewrite(path, no_rows, tmp=tmp_path, keep=lambda name: not name.startswith("data/"))
+    message = refused("verify", str(path))
+    assert message.startswith(f"{path}: the archive holds no loadable copy of its rows (")
+    assert "holds no loadable copy of its rows" in backup("list")
+    assert "neither the portable form" in refused("restore", str(path), "--yes")
+
+
+def test_an_archive_never_reuses_nor_follows_files_put_where_it_is_written(tmp_path):
+    """In a directory others may write in, files and links named as an archive's temporary
+    file (as earlier versions named it) are left alone; the archive is the operator's own,
+    mode 0600, whatever the umask."""
+    seed()
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o1777)
+    shared.chmod(0o1777)
+    victim = tmp_path / "victim"
+    victim.write_text("not yours")
+    planted = []
+    for ahead in range(6):
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() + ahead))
+        planted_file = shared / f".termsys-backup-{stamp}-nightly.tar.tmp"
+        planted_file.write_text("theirs")
+        planted_file.chmod(0o666)
+        planted.append(planted_file)
+        (shared / f".termsys-backup-{stamp}.tar.tmp").symlink_to(victim)
+    umask = os.umask(0)
+    try:
+        backup("create", "--output", str(shared), "--label", "nightly")
+        backup("create", "--output", str(shared))
+    finally:
+        os.umask(umask)
+    archives = sorted(shared.glob("termsys-backup-*.tar"))
+    assert len(archives) == 2
+    for path in archives:
+        assert path.stat().st_mode & 0o777 == 0o600
+        assert not path.is_symlink()
+        backup("verify", str(path))
+    assert victim.read_text() == "not yours"
+    for planted_file in planted:
+        assert planted_file.read_text() == "theirs"
+        assert planted_file.stat().st_mode & 0o777 == 0o666
+
+
+class _PageCopyInterrupted:
+    """Stands in for the ``sqlite3`` module in ``sqlite_native``: the page copy's backup gets
+    a real SIGINT sent to this process after its first step, or as its last step commits."""
+
+    def __init__(self, when: str) -> None:
+        self.when, self.sent = when, False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(sqlite3, name)
+
+    def connect(self, *args: Any, **kwargs: Any) -> Any:
+        return _Connection(sqlite3.connect(*args, **kwargs), self)
+
+
+class _Connection:
+    def __init__(self, real: sqlite3.Connection, signals: _PageCopyInterrupted) -> None:
+        self.real, self.signals = real, signals
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+    def backup(self, target: Any, *, pages: int = -1, progress: Any = None, **kw: Any) -> None:
+        def step(status: int, remaining: int, total: int) -> None:
+            last = status == sqlite3.SQLITE_DONE
+            if not self.signals.sent and (self.signals.when == "first step" or last):
+                self.signals.sent = True
+                os.kill(os.getpid(), signal.SIGINT)  # handled at once, as Ctrl-C would be
+            if progress is not None:
+                progress(status, remaining, total)
+
+        self.real.backup(target, pages=pages, progress=step, **kw)
+
+
+@pytest.mark.skipif(connection.vendor != "sqlite", reason="SQLite's page copy")
+@pytest.mark.parametrize("when", ["first step", "last step"])
+def test_ctrl_c_during_the_page_copy_is_told_truthfully(backup_dir, monkeypatch, when):
+    """Before the page copy's last step, Ctrl-C rolls it back and the restore says that nothing
+    changed; as the last step commits, the restore is done and says so, not "interrupted"."""
+    from sessions_app.backup import sqlite_native
+
+    seeded = seed()
+    before = snapshot()
+    backup("create")
+    archived = only_archive(backup_dir)
+    change_data(seeded["ana"])
+    changed = snapshot()
+    monkeypatch.setattr(sqlite_native, "PAGES_PER_STEP", 8)  # a copy of several steps
+    monkeypatch.setattr(sqlite_native, "sqlite3", _PageCopyInterrupted(when))
+    handler = signal.getsignal(signal.SIGINT)
+    if when == "first step":
+        with pytest.raises(CommandError) as caught:
+            backup("restore", str(archived), "--yes")
+        assert caught.value.returncode == command.INTERRUPTED_STATUS
+        message = str(caught.value)
+        assert "interrupted before the data was replaced" in message
+        assert "nothing changed" in message
+        assert snapshot() == changed
+        (safety,) = backup_dir.glob("*-safety.tar")
+        assert f"The safety backup written meanwhile is {safety}." in message
+    else:
+        printed = backup("restore", str(archived), "--yes")
+        assert services.INTERRUPT_TOO_LATE in printed
+        (safety,) = backup_dir.glob("*-safety.tar")
+        assert f"Restored {archived}" in printed and f"The data before is in {safety}" in printed
+        assert snapshot() == before
+    assert signal.getsignal(signal.SIGINT) is handler
+
+
+@contextlib.contextmanager
+def unwritable(path: Path) -> Iterator[Path]:
+    """An existing directory this process cannot write in: read-only for an ordinary user, a
+    read-only mount for root (whom permissions do not stop)."""
+    path.mkdir()
+    if os.geteuid() != 0:
+        path.chmod(0o500)
+        try:
+            yield path
+        finally:
+            path.chmod(0o700)
+        return
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"root needs a read-only mount here, and mount failed: {done.stderr}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+def test_a_directory_that_cannot_be_written_in_is_named(backup_dir, tmp_path, settings):
+    seed()
+    backup("create")
+    archived = only_archive(backup_dir)
+    before = snapshot()
+    with unwritable(tmp_path / "read-only") as directory:
+        for place in (directory, Path("/proc")):
+            message = refused("create", "--output", str(place))
+            assert message.startswith(f"cannot write in the backup directory {place} (")
+            settings.TERMSYS_BACKUP_DIR = place
+            message = refused("restore", str(archived), "--yes")
+            assert message.startswith(f"cannot write in the backup directory {place} (")
+            assert snapshot() == before
+
+
+# --- list, prune: damaged archives, names, leftovers --------------------------------------------
+
+
+def test_prune_never_keeps_a_damaged_archive_in_place_of_a_good_one(backup_dir):
+    seed()
+    for label in ("good1", "good2", "newest"):
+        backup("create", "--label", label)
+    newest = next(backup_dir.glob("*-newest.tar"))
+    flip_byte_in(newest, native_member(), at=100)  # found only by reading it whole
+    assert "DAMAGED" not in backup("list")  # the quick check: headers and sizes
+    listed = backup("list", "--verify")
+    assert f"{newest.name}  DAMAGED (corrupt archive: member {native_member()} fails" in listed
+
+    printed = backup("prune", "--keep", "1")
+    assert f"left {newest.name} for an operator: corrupt archive" in printed
+    assert "Pruned 1 archive(s); kept the newest 1 that verify (--keep 1)." in printed
+    left = sorted(p.name for p in backup_dir.glob("termsys-backup-*.tar"))
+    assert left == sorted([newest.name, next(backup_dir.glob("*-good2.tar")).name])
+
+
+def native_member() -> str:
+    return "native/db.sqlite3" if connection.vendor == "sqlite" else "native/db.pgdump"
+
+
+def test_list_marks_damaged_archives_without_reading_them_whole(backup_dir):
+    seed()
+    backup("create", "--label", "cut")
+    backup("create", "--label", "edited")
+    cut, edited = (next(backup_dir.glob(f"*-{label}.tar")) for label in ("cut", "edited"))
+    with cut.open("r+b") as fh:  # as a copy cut short by a full disk
+        fh.truncate(cut.stat().st_size // 2)
+    data = edited.read_bytes()  # the manifest edited by hand: still JSON, not what was summed
+    edited.write_bytes(data.replace(b'"label": "edited"', b'"label": "edifed"', 1))
+    listed = backup("list")
+    assert f"{cut.name}  unreadable: not a termsys backup archive" in listed
+    assert (
+        f"{edited.name}  DAMAGED (corrupt archive: manifest.json does not match "
+        "manifest.sha256): do not rely on it"
+    ) in listed
+
+
+def test_list_and_prune_take_a_link_to_nowhere_for_unreadable(backup_dir):
+    seed()
+    backup("create")
+    dangling = backup_dir / "termsys-backup-20260101T000000Z.tar"
+    dangling.symlink_to(backup_dir / "gone.tar")
+    listed = backup("list")
+    assert f"{dangling.name}  unreadable: not a termsys backup archive" in listed
+    assert "Pruned 0 archive(s)" in backup("prune", "--keep", "1")
+    assert dangling.is_symlink()
+
+
+def test_list_shows_labels_escaped(backup_dir):
+    seed()
+    label = "evil\x1b[2J\x1b]0;owned\x07\nnext line"
+    backup("create", "--label", label)
+    listed = backup("list")
+    assert "\x1b" not in listed and "\x07" not in listed
+    assert len(listed.splitlines()) == 1
+    assert listed.rstrip("\n").endswith(r"evil\x1b[2J\x1b]0;owned\x07\nnext line")
+
+
+def test_two_archives_written_at_once_under_one_name_are_both_kept(tmp_path):
+    """Two creates in the same second with the same label: each writes a file of its own and
+    ends with an archive of its own, never over the other's."""
+    path = tmp_path / "termsys-backup-20260101T000000Z-r.tar"
+    members = {}
+    for n in (1, 2):
+        members[n] = tmp_path / f"member{n}"
+        members[n].write_bytes(bytes([n]) * 5000)
+    manifest = {"format": archive.FORMAT, "version": archive.VERSION, "label": "r"}
+    first = archive.Writer(path, archive.manifest_bound(manifest, ["data"]))
+    second = archive.Writer(path, archive.manifest_bound(manifest, ["data"]))
+    first.add("data", members[1])
+    second.add("data", members[2])
+    assert second.finish(manifest) == path
+    assert first.finish(manifest) == tmp_path / "termsys-backup-20260101T000000Z-r-2.tar"
+    for n, name in ((2, path), (1, first.path)):
+        with archive.verified(name) as opened:
+            assert opened.member("data").read() == bytes([n]) * 5000
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_an_archive_that_took_the_name_meanwhile_is_not_replaced(backup_dir, monkeypatch):
+    seed()
+    real = archive.Writer.finish
+    taken: list[Path] = []
+
+    def another_create_first(self: archive.Writer, manifest: dict) -> Path:
+        if not taken:  # another create (same second, same label) finished meanwhile
+            taken.append(self.path)
+            self.path.write_bytes(b"the other archive")
+        return real(self, manifest)
+
+    monkeypatch.setattr(archive.Writer, "finish", another_create_first)
+    printed = backup("create", "--label", "r")
+    assert taken[0].read_bytes() == b"the other archive"
+    path = backup_dir / taken[0].name.replace("-r.tar", "-r-2.tar")
+    assert f"Created {path}" in printed
+    backup("verify", str(path))
+
+
+def test_leftovers_of_killed_backups_are_removed_once_their_process_is_gone(backup_dir):
+    """A killed create or restore leaves a hidden working directory or temporary archive: the
+    next create, restore or prune removes those no process holds, and says so."""
+    seed()
+    backup_dir.mkdir(parents=True, exist_ok=True)
+    old = time.time() - 2 * leftovers.GRACE
+    made = {}
+    for name, is_dir in (
+        (".backup-k1llz", True),
+        (".restore-k1llz", True),
+        (".termsys-backup-20260101T000000Z.tar.x1y2z3.tmp", False),
+        (".backup-alive", True),
+        (".termsys-backup-20260101T000001Z.tar.tmp", False),  # as versions before named it
+    ):
+        path = backup_dir / name
+        if is_dir:
+            path.mkdir()
+            (path / "native.sqlite3").write_bytes(b"x" * 100)
+        else:
+            path.write_bytes(b"x" * 100)
+        os.utime(path, (old, old))
+        made[name] = path
+    fresh = backup_dir / ".backup-just-made"
+    fresh.mkdir()
+    held = os.open(made[".backup-alive"], os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        import fcntl
+
+        fcntl.flock(held, fcntl.LOCK_EX)  # its process still at work
+        printed = backup("create")
+        assert "removed leftovers of killed backups or restores" in printed
+        gone = [
+            ".backup-k1llz",
+            ".restore-k1llz",
+            ".termsys-backup-20260101T000000Z.tar.x1y2z3.tmp",
+            ".termsys-backup-20260101T000001Z.tar.tmp",
+        ]
+        for name in gone:
+            assert name in printed and not made[name].exists()
+        assert made[".backup-alive"].exists() and fresh.exists()
+    finally:
+        os.close(held)
+    assert "removed leftovers" in backup("prune", "--keep", "1")
+    assert not made[".backup-alive"].exists() and fresh.exists()
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="PostgreSQL's documents beside")
+def test_prune_and_any_restore_drop_the_documents_table_a_killed_restore_left(backup_dir, tmp_path):
+    seed()
+    backup("create")
+    path = only_archive(backup_dir)
+    with connection.cursor() as cursor:  # as a restore killed mid-way leaves it
+        cursor.execute(f"CREATE TABLE {swap.SIDE} (id bigint)")
+    assert f"dropped {swap.SIDE}, left by a restore that was killed" in backup(
+        "prune", "--keep", "5"
+    )
+    assert not swap_table_left()
+    # A restore that rebuilds the documents (it does not load them beside) drops it too.
+    rewrite(path, lambda m: m.update(search_index=None), tmp=tmp_path)
+    with connection.cursor() as cursor:
+        cursor.execute(f"CREATE TABLE {swap.SIDE} (id bigint)")
+    printed = backup("restore", str(path), "--yes")
+    assert "search index rebuilt" in printed and f"dropped {swap.SIDE}" in printed
+    assert not swap_table_left()
+
+
+def test_ctrl_d_at_the_confirmation_is_no(backup_dir, monkeypatch):
+    seed()
+    backup("create")
+    TerminalSession.objects.all().delete()
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(sys, "stdin", Terminal(""))  # input() meets the end of input
+    assert command.DECLINED in backup("restore", str(only_archive(backup_dir)))
+    assert TerminalSession.objects.count() == 0
+
+
+def test_a_directory_given_as_the_archive_is_named_as_one(tmp_path):
+    for subcommand in (["verify"], ["restore", "--yes"]):
+        message = refused(subcommand[0], str(tmp_path), *subcommand[1:])
+        assert f"{tmp_path}: not a termsys backup archive (it is a directory" in message

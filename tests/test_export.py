@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
+from django.db import connection
 from django.test import AsyncClient
 
 from sessions_app import export, storage
@@ -218,3 +223,43 @@ def test_an_imported_session_exports_its_legacy_output(user, tmp_path):
     assert header["timestamp"] == 1748772000
     assert "".join(e[2] for e in events if e[1] == "o") == "\r\n".join(lines)
     assert text == "$ ls\ndocs  README.md\n$ exit"
+
+
+def database_url() -> str:
+    """This test database as ``DATABASE_URL``, for a command run in a process of its own."""
+    db = connection.settings_dict
+    if connection.vendor == "sqlite":
+        return f"sqlite:///{db['NAME']}"
+    auth = db["USER"] + (f":{db['PASSWORD']}" if db.get("PASSWORD") else "")
+    return f"postgres://{auth}@{db['HOST'] or 'localhost'}:{db['PORT'] or 5432}/{db['NAME']}"
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+@pytest.mark.parametrize("kind", ["cast", "text"])
+def test_export_to_a_full_standard_output_is_a_clear_error(stored, tmp_path, kind):
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    env.update(DATABASE_URL=database_url(), TERMSYS_VAR_DIR=str(tmp_path / "var"))
+    root = Path(__file__).resolve().parent.parent
+    with open("/dev/full", "w") as full:  # every write fails: No space left on device
+        done = subprocess.run(
+            [
+                sys.executable,
+                str(root / "manage.py"),
+                "sessions",
+                "export",
+                stored.id,
+                "--format",
+                kind,
+            ],
+            cwd=root,
+            env={**env, "TERMSYS_FLAG_TASKS": "0"},
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == 1
+    assert done.stderr.strip() == (
+        f"CommandError: {stored.id}: cannot write the export to standard output: "
+        "No space left on device"
+    )

@@ -309,3 +309,63 @@ def test_not_legacy_state_is_refused(tmp_path, ana):
         run(str(bad))
     with pytest.raises(CommandError, match=r'must hold a list of sessions or \{"sessions"'):
         run(write(tmp_path, {"terminals": []}))
+
+
+# Values a JSON file can hold that no database stores as they are (JSON's "\ud800" is a lone
+# surrogate, which UTF-8 cannot encode; PostgreSQL text cannot hold NUL; cwd is 1024 at most),
+# and times that leave datetime's range once in UTC: each is a malformed record.
+UNSTORABLE = [
+    ("tabName", "tab \ud800", "tabName: has a lone UTF-16 surrogate \\ud800 at character 4"),
+    ("currentPath", "/srv/\udfff", "currentPath: has a lone UTF-16 surrogate \\udfff"),
+    ("id", "term-\ud800", "id: has a lone UTF-16 surrogate \\ud800"),
+    ("userId", "\ud800", "userId: has a lone UTF-16 surrogate"),
+    ("projectId", "p\ud800", "projectId: has a lone UTF-16 surrogate"),
+    ("tabName", "a\x00b", "tabName: has a NUL character at character 1"),
+    ("currentPath", "/srv/a\x00b", "currentPath: has a NUL character"),
+    ("id", "term\x00-1", "id: has a NUL character"),
+    ("userId", "an\x00a", "userId: has a NUL character"),
+    ("currentPath", "/x" * 513, "currentPath: must be at most 1024 characters, got 1026"),
+    ("createdAt", "0001-01-01T00:00:00+01:00", "createdAt: '0001-01-01T00:00:00+01:00' is out"),
+    ("createdAt", "9999-12-31T23:59:59-05:00", "createdAt: '9999-12-31T23:59:59-05:00' is out"),
+    ("lastActivity", "9999-12-31T23:59:59-05:00", "lastActivity: '9999-12-31T23:59:59-05:00'"),
+]
+
+
+@pytest.mark.parametrize(("field", "value", "expected"), UNSTORABLE)
+def test_values_no_database_stores_are_malformed_records(
+    tmp_path, ana, records, field, value, expected
+):
+    records[5][field] = value
+    path = write(tmp_path, records[:10])
+    before = snapshot()
+    for options in ((), ("--dry-run",)):
+        with pytest.raises(CommandError) as caught:
+            run(path, *options)
+        assert f"record 5: {expected}" in str(caught.value)
+        assert "nothing imported; 1 malformed record(s)" in str(caught.value)
+        assert snapshot() == before
+        assert not (tmp_path / "projects").exists()
+
+    out = run(path, "--skip-invalid")
+    assert f"skipped record 5: {expected}" in out
+    assert "read 10, imported 9, skipped 1" in out
+    assert TerminalSession.objects.count() == 9
+
+
+def test_a_failed_import_leaves_no_project_directory_behind(tmp_path, ana, records, settings):
+    """The second user's project directory cannot be made (a file is in the way): the import
+    stops with the reason, and the directory it had made for the first user is gone too."""
+    root = tmp_path / "projects"
+    root.mkdir()
+    (root / "legacy-2").write_text("in the way")
+    path = write(tmp_path, records[:6])
+    before = snapshot()
+
+    with pytest.raises(CommandError) as caught:
+        run(path)
+
+    assert f"nothing imported; cannot create the project directory {root / 'legacy-2'}/" in str(
+        caught.value
+    )
+    assert snapshot() == before
+    assert sorted(p.name for p in root.iterdir()) == ["legacy-2"]

@@ -1,7 +1,9 @@
 """The archive file: a tar of ``manifest.json``, data members and ``manifest.sha256``.
 
-Written to a hidden temporary name in the target directory with mode 0600, fsynced, then
-renamed, so a crash never leaves a partial archive under a backup's name. Verification reads
+Written to a hidden temporary file of its own in the target directory (created exclusively, mode
+0600, never through a symbolic link, locked while it is written), every write checked, fsynced,
+then linked to a name no other file has, so a crash or a full disk never leaves a partial archive
+under a backup's name, and two backups written at once never share a file. Verification reads
 every member and compares its size and sha256 with the manifest before anything trusts it.
 
 Members are copied in by the kernel (``copy_file_range``) while a thread hashes them, both
@@ -12,6 +14,7 @@ native copy of a SQLite database goes into the archive beside the export of the 
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import io
 import json
@@ -19,6 +22,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -40,7 +44,13 @@ HASH_BLOCK = 1024 * 1024
 COPY_BLOCK = 64 * 1024 * 1024
 MANIFEST_SLACK = 64 * 1024  # bytes kept beyond a manifest's bound (see Writer)
 
+TEMPORARY_SUFFIX = ".tmp"  # ``.<archive name>.<random>.tmp``: an archive being written
+NAME_ATTEMPTS = 1000  # names tried (``-2``, ``-3``, ...) when others took the archive's name
+
 NOT_AN_ARCHIVE = "{file}: not a termsys backup archive ({why}); nothing changed."
+IS_A_DIRECTORY = "it is a directory, not an archive file"
+NO_SUCH_FILE = "no such file"
+NOT_A_FILE = "not a regular file"
 CORRUPT = "{file}: corrupt archive: {why}; nothing changed."
 UNSUPPORTED = (
     "{file}: archive format {format!r} version {version!r}; this termsys reads "
@@ -93,6 +103,17 @@ def _sha256(path: Path, size: int) -> str:
     return digest.hexdigest()
 
 
+def pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    """Write all of ``data`` at ``offset``: ``os.pwrite`` may write less (a full disk writes
+    what fits, then fails), and a short write ignored leaves a hole in the archive."""
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        if written <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        view, offset = view[written:], offset + written
+
+
 def copy_range(source: int, target: int, size: int, at_source: int, at_target: int) -> None:
     """Copy ``size`` bytes between open files in the kernel, with a plain loop as fallback."""
     done = 0
@@ -112,11 +133,12 @@ def copy_range(source: int, target: int, size: int, at_source: int, at_target: i
         block = os.pread(source, min(HASH_BLOCK, size - done), at_source + done)
         if not block:
             raise OSError(f"short read at {done} of {size} bytes")
-        os.pwrite(target, block, at_target + done)
+        pwrite_all(target, block, at_target + done)
         done += len(block)
 
 
 # Run by ``Writer.add(own_process=True)``: copy (the kernel) and hash (a thread) side by side.
+# An OSError ends it with status 3 and ``errno strerror`` on stderr, raised again by the caller.
 _COPY_APART = """
 import hashlib, os, sys, threading
 source, target, at, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
@@ -130,23 +152,40 @@ def hash_():
             raise OSError("short read")
         digest.update(block)
         pos += len(block)
-thread = threading.Thread(target=hash_)
-thread.start()
-done = 0
-try:
-    while done < size:
-        step = os.copy_file_range(fd, target, min(1 << 26, size - done), done, at + done)
-        if step == 0:
-            raise OSError("copy_file_range copied nothing")
-        done += step
-except OSError:
-    if done:
-        raise
+def pwrite_all(data, offset):
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(target, view, offset)
+        if written <= 0:
+            raise OSError(28, os.strerror(28))
+        view, offset = view[written:], offset + written
+def copy():
+    done = 0
+    try:
+        while done < size:
+            step = os.copy_file_range(fd, target, min(1 << 26, size - done), done, at + done)
+            if step == 0:
+                raise OSError(0, "copy_file_range copied nothing")
+            done += step
+    except OSError as exc:
+        # Nothing copied, or EXDEV, ENOSYS, EINVAL, EOPNOTSUPP at the start: the plain loop.
+        if done or exc.errno not in (0, 18, 38, 22, 95):
+            raise
     while done < size:
         block = os.pread(fd, min(1 << 20, size - done), done)
-        os.pwrite(target, block, at + done)
+        if not block:
+            raise OSError(0, "short read")
+        pwrite_all(block, at + done)
         done += len(block)
-thread.join()
+thread = threading.Thread(target=hash_)
+thread.start()
+try:
+    copy()
+except OSError as exc:
+    sys.stderr.write(f"{exc.errno or 0} {exc.strerror or exc}")
+    sys.exit(3)
+finally:
+    thread.join()
 print(digest.hexdigest())
 """
 
@@ -161,9 +200,16 @@ class Writer:
 
     def __init__(self, path: Path, reserve: int) -> None:
         self.path = path
-        self.temporary = path.with_name(f".{path.name}.tmp")
         self.reserve = reserve
-        self.fd = os.open(self.temporary, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        # A file of its own (O_EXCL, O_NOFOLLOW, 0600: a file or link someone put there is
+        # never reused nor followed), locked: ``leftovers`` removes it only once its writer
+        # is gone.
+        self.fd, name = tempfile.mkstemp(
+            prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent
+        )
+        self.temporary = Path(name)
+        os.fchmod(self.fd, 0o600)  # whatever the umask
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
         self.offset = len(_header(MANIFEST, reserve)) + _padded(reserve)
         self.pool = ThreadPoolExecutor(4, thread_name_prefix="backup-archive")
         self.members: dict[str, tuple[int, Future[str]]] = {}
@@ -181,7 +227,7 @@ class Writer:
         size = source.stat().st_size if size is None else size
         header = _header(name, size)
         at = self.offset + len(header)
-        os.pwrite(self.fd, header, self.offset)
+        pwrite_all(self.fd, header, self.offset)
         self.offset = at + _padded(size)
         os.ftruncate(self.fd, self.offset)  # the padding: zeros
         if own_process:
@@ -205,6 +251,9 @@ class Writer:
             check=False,
         )
         if done.returncode != 0:
+            number, _, why = done.stderr.strip().partition(" ")
+            if done.returncode == 3 and number.isdigit() and int(number):
+                raise OSError(int(number), why)
             raise OSError(f"copying {source} failed: {done.stderr.strip()}")
         return done.stdout.strip()
 
@@ -227,8 +276,10 @@ class Writer:
         """Return once member ``name`` is in (its source may change from then on)."""
         self.members[name][1].result()
 
-    def finish(self, manifest: dict[str, Any]) -> None:
-        """Write the manifest with every member's size and sha256, fsync and rename."""
+    def finish(self, manifest: dict[str, Any]) -> Path:
+        """Write the manifest with every member's size and sha256, fsync and give the archive
+        its name; return it (``path``, or ``path`` with ``-2``, ``-3``, ... if another file
+        took that name meanwhile: never replaced)."""
         members = {
             name: {"size": size, "sha256": digest.result()}
             for name, (size, digest) in self.members.items()
@@ -242,18 +293,47 @@ class Writer:
         tail = tail.ljust(len(tail) - len(manifest_sum) + _padded(len(manifest_sum)), b"\0")
         end = self.offset + len(tail) + 2 * tarfile.BLOCKSIZE
         end = -(-end // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
-        os.pwrite(self.fd, tail, self.offset)
+        pwrite_all(self.fd, tail, self.offset)
         os.ftruncate(self.fd, end)  # the end-of-archive blocks and the record's padding: zeros
         head = _header(MANIFEST, self.reserve) + manifest_bytes
-        os.pwrite(self.fd, head.ljust(len(head) + _padded(self.reserve) - self.reserve, b"\0"), 0)
+        pwrite_all(self.fd, head.ljust(len(head) + _padded(self.reserve) - self.reserve, b"\0"), 0)
         os.fsync(self.fd)
+        if os.fstat(self.fd).st_size != end:
+            raise OSError(errno.EIO, f"the archive is not {end} bytes long")
+        self.path, moved = self._link()
+        if not moved:
+            self.temporary.unlink()
         self.close()
-        os.replace(self.temporary, self.path)
         dir_fd = os.open(self.path.parent, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+        return self.path
+
+    def _link(self) -> tuple[Path, bool]:
+        """Give the complete archive the first of its names that no file has, exclusively;
+        return it, and whether the temporary file was moved there (else it is a second link)."""
+        stem = self.path.name.removesuffix(SUFFIX)
+        for n in range(1, NAME_ATTEMPTS + 1):
+            name = self.path.with_name(f"{stem}{SUFFIX}" if n == 1 else f"{stem}-{n}{SUFFIX}")
+            try:
+                os.link(self.temporary, name, follow_symlinks=False)
+                return name, False
+            except FileExistsError:
+                continue
+            except OSError as exc:
+                if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK):
+                    raise
+            # A file system without hard links: take the name with an empty file, then put
+            # the archive over it (the name is ours; a crash between leaves an empty file).
+            try:
+                os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            except FileExistsError:
+                continue
+            os.replace(self.temporary, name)
+            return name, True
+        raise OSError(errno.EEXIST, f"{NAME_ATTEMPTS} archives named {stem}-N{SUFFIX} exist")
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
@@ -369,12 +449,7 @@ def verified(path: Path, progress: Any = None) -> Iterator[Archive]:
     Raise ArchiveError for a missing file, a non-archive, a truncated archive or any member
     whose bytes differ from what the manifest recorded.
     """
-    if not path.is_file():
-        raise ArchiveError(NOT_AN_ARCHIVE.format(file=path, why="no such file"))
-    try:
-        tar = tarfile.open(path, mode="r:")
-    except (tarfile.TarError, EOFError, OSError) as exc:
-        raise ArchiveError(NOT_AN_ARCHIVE.format(file=path, why=exc)) from exc
+    tar = _open(path)
     try:
         manifest = _verify(path, tar, progress)
         yield Archive(path, manifest, tar)
@@ -382,7 +457,30 @@ def verified(path: Path, progress: Any = None) -> Iterator[Archive]:
         tar.close()
 
 
-def _verify(path: Path, tar: tarfile.TarFile, progress: Any) -> dict[str, Any]:
+def checked(path: Path) -> dict[str, Any]:
+    """Return the manifest of the archive at ``path`` once its structure matches it: every
+    member there with the size the manifest says, the manifest matching its sha256. Member
+    checksums are not read (``verified`` does): this reads the tar headers, not the data."""
+    tar = _open(path)
+    try:
+        return _verify(path, tar, None, checksums=False)
+    finally:
+        tar.close()
+
+
+def _open(path: Path) -> tarfile.TarFile:
+    if not path.is_file():
+        why = IS_A_DIRECTORY if path.is_dir() else NOT_A_FILE if path.exists() else NO_SUCH_FILE
+        raise ArchiveError(NOT_AN_ARCHIVE.format(file=path, why=why))
+    try:
+        return tarfile.open(path, mode="r:")
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise ArchiveError(NOT_AN_ARCHIVE.format(file=path, why=exc)) from exc
+
+
+def _verify(
+    path: Path, tar: tarfile.TarFile, progress: Any, *, checksums: bool = True
+) -> dict[str, Any]:
     try:
         members = {m.name: m for m in tar.getmembers()}
     except (tarfile.TarError, EOFError, OSError) as exc:
@@ -412,20 +510,30 @@ def _verify(path: Path, tar: tarfile.TarFile, progress: Any) -> dict[str, Any]:
         if members[name].size != expect["size"]:
             why = f"member {name} is {members[name].size} bytes, the manifest says {expect['size']}"
             raise ArchiveError(CORRUPT.format(file=path, why=why))
-        digest = hashlib.sha256()
-        fh = tar.extractfile(members[name])
-        try:
-            while fh is not None and (block := fh.read(HASH_BLOCK)):
-                digest.update(block)
-                if progress is not None:
-                    progress(len(block))
-        except (tarfile.TarError, EOFError, OSError) as exc:
-            why = f"member {name} is cut short ({exc}): the archive is truncated"
-            raise ArchiveError(CORRUPT.format(file=path, why=why)) from exc
-        if digest.hexdigest() != expect["sha256"]:
-            why = f"member {name} fails its sha256 check"
+        if checksums:
+            _check_sum(path, tar, members[name], expect["sha256"], progress)
+        elif members[name].offset_data + expect["size"] > path.stat().st_size:
+            why = f"member {name} is cut short: the archive is truncated"
             raise ArchiveError(CORRUPT.format(file=path, why=why))
     return manifest
+
+
+def _check_sum(
+    path: Path, tar: tarfile.TarFile, member: tarfile.TarInfo, expected: str, progress: Any
+) -> None:
+    digest = hashlib.sha256()
+    fh = tar.extractfile(member)
+    try:
+        while fh is not None and (block := fh.read(HASH_BLOCK)):
+            digest.update(block)
+            if progress is not None:
+                progress(len(block))
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        why = f"member {member.name} is cut short ({exc}): the archive is truncated"
+        raise ArchiveError(CORRUPT.format(file=path, why=why)) from exc
+    if digest.hexdigest() != expected:
+        why = f"member {member.name} fails its sha256 check"
+        raise ArchiveError(CORRUPT.format(file=path, why=why))
 
 
 def _read(path: Path, tar: tarfile.TarFile, name: str) -> bytes:

@@ -27,6 +27,7 @@ from sessions_app.backup import (
     archive,
     copies,
     derived,
+    interrupts,
     portable,
     searchindex,
     sqlite_native,
@@ -243,6 +244,8 @@ def load(
             if shape is not None:
                 stored = _beside(stack, opened, index, shape, reporter)
             stack.enter_context(transaction.atomic())
+            # Runs just before the commit: Ctrl-C from then on is recorded, not obeyed.
+            stack.callback(interrupts.point_of_no_return)
             formatting = stack.enter_context(
                 _formatted_ahead(
                     opened, loading, wanted=(first or bool(shape)) and members and not copied

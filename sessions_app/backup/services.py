@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
+import sqlite3
 import subprocess
-import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -22,12 +23,15 @@ from django.db import connection, transaction
 from sessions_app.backup import (
     archive,
     copies,
+    interrupts,
+    leftovers,
     load,
     migrations,
     native,
     portable,
     searchindex,
     sqlite_native,
+    swap,
 )
 
 logger = logging.getLogger(__name__)
@@ -41,12 +45,43 @@ NOTHING_TO_LOAD = (
     "nothing changed."
 )
 SAFETY_FAILED = "the safety backup failed ({error}); nothing was restored, nothing changed."
+SAFETY_WITHOUT_ROWS = "{file} holds no loadable copy of the rows ({why})"
+NO_ROWS = (
+    "{file}: the archive holds no loadable copy of its rows ({why}): restore could not load it."
+)
+WRITE_FAILED = "{error} writing {path}"
+NOT_WRITTEN = "; no archive was written (its temporary files are removed)."
+UNWRITABLE = (
+    "cannot write in the backup directory {dir} ({error}); give a directory this user can "
+    "write in (--output DIR, or TERMSYS_BACKUP_DIR)."
+)
+NATIVE_PREPARE_FAILED = (
+    "{file}: preparing its SQLite copy in {dir} failed ({error}); nothing was restored, "
+    "nothing changed."
+)
+PAGE_COPY_FAILED = (
+    "{file}: copying its SQLite pages failed ({error}); the copy was rolled back, nothing changed."
+)
+INTERRUPTED = (
+    "{file}: interrupted before the data was replaced; nothing was restored, nothing changed."
+)
+INTERRUPTED_SAFETY = " The safety backup written meanwhile is {safety}."
+INTERRUPT_TOO_LATE = (
+    "Ctrl-C came once the data was being replaced (past the point of no return): the restore "
+    "was completed, not interrupted."
+)
+LEFTOVERS_REMOVED = "removed leftovers of killed backups or restores in {dir}: {names}"
+SIDE_DROPPED = "dropped {table}, left by a restore that was killed"
 NATIVE_LEFT_OUT = "left out on request (restore loads the portable form)"
 UNKNOWN_MODEL = "{model}: in the archive, not in this code; its {rows} rows are left out"
 
 
 class BackupError(Exception):
     """A backup operation refused or failed; the message says why, and that nothing changed."""
+
+
+class RestoreInterrupted(BackupError):
+    """Ctrl-C stopped a restore before its point of no return: nothing changed."""
 
 
 class Reporter:
@@ -100,13 +135,41 @@ def flush_pending_writes(reporter: Reporter) -> None:
 
 
 def _file_name(directory: Path, label: str, now: datetime) -> Path:
+    """The archive's name; ``archive.Writer`` adds ``-2``, ``-3``, ... if it is taken."""
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", label).strip("-.")[:40]
     stem = NAME_PREFIX + now.strftime("%Y%m%dT%H%M%SZ") + (f"-{slug}" if slug else "")
-    path, n = directory / f"{stem}{archive.SUFFIX}", 1
-    while path.exists():
-        n += 1
-        path = directory / f"{stem}-{n}{archive.SUFFIX}"
-    return path
+    return directory / f"{stem}{archive.SUFFIX}"
+
+
+def rows_missing(manifest: dict[str, Any]) -> str | None:
+    """Return why the archive of ``manifest`` does not hold every model's rows in a form
+    ``restore`` loads (the portable form, a SQLite copy, or binary copies), or None."""
+    listed = manifest.get("members") or {}
+    models = manifest.get("models") or []
+    forms = []
+    if manifest.get("portable", True):
+        absent = [e["model"] for e in models if e.get("member") not in listed]
+        if not absent:
+            return None
+        forms.append(f"the portable form lacks {', '.join(absent)}")
+    if sqlite_native.has_copy(manifest):
+        if manifest["native"]["member"] in listed:
+            return None
+        forms.append("its SQLite copy is not among its members")
+    if manifest.get("copies"):
+        absent = [e["model"] for e in models if (e.get("copy") or {}).get("member") not in listed]
+        if not absent:
+            return None
+        forms.append(f"the binary copies lack {', '.join(absent)}")
+    return "; ".join(forms) or "neither the portable form, nor a SQLite copy, nor binary copies"
+
+
+def clean_leftovers(directory: Path, reporter: Reporter) -> list[str]:
+    """Remove what killed backups and restores left in ``directory`` (``leftovers``); say so."""
+    removed = leftovers.clean(directory)
+    if removed:
+        reporter.note(LEFTOVERS_REMOVED.format(dir=directory, names=", ".join(removed)))
+    return removed
 
 
 @dataclass
@@ -145,9 +208,48 @@ def backup_create(
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError as exc:
         raise BackupError(f"cannot create the backup directory {directory}: {exc}") from exc
+    clean_leftovers(directory, reporter)
     flush_pending_writes(reporter)
     now = datetime.now(UTC)
     path = _file_name(directory, label, now)
+    try:
+        return _create(
+            directory=directory,
+            path=path,
+            now=now,
+            label=label,
+            native_copy=native_copy,
+            portable_form=portable_form,
+            search_index=search_index,
+            binary_copies=binary_copies,
+            documents_read=documents_read,
+            compress_threads=compress_threads,
+            reporter=reporter,
+        )
+    except leftovers.Unwritable as exc:
+        error = exc.error.strerror or exc.error
+        raise BackupError(UNWRITABLE.format(dir=directory, error=error)) from exc
+    except OSError as exc:
+        error = exc.strerror or str(exc)
+        raise BackupError(WRITE_FAILED.format(error=error, path=path) + NOT_WRITTEN) from exc
+    except archive.ArchiveError as exc:
+        raise BackupError(f"{exc}{NOT_WRITTEN}") from exc
+
+
+def _create(
+    *,
+    directory: Path,
+    path: Path,
+    now: datetime,
+    label: str,
+    native_copy: bool,
+    portable_form: bool,
+    search_index: bool,
+    binary_copies: bool,
+    documents_read: Callable[[], None] | None,
+    compress_threads: int | None,
+    reporter: Reporter,
+) -> Created:
     warnings: list[str] = []
     found = portable.backup_models()
     members = {
@@ -161,8 +263,9 @@ def backup_create(
     )
     index_codec = copies.CODEC if copied else "gzip"  # the documents as the copies beside them
     native.prepare()
-    with tempfile.TemporaryDirectory(dir=directory, prefix=".backup-") as tmp:
+    with leftovers.workdir(directory, ".backup-") as tmp:
         writer: archive.Writer | None = None
+        pending: native.Pending | None = None
         try:
             with transaction.atomic():
                 snapshot = native.begin_snapshot()  # the first statement of the transaction
@@ -203,9 +306,14 @@ def backup_create(
                     reporter=reporter,
                     warnings=warnings,
                 )
+            written = {**manifest, "members": writer.members}
+            if (why := rows_missing(written)) is not None:  # never an archive without the data
+                raise archive.ArchiveError(NO_ROWS.format(file=path, why=why))
             reporter.note(f"writing {path}")
-            writer.finish(manifest)
+            path = writer.finish(manifest)
         except BaseException:
+            if pending is not None:  # pg_dump or the backup API copy, writing into ``tmp``
+                pending.cancel()
             if writer is not None:
                 writer.abort()
             raise
@@ -234,9 +342,7 @@ def _fill(
     """Put the members into ``writer`` (inside the backup's transaction) and complete the
     manifest's description of them."""
     if not manifest["portable"] and pending is None and not copied:  # the data, at least once
-        manifest["portable"] = True
-        for entry, model in zip(manifest["models"], found, strict=True):
-            entry["member"] = members[model]
+        _as_portable(manifest, found, members)
     read = documents_read or (lambda: None)
     index = None
     if index_wanted and snapshot:  # beside the export, reading the same snapshot
@@ -274,6 +380,29 @@ def _fill(
             manifest["native"]["kind"] = pending.kind
         except native.NativeUnavailable as exc:
             manifest["native"] = _native_missing(exc, warnings)
+            if not manifest["portable"] and not copied:
+                # It was to be the only copy of the rows (a safety backup on SQLite): the
+                # portable form instead, read in the same transaction, so the same data.
+                reporter.note("the portable form instead")
+                _as_portable(manifest, found, members)
+                _write_rows(
+                    writer,
+                    manifest,
+                    found,
+                    members=members,
+                    copied={},
+                    compress=compress,
+                    work=work,
+                    reporter=reporter,
+                )
+
+
+def _as_portable(
+    manifest: dict[str, Any], found: list[type[Any]], members: dict[type[Any], str]
+) -> None:
+    manifest["portable"] = True
+    for entry, model in zip(manifest["models"], found, strict=True):
+        entry["member"] = members[model]
 
 
 def _write_rows(
@@ -380,9 +509,12 @@ def backup_verify(path: Path, *, reporter: Reporter | None = None) -> dict[str, 
     reporter.stage("verify", path.stat().st_size if path.is_file() else 0)
     try:
         with archive.verified(path, reporter.advance) as opened:
-            return opened.manifest
+            manifest = opened.manifest
     except archive.ArchiveError as exc:
         raise BackupError(str(exc)) from exc
+    if (why := rows_missing(manifest)) is not None:
+        raise BackupError(NO_ROWS.format(file=path, why=why))
+    return manifest
 
 
 @dataclass
@@ -418,16 +550,21 @@ def backup_restore(
     Verify every checksum, refuse an archive from newer code, take a safety backup, then in
     one transaction: delete, insert, reset sequences and compare row counts with the manifest.
     An archive from older code is loaded into this schema (columns it lacks take their
-    defaults); data migrations it had not run are listed, not re-run.
+    defaults); data migrations it had not run are listed, not re-run. Ctrl-C stops it until
+    the data is being replaced, and is ignored from then on (``interrupts``): RestoreInterrupted
+    means that nothing changed.
     """
     reporter = reporter or Reporter()
     path = Path(path)
     reporter.stage("verify", path.stat().st_size if path.is_file() else 0)
-    try:
-        with archive.verified(path, reporter.advance) as opened:
-            return _restore(opened, dry_run, safety_dir, reporter)
-    except archive.ArchiveError as exc:
-        raise BackupError(str(exc)) from exc
+    with contextlib.nullcontext() if dry_run else interrupts.guarded():
+        try:
+            with archive.verified(path, reporter.advance) as opened:
+                return _restore(opened, dry_run, safety_dir, reporter)
+        except archive.ArchiveError as exc:
+            raise BackupError(str(exc)) from exc
+        except KeyboardInterrupt as exc:  # before the point of no return
+            raise RestoreInterrupted(INTERRUPTED.format(file=path)) from exc
 
 
 def _restore(
@@ -480,23 +617,44 @@ def _restore(
         work.mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError as exc:
         raise BackupError(SAFETY_FAILED.format(error=exc)) from exc
-    with tempfile.TemporaryDirectory(dir=work, prefix=".restore-") as tmp:
-        try:
+    clean_leftovers(work, reporter)
+    drop_side_table(reporter)
+    try:
+        with leftovers.workdir(work, ".restore-") as tmp:
             _replace(
                 opened,
                 result,
                 current=current,
                 same_migrations=same_migrations,
                 copied=copies_unusable is None,
-                tmp=Path(tmp),
+                tmp=tmp,
                 safety_dir=safety_dir,
                 reporter=reporter,
             )
-        except load.LoadError as exc:
-            raise BackupError(str(exc)) from exc
+    except KeyboardInterrupt as exc:  # before the point of no return (``interrupts``)
+        message = INTERRUPTED.format(file=file)
+        if result.safety is not None:
+            message += INTERRUPTED_SAFETY.format(safety=result.safety)
+        raise RestoreInterrupted(message) from exc
+    except leftovers.Unwritable as exc:
+        error = exc.error.strerror or exc.error
+        raise BackupError(UNWRITABLE.format(dir=work, error=error)) from exc
+    except load.LoadError as exc:
+        raise BackupError(str(exc)) from exc
     ContentType.objects.clear_cache()
     _forget_cached_flags()
+    if interrupts.requested():
+        result.warnings.append(INTERRUPT_TOO_LATE)
     return result
+
+
+def drop_side_table(reporter: Reporter) -> bool:
+    """On PostgreSQL, drop the documents table a killed restore left (``swap.SIDE``) unless a
+    restore is using it; say so."""
+    if connection.vendor != "postgresql" or not swap.drop_left():
+        return False
+    reporter.note(SIDE_DROPPED.format(table=swap.SIDE))
+    return True
 
 
 def _replace(
@@ -531,16 +689,20 @@ def _replace(
                 result.safety = _safety_backup(safety_dir, reporter)
             finally:
                 extracting.exception()
-        extracting.result()
+        with _preparing(file, tmp):
+            extracting.result()
     elif connection.vendor == "postgresql" and _index_fits(manifest, same_migrations):
         beside = _safety_beside(safety_dir)
     else:
         result.safety = _safety_backup(safety_dir, reporter)
-    if page_copy and (why := sqlite_native.unfit(copy)) is not None:
-        logger.info("%s: the native copy is loaded row by row: %s", file, why)
-        page_copy = False
     if page_copy:
-        _load_pages(opened, copy, current, reporter)
+        with _preparing(file, tmp):
+            why = sqlite_native.unfit(copy)
+        if why is not None:
+            logger.info("%s: the native copy is loaded row by row: %s", file, why)
+            page_copy = False
+    if page_copy:
+        _load_pages(opened, copy, current, tmp, reporter)
         result.rows_from, result.index = "the SQLite copy, page for page", "copied with its pages"
         return
     if native_rows:
@@ -607,7 +769,7 @@ def _safety_backup(
     reporter.note("safety backup of the current data")
     sqlite = connection.vendor == "sqlite"
     try:
-        return backup_create(
+        created = backup_create(
             output_dir=safety_dir or backup_dir(),
             label=SAFETY_LABEL,
             native_copy=sqlite,
@@ -616,22 +778,48 @@ def _safety_backup(
             documents_read=documents_read,
             compress_threads=threads,
             reporter=reporter,
-        ).path
+        )
     except Exception as exc:
-        raise BackupError(SAFETY_FAILED.format(error=exc)) from exc
+        raise BackupError(SAFETY_FAILED.format(error=_short(exc))) from exc
+    if (why := rows_missing(created.manifest)) is not None:  # ``backup_create`` prevents it
+        error = SAFETY_WITHOUT_ROWS.format(file=created.path, why=why)
+        raise BackupError(SAFETY_FAILED.format(error=error))
+    return created.path
+
+
+def _short(exc: Exception) -> str:
+    """A failed create's message without what it adds for an operator of ``create``."""
+    return str(exc).removesuffix(NOT_WRITTEN)
+
+
+@contextlib.contextmanager
+def _preparing(file: Path, tmp: Path) -> Iterator[None]:
+    """Turn a failure to extract or prepare the archive's SQLite copy into a BackupError."""
+    try:
+        yield
+    except (OSError, sqlite3.Error) as exc:
+        error = getattr(exc, "strerror", None) or exc
+        raise BackupError(
+            NATIVE_PREPARE_FAILED.format(file=file, dir=tmp.parent, error=error)
+        ) from exc
 
 
 def _load_pages(
-    opened: archive.Archive, copy: Path, current: list[type[Any]], reporter: Reporter
+    opened: archive.Archive,
+    copy: Path,
+    current: list[type[Any]],
+    tmp: Path,
+    reporter: Reporter,
 ) -> None:
     """Restore SQLite from the archive's SQLite copy, page for page (``sqlite_native``)."""
     manifest, file = opened.manifest, opened.path
     labels = {model._meta.label_lower for model in current}
     entries = {e["table"]: e for e in manifest["models"] if e["model"] in labels}
     reporter.note("checking the native copy")
-    differ = sqlite_native.prepare(
-        copy, {table: e["rows"] for table, e in entries.items()}, load.LOGIN_SESSIONS_TABLE
-    )
+    with _preparing(file, tmp):
+        differ = sqlite_native.prepare(
+            copy, {table: e["rows"] for table, e in entries.items()}, load.LOGIN_SESSIONS_TABLE
+        )
     if differ:
         table, found = next(iter(differ.items()))
         raise BackupError(
@@ -643,7 +831,11 @@ def _load_pages(
             )
         )
     reporter.note("loading the native copy")
-    sqlite_native.page_copy(copy)
+    interrupts.point_of_no_return()  # Ctrl-C from here: looked at between the copy's steps
+    try:
+        sqlite_native.page_copy(copy, stop=interrupts.requested)
+    except sqlite3.Error as exc:
+        raise BackupError(PAGE_COPY_FAILED.format(file=file, error=exc)) from exc
 
 
 def _forget_cached_flags() -> None:
@@ -658,42 +850,109 @@ def _forget_cached_flags() -> None:
 
 @dataclass
 class Listed:
+    """An archive in the backup directory, as ``backup_list`` found it."""
+
     path: Path
     size: int
-    manifest: dict[str, Any] | None
-    error: str | None
+    manifest: dict[str, Any] | None  # None: unreadable (not an archive, or no manifest)
+    error: str | None  # why it is unreadable, damaged, or fails verification; None: fine
 
     @property
     def created(self) -> str:
         if self.manifest and self.manifest.get("created_at"):
             return str(self.manifest["created_at"])
-        return datetime.fromtimestamp(self.path.stat().st_mtime, UTC).isoformat()
+        return datetime.fromtimestamp(_lstat(self.path).st_mtime, UTC).isoformat()
 
 
-def backup_list(directory: Path | None = None) -> list[Listed]:
-    """Return the archives in ``directory`` (default: the backup dir), newest first."""
+def _lstat(path: Path) -> Any:
+    """``stat`` of the file, or of the link itself when it points nowhere."""
+    try:
+        return path.stat()
+    except OSError:
+        return path.lstat()
+
+
+def backup_list(directory: Path | None = None, *, verify: bool = False) -> list[Listed]:
+    """Return the archives in ``directory`` (default: the backup dir), newest first.
+
+    Each is checked against its manifest: every member there with its size, the manifest
+    matching its sha256 (the tar headers only: quick at any size). ``verify``: every member's
+    sha256 too, which reads every archive whole (``backup_verify``).
+    """
     directory = Path(directory) if directory is not None else backup_dir()
     if not directory.is_dir():
         return []
     found = []
     for path in directory.glob(f"{NAME_PREFIX}*{archive.SUFFIX}"):
         try:
-            found.append(Listed(path, path.stat().st_size, archive.read_manifest(path), None))
+            size = _lstat(path).st_size
+        except OSError:  # gone meanwhile
+            continue
+        try:
+            manifest = archive.read_manifest(path)
         except archive.ArchiveError as exc:
-            found.append(Listed(path, path.stat().st_size, None, str(exc)))
+            found.append(Listed(path, size, None, _reason(path, exc)))
+            continue
+        found.append(Listed(path, size, manifest, _damage(path, full=verify)))
     return sorted(found, key=lambda item: (item.created, item.path.name), reverse=True)
 
 
-def backup_prune(*, keep: int, directory: Path | None = None) -> list[Path]:
-    """Delete all but the newest ``keep`` readable archives; return the deleted paths.
+def _damage(path: Path, *, full: bool) -> str | None:
+    """Return why the archive at ``path`` fails its checks (``full``: checksums too), or None."""
+    try:
+        if full:
+            with archive.verified(path) as opened:
+                manifest = opened.manifest
+        else:
+            manifest = archive.checked(path)
+    except archive.ArchiveError as exc:
+        return _reason(path, exc)
+    why = rows_missing(manifest)
+    return None if why is None else f"it holds no loadable copy of its rows ({why})"
 
-    Unreadable files are never counted as kept nor deleted: ``list`` shows them for an operator.
+
+def _reason(path: Path, exc: Exception) -> str:
+    """An archive's error without the file name and "nothing changed": for a listing."""
+    text = str(exc).removeprefix(f"{path}: ")
+    return text.removesuffix("; nothing changed.").removesuffix(" Nothing changed.")
+
+
+@dataclass
+class Pruned:
+    deleted: list[Path] = field(default_factory=list)
+    kept: list[Path] = field(default_factory=list)
+    left: list[Listed] = field(default_factory=list)  # unreadable or damaged: for an operator
+    leftovers: list[str] = field(default_factory=list)
+
+
+def backup_prune(
+    *, keep: int, directory: Path | None = None, reporter: Reporter | None = None
+) -> Pruned:
+    """Keep the newest ``keep`` archives that verify (every checksum); delete the older ones.
+
+    An archive that is unreadable, damaged or fails verification is never counted as kept, nor
+    deleted: ``list`` shows it for an operator. Also removes the leftovers of killed backups and
+    restores (``leftovers``) and, on PostgreSQL, a killed restore's documents table.
     """
     if keep < 1:
         raise BackupError(f"--keep must be 1 or more, got {keep}: prune never deletes them all")
-    deleted = []
-    readable = [item for item in backup_list(directory) if item.manifest is not None]
-    for item in readable[keep:]:
-        item.path.unlink(missing_ok=True)
-        deleted.append(item.path)
-    return deleted
+    reporter = reporter or Reporter()
+    directory = Path(directory) if directory is not None else backup_dir()
+    done = Pruned()
+    if directory.is_dir():
+        done.leftovers = clean_leftovers(directory, reporter)
+    drop_side_table(reporter)
+    for item in backup_list(directory):
+        if item.manifest is None or item.error is not None:
+            done.left.append(item)
+        elif len(done.kept) < keep:
+            reporter.note(f"verifying {item.path.name}")
+            item.error = _damage(item.path, full=True)
+            if item.error is None:
+                done.kept.append(item.path)
+            else:
+                done.left.append(item)
+        else:
+            item.path.unlink(missing_ok=True)
+            done.deleted.append(item.path)
+    return done

@@ -18,18 +18,23 @@ Two ways, both after ``restore`` verified the archive and took its safety backup
 
 from __future__ import annotations
 
+import logging
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
 
-from django.db import DEFAULT_DB_ALIAS, connection, connections
+from django.db import DEFAULT_DB_ALIAS, DatabaseError, connection, connections
 from django.db.utils import load_backend
 
 from sessions_app.backup import native
 
 ALIAS = "termsys_backup_native"
+logger = logging.getLogger(__name__)
+# Pages the backup API copies per step (16 MiB of 4 KiB pages): between steps, a restore looks
+# at Ctrl-C (``page_copy``); a step costs nothing measurable beside its pages.
+PAGES_PER_STEP = 4096
 
 
 def candidate(manifest: dict[str, Any], same_migrations: bool) -> bool:
@@ -97,18 +102,36 @@ def prepare(path: Path, counts: dict[str, int], login_sessions: str) -> dict[str
     return differ
 
 
-def page_copy(path: Path) -> None:
+class _Stopped(Exception):
+    pass
+
+
+def page_copy(path: Path, stop: Callable[[], bool] = lambda: False) -> None:
     """Replace this database's pages with the copy's in one transaction, then checkpoint.
 
-    The backup API commits as it ends and writes every page through the write-ahead log; the
-    checkpoint moves them into the database file now rather than in the next writer's commit.
+    The backup API writes every page through the write-ahead log and commits as its last step
+    ends. It runs ``PAGES_PER_STEP`` pages at a time; after each step but the last, ``stop()``
+    true raises KeyboardInterrupt, and ending the backup before its last step rolls back its
+    transaction: nothing changed (SQLite's ``sqlite3_backup_finish``). The checkpoint moves
+    the pages into the database file now rather than in the next writer's commit.
     """
+
+    def step(status: int, remaining: int, total: int) -> None:
+        if status != sqlite3.SQLITE_DONE and stop():
+            raise _Stopped
+
     connection.ensure_connection()
     target = connection.connection
     with closing(sqlite3.connect(path)) as copy:
-        copy.backup(target)
-    with connection.cursor() as cursor:
-        cursor.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        try:
+            copy.backup(target, pages=PAGES_PER_STEP, progress=step)
+        except _Stopped:
+            raise KeyboardInterrupt from None
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    except DatabaseError as exc:  # committed already: the next checkpoint moves the pages
+        logger.warning("checkpoint after the page copy: %s", exc)
 
 
 @contextmanager

@@ -301,3 +301,26 @@ def locked() -> Iterator[None]:
                 cursor.execute("SELECT pg_advisory_unlock(%s)", [LOCK])
         except DatabaseError as exc:  # the connection is gone, and its lock with it
             logger.warning("%s is left for the next restore to drop: %s", SIDE, exc)
+
+
+def drop_left() -> bool:
+    """Drop ``SIDE`` if a killed restore left it and no restore is using it (their lock is
+    free); return whether it was dropped."""
+    side = connection.ops.quote_name(SIDE)
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT to_regclass(%s) IS NOT NULL", [side])
+        if not cursor.fetchone()[0]:
+            return False
+        cursor.execute("SELECT pg_try_advisory_lock(%s)", [LOCK])
+        if not cursor.fetchone()[0]:
+            return False  # a restore is loading documents into it
+    try:
+        with transaction.atomic(), connection.cursor() as cursor:  # a savepoint if nested
+            cursor.execute(f"DROP TABLE IF EXISTS {side}")
+    except DatabaseError as exc:
+        logger.warning("%s, left by a killed restore, is not dropped: %s", SIDE, exc)
+        return False
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_unlock(%s)", [LOCK])
+    return True

@@ -16,7 +16,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser, OutputWrapper
 
-from sessions_app.backup import services
+from sessions_app.backup import interrupts, services
 from sessions_app.backup.services import BackupError
 
 BAR_WIDTH = 30
@@ -29,6 +29,11 @@ NO_TTY = (
 )
 DECLINED = "Not restored; nothing changed."
 NO_BACKUPS = "No backups in {dir}."
+INTERRUPTED_BEFORE = "interrupted; nothing was restored, nothing changed."
+INTERRUPTED_STATUS = 130  # a shell's status for a command ended by Ctrl-C (128 + SIGINT)
+UNREADABLE = "{name}  unreadable: {error}"
+DAMAGED = "{name}  DAMAGED ({error}): do not rely on it"
+PRUNE_LEFT = "left {name} for an operator: {error}"
 
 
 class Progress(services.Reporter):
@@ -74,6 +79,15 @@ class Progress(services.Reporter):
         self.shown = -1
 
 
+def printable(text: str) -> str:
+    """``text`` with control and other unprintable characters escaped (``\\x1b``, ``\\n``):
+    a label or file name is shown, never acted on by the terminal."""
+    return "".join(
+        char if char.isprintable() else char.encode("unicode_escape").decode("ascii")
+        for char in text
+    )
+
+
 def size_label(size: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if size < 1024 or unit == "GiB":
@@ -98,7 +112,12 @@ class Command(BaseCommand):
             action="store_true",
             help="Leave out the engine's own copy (restore does not need it): smaller, faster.",
         )
-        sub.add_parser("list", help="The archives in TERMSYS_BACKUP_DIR, newest first.")
+        listing = sub.add_parser("list", help="The archives in TERMSYS_BACKUP_DIR, newest first.")
+        listing.add_argument(
+            "--verify",
+            action="store_true",
+            help="Check every member's sha256 too (reads every archive whole).",
+        )
         verify = sub.add_parser("verify", help="Check every member of an archive (sha256).")
         verify.add_argument("file", type=Path)
         restore = sub.add_parser("restore", help="Replace all data with an archive's.")
@@ -114,6 +133,9 @@ class Command(BaseCommand):
         self.progress = Progress(self.stdout, self.stdout.isatty())
         try:
             getattr(self, f"handle_{subcommand}")(**options)
+        except services.RestoreInterrupted as exc:
+            self.progress.finish()
+            raise CommandError(str(exc), returncode=INTERRUPTED_STATUS) from exc
         except BackupError as exc:
             self.progress.finish()
             raise CommandError(str(exc)) from exc
@@ -132,23 +154,30 @@ class Command(BaseCommand):
         size = size_label(created.path.stat().st_size)
         self.stdout.write(self.style.SUCCESS(f"Created {created.path} ({rows} rows, {size})."))
 
-    def handle_list(self, **options: Any) -> None:
-        found = services.backup_list()
+    def handle_list(self, *, verify: bool, **options: Any) -> None:
+        found = services.backup_list(verify=verify)
         if not found:
             self.stdout.write(NO_BACKUPS.format(dir=services.backup_dir()))
             return
         for item in found:
+            name = printable(item.path.name)
             if item.manifest is None:
-                self.stdout.write(self.style.ERROR(f"{item.path.name}  unreadable: {item.error}"))
+                error = printable(item.error or "")
+                self.stdout.write(self.style.ERROR(UNREADABLE.format(name=name, error=error)))
+                continue
+            if item.error is not None:
+                error = printable(item.error)
+                self.stdout.write(self.style.ERROR(DAMAGED.format(name=name, error=error)))
                 continue
             manifest = item.manifest
             sessions = next(
                 (m["rows"] for m in manifest["models"] if m["model"].endswith(".terminalsession")),
                 0,
             )
+            label = printable(str(manifest.get("label") or "-"))
             self.stdout.write(
-                f"{item.path.name}  {item.created[:19]}  {manifest['database']['vendor']}  "
-                f"{sessions} sessions  {size_label(item.size)}  {manifest.get('label') or '-'}"
+                f"{name}  {item.created[:19]}  {manifest['database']['vendor']}  "
+                f"{sessions} sessions  {size_label(item.size)}  {label}"
             )
 
     def handle_verify(self, *, file: Path, **options: Any) -> None:
@@ -175,30 +204,51 @@ class Command(BaseCommand):
         )
 
     def handle_restore(self, *, file: Path, dry_run: bool, yes: bool, **options: Any) -> None:
+        try:
+            if not self._confirmed(file, dry_run=dry_run, yes=yes):
+                return
+        except KeyboardInterrupt:
+            self.progress.finish()
+            raise CommandError(
+                f"{file}: {INTERRUPTED_BEFORE}", returncode=INTERRUPTED_STATUS
+            ) from None
+        # Ctrl-C stops the restore until the data is being replaced; from then on it is
+        # ignored to the end of this report (``interrupts``).
+        with interrupts.guarded():
+            done = services.backup_restore(file, reporter=self.progress)
+            self.progress.finish()
+            for warning in done.warnings:
+                self.stdout.write(self.style.WARNING(warning))
+            rows = sum(change.archived for change in done.changes)
+            self.stdout.write(
+                self.style.SUCCESS(
+                    f"Restored {file}: {rows} rows from {done.rows_from}, search index "
+                    f"{done.index}; row counts match the manifest. The data before "
+                    f"is in {done.safety}. Login sessions were cleared: everyone signs in again."
+                )
+            )
+
+    def _confirmed(self, file: Path, *, dry_run: bool, yes: bool) -> bool:
+        """Verify, show what would change and ask; return whether to restore."""
         plan = services.backup_restore(file, dry_run=True, reporter=self.progress)
         self.progress.finish()
         self._show_plan(plan)
         if dry_run:
             self.stdout.write(self.style.WARNING("Dry run: nothing changed."))
-            return
-        if not yes:
-            if not sys.stdin.isatty():
-                raise CommandError(NO_TTY)
-            if input(CONFIRM.format(file=file)).strip().lower() != "yes":
-                self.stdout.write(DECLINED)
-                return
-        done = services.backup_restore(file, reporter=self.progress)
-        self.progress.finish()
-        for warning in done.warnings:
-            self.stdout.write(self.style.WARNING(warning))
-        rows = sum(change.archived for change in done.changes)
-        self.stdout.write(
-            self.style.SUCCESS(
-                f"Restored {file}: {rows} rows from {done.rows_from}, search index "
-                f"{done.index}; row counts match the manifest. The data before "
-                f"is in {done.safety}. Login sessions were cleared: everyone signs in again."
-            )
-        )
+            return False
+        if yes:
+            return True
+        if not sys.stdin.isatty():
+            raise CommandError(NO_TTY)
+        try:
+            answer = input(CONFIRM.format(file=file))
+        except EOFError:  # Ctrl-D: no answer is not a yes
+            answer = ""
+            self.stdout.write("")
+        if answer.strip().lower() != "yes":
+            self.stdout.write(DECLINED)
+            return False
+        return True
 
     def _show_plan(self, plan: services.Restored) -> None:
         manifest = plan.manifest
@@ -229,7 +279,14 @@ class Command(BaseCommand):
             self.stdout.write(self.style.WARNING(warning))
 
     def handle_prune(self, *, keep: int, **options: Any) -> None:
-        deleted = services.backup_prune(keep=keep)
-        for path in deleted:
-            self.stdout.write(f"deleted {path.name}")
-        self.stdout.write(f"Pruned {len(deleted)} archive(s); kept the newest {keep}.")
+        done = services.backup_prune(keep=keep, reporter=self.progress)
+        self.progress.finish()
+        for path in done.deleted:
+            self.stdout.write(f"deleted {printable(path.name)}")
+        for item in done.left:
+            name, error = printable(item.path.name), printable(item.error or "")
+            self.stdout.write(self.style.WARNING(PRUNE_LEFT.format(name=name, error=error)))
+        self.stdout.write(
+            f"Pruned {len(done.deleted)} archive(s); kept the newest {len(done.kept)} that "
+            f"verify (--keep {keep})."
+        )

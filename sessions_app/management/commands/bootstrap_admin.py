@@ -6,7 +6,10 @@ import secrets
 from typing import Any
 
 from django.contrib.auth import get_user_model
-from django.core.management.base import BaseCommand
+from django.core.exceptions import ValidationError
+from django.core.management.base import BaseCommand, CommandError
+
+BAD_USERNAME = "--username {username!r}: {problems}"
 
 
 class Command(BaseCommand):
@@ -19,6 +22,13 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, username: str, **options: Any) -> None:
         User = get_user_model()
+        # As the user model checks it (createsuperuser does too): required, at most 150
+        # characters, letters, digits and @/./+/-/_ only.
+        try:
+            User._meta.get_field(User.USERNAME_FIELD).clean(username, None)
+        except ValidationError as exc:
+            problems = " ".join(exc.messages)
+            raise CommandError(BAD_USERNAME.format(username=username, problems=problems)) from exc
         if User.objects.exists():
             return
         password = secrets.token_urlsafe(12)

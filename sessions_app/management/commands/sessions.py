@@ -8,6 +8,7 @@ recording or as plain text.
 from __future__ import annotations
 
 import html
+import os
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from sessions_app.errors import NotFound
 
 NO_SESSION = "no session {session_id!r}"
 NO_OUTPUT = "{session_id}: no stored output here ({error}); export it from the page instead"
+STDOUT_FAILED = "{session_id}: cannot write the export to standard output: {error}"
 
 
 class Command(BaseCommand):
@@ -86,7 +88,13 @@ class Command(BaseCommand):
         except NotFound as exc:
             raise CommandError(NO_OUTPUT.format(session_id=session_id, error=exc)) from exc
         if output is None:
-            self.stdout.write(result.body.decode("utf-8"), ending="")
+            try:
+                self.stdout.write(result.body.decode("utf-8"), ending="")
+                self.stdout.flush()  # a full disk or a closed pipe shows here, not at exit
+            except OSError as exc:
+                self._drop_stdout()
+                failed = STDOUT_FAILED.format(session_id=session_id, error=exc.strerror or exc)
+                raise CommandError(failed) from exc
             return
         try:
             Path(output).write_bytes(result.body)
@@ -95,3 +103,16 @@ class Command(BaseCommand):
         self.stdout.write(
             f"Exported {session_id} ({format}, {len(result.body)} bytes) to {output}."
         )
+
+    def _drop_stdout(self) -> None:
+        """Point standard output at /dev/null: what it still buffers would fail again as
+        Python exits, after the error was reported (as the ``signal`` docs advise for EPIPE)."""
+        try:
+            fd = self.stdout.fileno()
+        except (AttributeError, OSError, ValueError):
+            return  # not a file (a test's StringIO)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, fd)
+        finally:
+            os.close(devnull)
