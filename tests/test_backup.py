@@ -1371,7 +1371,11 @@ def test_list_marks_damaged_archives_without_reading_them_whole(backup_dir):
     data = edited.read_bytes()  # the manifest edited by hand: still JSON, not what was summed
     edited.write_bytes(data.replace(b'"label": "edited"', b'"label": "edifed"', 1))
     listed = backup("list")
-    assert f"{cut.name}  unreadable: not a termsys backup archive" in listed
+    cut_line = next(line for line in listed.splitlines() if line.startswith(cut.name))
+    # Cut before or after its manifest (which side depends on the engine's members).
+    assert cut_line.startswith(
+        (f"{cut.name}  unreadable: not a termsys backup archive", f"{cut.name}  DAMAGED")
+    ), cut_line
     assert (
         f"{edited.name}  DAMAGED (corrupt archive: manifest.json does not match "
         "manifest.sha256): do not rely on it"
