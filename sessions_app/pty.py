@@ -8,6 +8,7 @@ process tree and the TERMSYS_SESSION_ID variable every process inherits.
 from __future__ import annotations
 
 import atexit
+import ctypes
 import errno
 import fcntl
 import logging
@@ -61,13 +62,43 @@ def shell_environment(*, cwd: str, session_id: str) -> dict[str, str]:
     return env
 
 
+# Signals a shell must start with at their default action. exec() keeps an ignored signal
+# ignored and a blocked one blocked: a server started under nohup (SIGHUP ignored) or by a
+# supervisor that ignores SIGINT/SIGQUIT would hand that on to every shell and its jobs, so a
+# hang-up would not end them and Ctrl-C or Ctrl-\ would do nothing.
+_RESET_SIGNALS = (
+    signal.SIGHUP,
+    signal.SIGINT,
+    signal.SIGQUIT,
+    signal.SIGTERM,
+    signal.SIGPIPE,
+    signal.SIGTSTP,
+    signal.SIGTTIN,
+    signal.SIGTTOU,
+    signal.SIGCHLD,
+    signal.SIGALRM,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+    signal.SIGWINCH,
+)
+# libc's signal(), loaded here: Python's signal.signal() works only in the main thread, and the
+# child runs setup in whichever thread spawned it.
+_libc_signal = ctypes.CDLL(None, use_errno=True).signal
+_libc_signal.argtypes = (ctypes.c_int, ctypes.c_void_p)
+_libc_signal.restype = ctypes.c_void_p
+
+
 def _child_setup(cgroup_procs: int | None) -> Callable[[], None]:
-    """Return what the child runs between fork and exec: join the cgroup, take the PTY.
+    """Return what the child runs between fork and exec: default signal actions and no
+    blocked signals, join the cgroup, take the PTY.
 
     Joining before exec means nothing the shell starts is ever outside the cgroup.
     """
 
     def setup() -> None:
+        for signum in _RESET_SIGNALS:
+            _libc_signal(signum, None)  # SIG_DFL is 0
+        signal.pthread_sigmask(signal.SIG_SETMASK, ())
         if cgroup_procs is not None:
             try:
                 os.write(cgroup_procs, b"0")  # "0": the writing process itself

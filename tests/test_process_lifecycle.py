@@ -373,3 +373,40 @@ def test_a_relative_cgroup_root_stops_start_up_with_its_name(tmp_path):
     result = start({"TERMSYS_CGROUP_ROOT": "sys/fs/cgroup"}, tmp_path)
     assert result.returncode != 0
     assert "TERMSYS_CGROUP_ROOT='sys/fs/cgroup' must be an absolute path" in result.stderr
+
+
+def _signal_bits(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1], 16)
+    raise AssertionError(f"no {field} for {pid}")
+
+
+def test_a_shell_starts_with_default_signals_whatever_the_server_ignores(tmp_path):
+    """A server started under nohup ignores SIGHUP (and a supervisor may ignore or block
+    more); a shell must not inherit that, or hanging up would not end its jobs and Ctrl-C or
+    Ctrl-\\ would do nothing."""
+    from sessions_app.pty import PtyProcess
+
+    ignored = (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT)
+    before = {signum: signal.signal(signum, signal.SIG_IGN) for signum in ignored}
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    try:
+        pty = PtyProcess.spawn(["sleep", "60"], cwd=str(tmp_path), env={}, cols=80, rows=24)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+    try:
+        mask = sum(1 << (signum - 1) for signum in ignored)
+        assert _signal_bits(pty.pid, "SigIgn") & mask == 0
+        assert _signal_bits(pty.pid, "SigBlk") == 0
+        os.kill(pty.pid, signal.SIGHUP)  # a hang-up ends it
+        for _ in range(100):
+            if pty.poll() is not None:
+                break
+            time.sleep(0.05)
+        assert pty.poll() is not None
+    finally:
+        pty.terminate()
+        pty.close()
