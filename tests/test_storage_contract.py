@@ -523,11 +523,12 @@ def test_stored_output_text_is_what_the_user_read_without_escape_sequences(proje
         b"\x1b]0;build: ~/api\x07\x1b]7;file://host/srv/app\x1b\\"
         b"\x1b[01;34mmod12.py\x1b[0m\tcaf\xc3\xa9\r\n"
         b"\x1b[2K\x1b[1Gdone\x07\x1bM\r\n"
+        b"\x1b(B\x1b[1mbold\x1b(B\x1b[maf\x1b7ter\x1b8\r\n"  # what tput sgr0 and ESC 7/8 write
     )
     database.append_output(record.id, 0, screen)
     database.append_output(record.id, len(screen), b"plain line\r\n")
     text = "".join(OutputChunk.objects.filter(session_id=record.id).values_list("text", flat=True))
-    assert text == "mod12.py\tcafé\ndone\nplain line\n"
+    assert text == "mod12.py\tcafé\ndone\nboldafter\nplain line\n"
 
 
 def test_text_of_a_grown_chunk_is_the_same_whether_read_whole_or_added_to():
@@ -541,8 +542,10 @@ def test_text_of_a_grown_chunk_is_the_same_whether_read_whole_or_added_to():
         b"\x1b]0;build: ~/api\x07\x1b]7;file://host/srv/app\x1b\\"
         b"\x1b[01;34mmod12.py\x1b[0m\tcaf\xc3\xa9 \xe2\x82\xac\r\n"
         b"\x1bP1$r0m\x1b\\\x1b[2K\x1b[1Gdone\x07\x1bM\r\n"
-        b"\x1b]133;D;0\x07\x1b]133;A\x07$ \x1b[?2004hls\r\r\nplain\x00line\x7f\r\n\x1b"
+        b"\x1b]133;D;0\x07\x1b]133;A\x07$ \x1b[?2004hls\r\r\nplain\x00line\x7f\r\n"
+        b"\x1b(Bbold\x1b)0\x1b7saved\x1b8\x1b#8\x1b%Gx\x1b=\x1bc\r\n\x1b"
     )
+    assert plain_text(stream).endswith("plainline\nboldsavedx\n")
     for cut in range(len(stream) + 1):
         first, more = stream[:cut], stream[cut:]
         assert plain_text_after(first, plain_text(first), more) == plain_text(stream), cut

@@ -15,7 +15,8 @@ ANSI_RE = re.compile(
     rb"\][^\x07\x1b]*(?:\x07|\x1b\\)"  # OSC ... BEL / ST
     rb"|\[[0-?]*[ -/]*[@-~]"  # CSI
     rb"|[PX^_][^\x1b]*\x1b\\"  # DCS / SOS / PM / APC
-    rb"|[@-Z\\-_])"  # two-byte escapes
+    rb"|[ -/]+[0-~]"  # nF: intermediates, then a final byte (ESC ( B, ESC ) 0, ESC # 8)
+    rb"|[0-Z\\-~])"  # two-byte escapes: Fp (ESC 7, ESC 8, ESC =), Fe (ESC M), Fs (ESC c)
     rb"|[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]"  # other control bytes (keep \t \n \r)
 )
 CONTROL_BYTES = bytes([*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F])
