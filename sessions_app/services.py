@@ -261,7 +261,8 @@ async def session_create(
 
 
 def _session_discard(*, record: SessionRecord) -> None:
-    """Remove a session whose shell never started, with its events.
+    """Remove a session (whose shell never started, or that an admin deletes) with its events
+    and output.
 
     A write-behind provider (HYBRID) may have written the session to the database already,
     where lists would still find it until the delete follows: wait for that, briefly.
@@ -447,6 +448,26 @@ async def session_kill(*, session_id: str, actor: str = "") -> SessionRecord:
                 end_reason="killed",
             )
     return await database_sync_to_async(_find)(session_id)
+
+
+def session_running_elsewhere(*, session_id: str) -> str | None:
+    """Return the server process that owns a live session's shell when it is not this one and
+    still runs (its shell can be ended only there), else None."""
+    record = storage.find(session_id)
+    if record is None or record.state not in LIVE_STATES or terminals.get(session_id) is not None:
+        return None
+    if record.node and terminals.node_is_alive(record.node):
+        return record.node
+    return None
+
+
+def sessions_forget(*, session_ids: list[str]) -> None:
+    """Remove sessions whose shells have ended from their storage providers (an admin deletes
+    them: a provider that holds sessions in memory must not list them again)."""
+    for session_id in session_ids:
+        record = storage.find(session_id)
+        if record is not None:
+            get_storage(record.storage_mode).delete(session_id)
 
 
 async def session_close(*, user: AbstractBaseUser, session_id: str) -> SessionRecord:

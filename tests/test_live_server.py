@@ -351,3 +351,48 @@ def test_a_socket_to_no_terminal_closes_4404_with_a_message(live_termsys, live_c
                 ws.recv(timeout=10)
             assert ws.protocol.close_rcvd.code == 4404
     assert "Traceback" not in live_termsys.log.read_text()[len(log_before) :]
+
+
+def _running_job(live_termsys, live_client, name: str) -> tuple[dict, int, int]:
+    """Open a terminal whose shell runs a background job; return it, the shell and the job."""
+    body = open_terminal(live_client, name)
+    with ws_connect(
+        ws_url(live_termsys, body["connectionUrl"]),
+        origin=live_termsys.url,
+        additional_headers=live_client.ws_headers(),
+        open_timeout=10,
+    ) as ws:
+        read_until(ws, b"# ")
+        ws.send(b"sleep 4949 & echo job=$! ok-$((6*7))\r")
+        out, _ = read_until(ws, b"ok-42")
+    job = int(re.search(rb"job=(\d+) ok-42", out).group(1))
+    return body, body["session"]["pid"], job
+
+
+def _ended(*pids: int, timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while any(is_running(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not any(is_running(pid) for pid in pids)
+
+
+def test_deleting_a_live_session_or_its_project_in_the_admin_ends_its_shells(
+    live_termsys, live_client
+):
+    """A deleted session's shell would run on, listed and limited by nothing."""
+    body, shell, job = _running_job(live_termsys, live_client, "del-" + secrets.token_hex(2))
+    session_id = body["session"]["id"]
+    sessions = "/admin/sessions_app/terminalsession/"
+    confirm = live_client.page(f"{sessions}{quote(session_id)}/delete/")
+    assert "Are you sure" in confirm
+    live_client.page(f"{sessions}{quote(session_id)}/delete/", {"post": "yes"})
+    assert _ended(shell, job)
+    _, listed = live_client.api("GET", "/api/terminal/list")
+    assert session_id not in [s["id"] for s in listed["sessions"]]
+
+    body, shell, job = _running_job(live_termsys, live_client, "delp-" + secrets.token_hex(2))
+    project = body["session"]["projectId"]
+    live_client.page(f"/admin/sessions_app/project/{project}/delete/", {"post": "yes"})
+    assert _ended(shell, job)
+    _, listed = live_client.api("GET", "/api/terminal/list")
+    assert body["session"]["id"] not in [s["id"] for s in listed["sessions"]]
