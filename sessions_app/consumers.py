@@ -6,6 +6,7 @@ frames carry JSON control messages. See DESIGN.md, "Terminal I/O".
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -19,7 +20,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from channels.sessions import InstanceSessionWrapper
 
 from featureflags import safeguard
-from sessions_app import conf, ratelimit, selectors, services, terminals
+from sessions_app import conf, ratelimit, selectors, services, signout, terminals
 from sessions_app.dbthread import db_call
 from sessions_app.errors import (
     Conflict,
@@ -167,6 +168,8 @@ class TerminalConsumer(AsyncWebsocketConsumer):
         self.size: tuple[int, int] | None = None
         self.terminal: terminals.LiveTerminal | None = None
         self.record: SessionRecord | None = None
+        session = self.scope.get("session")
+        self.session_key = getattr(session, "session_key", None) if session is not None else None
         self.bucket = ratelimit.TokenBucket(conf.ws_messages_per_second())
         user = self.scope.get("user")
         if user is None or not user.is_authenticated:
@@ -305,6 +308,15 @@ class TerminalConsumer(AsyncWebsocketConsumer):
         await self.accept()
         await self.send_control({"type": "error", "code": error.code, "message": error.message})
         await self.close(code=error.close_code)
+
+    def sign_out(self) -> None:
+        """Close this socket: its login has ended (call on its loop; see signout.py)."""
+        if not self._gone:
+            self._signing_out = asyncio.ensure_future(self._signed_out())
+
+    async def _signed_out(self) -> None:
+        await self.send_error("signed_out", signout.MSG_SIGNED_OUT)
+        await self.close(code=NotAuthenticated.close_code)
 
     async def disconnect(self, code: int) -> None:
         terminal = self.terminal

@@ -1,7 +1,7 @@
 """Per-process housekeeping of live sessions, about once a second: end the ones idle past
-TERMSYS_IDLE_TIMEOUT, record shells' working directories, and move sessions between storage
+TERMSYS_IDLE_TIMEOUT, record shells' working directories, move sessions between storage
 modes when the storage_hybrid flag or TERMSYS_EMERGENCY_ROLLBACK says so (flushing first,
-without the clients reconnecting)."""
+without the clients reconnecting), and close the sockets of logins that have ended."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from django.db import transaction
 
 from featureflags import broadcast, tasks
 from featureflags.evaluation import STORAGE_FLAG
-from sessions_app import conf, storage, terminals
+from sessions_app import conf, signout, storage, terminals
 from sessions_app.dbthread import db_call
 from sessions_app.models import SessionEvent
 from sessions_app.storage import get_storage
@@ -119,9 +119,13 @@ async def _track_cwd(live: list[terminals.LiveTerminal]) -> None:
 
 async def _watch_modes(loop: asyncio.AbstractEventLoop) -> None:
     """About once a second: end idle sessions, record working directories, and switch storage
-    modes where the flag says."""
+    modes where the flag says; every few seconds, close the sockets of ended logins."""
+    signed_out_at = loop.time()
     while not loop.is_closed():
         await asyncio.sleep(MODE_CHECK_SECONDS)
+        if loop.time() - signed_out_at >= signout.CHECK_SECONDS:
+            signed_out_at = loop.time()
+            await signout.end_signed_out(loop)
         live = [t for t in terminals.all_terminals() if t.loop is loop and not t.ended]
         live = await _end_idle(live)
         if not live:

@@ -396,3 +396,61 @@ def test_deleting_a_live_session_or_its_project_in_the_admin_ends_its_shells(
     assert _ended(shell, job)
     _, listed = live_client.api("GET", "/api/terminal/list")
     assert body["session"]["id"] not in [s["id"] for s in listed["sessions"]]
+
+
+def _closed_with(ws, timeout: float = 15) -> tuple[int | None, list[dict]]:
+    """Read until the server closes ``ws``; return the close code and the control messages."""
+    controls = []
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            frame = ws.recv(timeout=max(0.05, deadline - time.monotonic()))
+            if isinstance(frame, str):
+                controls.append(json.loads(frame))
+    except ConnectionClosed:
+        return ws.protocol.close_rcvd.code if ws.protocol.close_rcvd else None, controls
+    return None, controls
+
+
+def test_logging_out_closes_the_terminals_of_that_login_in_every_tab(live_termsys):
+    """A socket is authenticated at its handshake only: after a logout in one tab, a terminal
+    open in another must not keep running commands."""
+    from tests.live import Browserless
+
+    client = Browserless(live_termsys)
+    client.login()
+    body = open_terminal(client, "logout-" + secrets.token_hex(2))
+    url = ws_url(live_termsys, body["connectionUrl"])
+    with ws_connect(
+        url, origin=live_termsys.url, additional_headers=client.ws_headers(), open_timeout=10
+    ) as ws:
+        read_until(ws, b"# ")
+        client.page("/accounts/logout/", {})
+        code, controls = _closed_with(ws)
+    assert code == 4401
+    assert any(c.get("code") == "signed_out" for c in controls), controls
+
+
+def test_a_login_ended_elsewhere_closes_its_terminals(live_termsys):
+    """A login deleted or expired outside this server process (another process's logout,
+    clearsessions) closes its terminals too, within a few seconds."""
+    from tests.live import Browserless
+
+    client = Browserless(live_termsys)
+    client.login()
+    body = open_terminal(client, "ended-" + secrets.token_hex(2))
+    url = ws_url(live_termsys, body["connectionUrl"])
+    with ws_connect(
+        url, origin=live_termsys.url, additional_headers=client.ws_headers(), open_timeout=10
+    ) as ws:
+        read_until(ws, b"# ")
+        key = client.cookie("sessionid")
+        live_termsys.manage(
+            "shell",
+            "-c",
+            "from django.contrib.sessions.models import Session; "
+            f"Session.objects.filter(session_key={key!r}).delete()",
+        )
+        code, controls = _closed_with(ws)
+    assert code == 4401
+    assert any(c.get("code") == "signed_out" for c in controls), controls
