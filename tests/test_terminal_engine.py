@@ -579,12 +579,15 @@ async def test_input_a_finished_shell_never_read_never_reaches_the_next_shell(
         await asyncio.sleep(0.02)
     assert terminals.get(first.id)._pending_input  # the shell is busy: held for it
     assert (await term.control("exit", timeout=15))["type"] == "exit"
+    # Nothing waits to be written to that descriptor number any more (this probe returns
+    # whether a writer was still registered for it).
+    assert not asyncio.get_running_loop().remove_writer(fd)
 
     elsewhere = await database_sync_to_async(ProjectFactory)(owner=other_user)
     second = await services.session_create(
         user=other_user, project_id=elsewhere.pk, tab_name="second"
     )
-    assert terminals.get(second.id).pty.fd == fd  # the descriptor number came back
+    # Usually the same number again; then a writer left behind would type into this shell.
     other = await connect(other_user, second.id)
     await asyncio.sleep(1)  # a writer left behind fires as soon as the new PTY is writable
     await other.type("echo mine-$((5*5))\r")
