@@ -3,7 +3,9 @@
 Output is stored as chunks without per-byte times. A ``.cast`` gives each chunk's first frame the
 time since the previous chunk was stored (``OutputChunk.at``; later bytes appended to a chunk
 share its time) and the other frames of a chunk ``FRAME_INTERVAL``; with no chunk rows (a
-session held only in memory) every frame is ``FRAME_INTERVAL`` apart.
+session held only in memory) every frame is ``FRAME_INTERVAL`` apart. The header has the size
+the terminal had where the retained output begins; each later change of size (a ``resized``
+event, a revival at another size) is an ``r`` event at the output byte it took effect from.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from sessions_app import storage
-from sessions_app.models import OutputChunk, StorageMode
+from sessions_app.models import OutputChunk, SessionEvent, StorageMode
 from sessions_app.storage import SessionRecord, get_storage
 from sessions_app.storage.base import plain_text
 
@@ -78,32 +80,78 @@ def _chunk_times(session_id: str) -> tuple[list[int], list[datetime]]:
     return [offset for offset, _ in pairs], [at for _, at in pairs]
 
 
+def _sizes(session_id: str) -> list[tuple[int | None, str]]:
+    """Return each size the session's terminal took (its starts and its resizes, in order),
+    with the output offset it held from (None in events recorded before offsets were)."""
+    kinds = (SessionEvent.Kind.STARTED, SessionEvent.Kind.RESIZED)
+    events = SessionEvent.objects.filter(session_id=session_id, kind__in=kinds).order_by("at", "id")
+    sizes = []
+    for data in events.values_list("data", flat=True):
+        if isinstance(data, dict) and _is_int(data.get("cols")) and _is_int(data.get("rows")):
+            offset = data.get("offset")
+            sizes.append((offset if _is_int(offset) else None, f"{data['cols']}x{data['rows']}"))
+    return sizes
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _pieces(record: SessionRecord, data: bytes, start: int) -> tuple[str, list[bytes | str]]:
+    """Return the size in effect where ``data`` (from offset ``start``) begins, and ``data``
+    in frames with each later change of size (a "COLSxROWS" string) where it took effect."""
+    size = f"{record.cols}x{record.rows}"
+    changes: list[tuple[int, str]] = []
+    for number, (offset, taken) in enumerate(_sizes(record.id)):
+        if number == 0 or (offset is not None and offset <= start):
+            size = taken
+        elif offset is not None:
+            changes.append((offset, taken))
+    pieces: list[bytes | str] = []
+    position = start
+    for offset, taken in sorted(changes):
+        if offset > position:
+            pieces.extend(_frames(data[position - start : offset - start]))
+            position = offset
+        pieces.append(taken)
+    pieces.extend(_frames(data[position - start :]))
+    return size, pieces
+
+
 def to_cast(record: SessionRecord, data: bytes, start: int) -> bytes:
     """Return an asciicast v3 recording of ``data`` (output from byte offset ``start``)."""
+    size, pieces = _pieces(record, data, start)
+    cols, rows = (int(n) for n in size.split("x"))
     header = {
         "version": 3,
-        "term": {"cols": record.cols, "rows": record.rows, "type": "xterm-256color"},
+        "term": {"cols": cols, "rows": rows, "type": "xterm-256color"},
         "idle_time_limit": IDLE_TIME_LIMIT,
         "title": record.title or record.tab_name or record.id,
     }
     if record.created_at is not None:
         header["timestamp"] = int(record.created_at.timestamp())
-    lines = [json.dumps(header, ensure_ascii=False)]
     offsets, times = _chunk_times(record.id)
+    lines = [json.dumps(header, ensure_ascii=False)]
     decoder = codecs.getincrementaldecoder("utf-8")("replace")
     position, previous_chunk = start, None
-    for frame in _frames(data):
+    interval = 0.0  # carried to the next event when a frame decodes to nothing
+    for piece in pieces:
+        if isinstance(piece, str):
+            lines.append(json.dumps([round(interval, 6), "r", piece]))
+            interval = 0.0
+            continue
         chunk = bisect.bisect_right(offsets, position) - 1
         if chunk < 0 or chunk == previous_chunk:
-            interval = FRAME_INTERVAL if lines[1:] else 0.0
+            interval += FRAME_INTERVAL if lines[1:] else 0.0
         else:
             before = times[previous_chunk] if previous_chunk is not None else times[chunk]
-            interval = max(0.0, (times[chunk] - before).total_seconds())
+            interval += max(0.0, (times[chunk] - before).total_seconds())
         previous_chunk = chunk if chunk >= 0 else previous_chunk
-        position += len(frame)
-        text = decoder.decode(frame)
+        position += len(piece)
+        text = decoder.decode(piece)
         if text:
             lines.append(json.dumps([round(interval, 6), "o", text], ensure_ascii=False))
+            interval = 0.0
     tail = decoder.decode(b"", final=True)
     if tail:
         lines.append(json.dumps([0.0, "o", tail], ensure_ascii=False))

@@ -309,6 +309,7 @@ async def _start_terminal(
         start_offset=record.output_bytes if history is None else history.end,
         history=history,
         on_exit=_on_terminal_exit,
+        on_resize=_on_terminal_resized,
     )
     terminal.cols, terminal.rows = cols, rows
     terminal.cwd = cwd
@@ -321,12 +322,37 @@ async def _start_terminal(
         session_id=record.id,
         target=SessionState.ACTIVE,
         event=Kind.STARTED,
-        data={"pid": pty.pid},
+        data={"pid": pty.pid, "cols": cols, "rows": rows, "offset": terminal.size_offset},
         pid=pty.pid,
         node=terminals.NODE_ID,
         cols=cols,
         rows=rows,
     )
+
+
+def session_resized(*, session_id: str, cols: int, rows: int, offset: int) -> None:
+    """Record a live session's new size, which holds from output byte ``offset`` on (its
+    ``resized`` event: an export replays it there)."""
+    record = storage.find(session_id)
+    if record is None or (record.cols, record.rows) == (cols, rows):
+        return
+    provider = get_storage(record.storage_mode)
+    with transaction.atomic():
+        provider.update(session_id, cols=cols, rows=rows)
+        provider.add_event(session_id, Kind.RESIZED, {"cols": cols, "rows": rows, "offset": offset})
+
+
+async def _on_terminal_resized(terminal: terminals.LiveTerminal) -> None:
+    try:
+        await db_call(
+            session_resized,
+            session_id=terminal.session_id,
+            cols=terminal.cols,
+            rows=terminal.rows,
+            offset=terminal.size_offset,
+        )
+    except Exception:  # the size is recorded again at the next resize or detach
+        logger.warning("could not record the size of %s", terminal.session_id, exc_info=True)
 
 
 async def _on_terminal_exit(terminal: terminals.LiveTerminal, exit_code: int | None) -> None:

@@ -41,6 +41,9 @@ SHORT_READ = 1024
 # A viewer that fell behind is resynced with at most this much of the newest output.
 RESYNC_BYTES = 256 * 1024
 HOLD_BACK_SECONDS = 0.1
+# A new size is recorded (a ``resized`` event) once it has held this long: dragging a window's
+# edge resizes many times a second.
+RESIZE_RECORD_SECONDS = 1.0
 # Input the program has not read yet is held up to this much per session (a paste into a busy
 # program); input past it is refused with an error, never held without bound.
 PENDING_INPUT_LIMIT = 4 * 1024 * 1024
@@ -121,6 +124,7 @@ class LiveTerminal:
         start_offset: int,
         on_exit: Callable[[LiveTerminal, int | None], Awaitable[None]],
         history: Scrollback | None = None,
+        on_resize: Callable[[LiveTerminal], Awaitable[None]] | None = None,
     ) -> None:
         self.session_id = session_id
         self.user_id = user_id
@@ -133,6 +137,9 @@ class LiveTerminal:
         self.ended = False
         self.killed = False  # ended by a user or the server, not by itself
         self._on_exit = on_exit
+        self._on_resize = on_resize
+        self._resize_record: asyncio.TimerHandle | None = None
+        self.size_offset = start_offset  # the output offset from which the current size holds
         # The newest output, kept in memory for replay: [self._tail.start, self.end_offset).
         # A revived session starts with its stored history (its output offsets continue).
         self._tail = (
@@ -779,9 +786,23 @@ class LiveTerminal:
         self._set_size(cols, rows)
 
     def _set_size(self, cols: int, rows: int) -> None:
+        if (cols, rows) == (self.cols, self.rows):
+            return
         self.cols, self.rows = cols, rows
         if not self.ended:
             self.pty.resize(cols, rows)
+            self.size_offset = self.end_offset
+            if self._on_resize is not None:
+                if self._resize_record is not None:
+                    self._resize_record.cancel()
+                self._resize_record = self.loop.call_later(
+                    RESIZE_RECORD_SECONDS, self._record_size, context=contextvars.Context()
+                )
+
+    def _record_size(self) -> None:
+        self._resize_record = None
+        if not self.ended and self._on_resize is not None:
+            self._spawn(self._on_resize(self))
 
 
 _terminals: dict[str, LiveTerminal] = {}

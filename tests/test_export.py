@@ -263,3 +263,46 @@ def test_export_to_a_full_standard_output_is_a_clear_error(stored, tmp_path, kin
         f"CommandError: {stored.id}: cannot write the export to standard output: "
         "No space left on device"
     )
+
+
+async def test_a_cast_replays_each_resize_where_it_happened(user, session, connect):
+    """The header has the size the terminal started at; each later size is an ``r`` event
+    between the output printed before it and after it, so a player wraps lines as they were."""
+    import asyncio
+
+    from channels.db import database_sync_to_async
+
+    from sessions_app import terminals
+    from sessions_app.models import SessionEvent
+
+    async def resized(count: int) -> None:
+        events = SessionEvent.objects.filter(session_id=session.id, kind="resized")
+        for _ in range(100):  # recorded once the size has held a second
+            if await events.acount() >= count:
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"fewer than {count} resized events")
+
+    term = await connect(user, session.id)
+    await term.type("echo one-$((1))\r")
+    await term.read_until(b"one-1")
+    for cols, rows in ((90, 30), (100, 30)):  # a drag: only the size it ends at is recorded
+        await term.send_json({"type": "resize", "cols": cols, "rows": rows})
+    await resized(1)
+    await term.type("echo two-$((2))\r")
+    await term.read_until(b"two-2")
+    await term.send_json({"type": "resize", "cols": 120, "rows": 40})
+    await resized(2)
+    await term.type("echo three-$((3))\r")
+    await term.read_until(b"three-3")
+    await terminals.get(session.id).flush()
+
+    record = await database_sync_to_async(storage.find)(session.id)
+    body = (await database_sync_to_async(export.session_export)(record=record, format="cast")).body
+    header, events = parse_cast(body)
+    assert (header["term"]["cols"], header["term"]["rows"]) == (80, 24)
+    assert [e[2] for e in events if e[1] == "r"] == ["100x30", "120x40"]
+    played = "".join(e[2] if e[1] == "o" else f"<{e[2]}>" for e in events)
+    assert played.index("one-1") < played.index("<100x30>") < played.index("two-2")
+    assert played.index("two-2") < played.index("<120x40>") < played.index("three-3")
+    assert (record.cols, record.rows) == (120, 40)
