@@ -411,8 +411,13 @@ async def test_terminal_lifecycle(client, user, project, live_terminals):
     assert in_project["projectId"] == project.pk and in_project["activeCount"] == 1
     assert in_project["terminals"][0]["tabName"] == "build"
 
+    assert (session["tabNamed"], session["cols"], session["rows"]) == (False, 80, 24)
     renamed = await post(client, f"/api/terminal/{session['id']}/rename", {"tabName": "deploy"})
     assert renamed.json()["session"]["tabName"] == "deploy"
+    # The user chose it: the page shows it rather than the process title, from now on.
+    assert renamed.json()["session"]["tabNamed"] is True
+    listed = (await client.get(f"/api/workspace/projects/{project.pk}/terminals")).json()
+    assert listed["terminals"][0]["tabNamed"] is True
 
     shell_pid = session["pid"]
     closed = await post(client, f"/api/terminal/{session['id']}/close")
