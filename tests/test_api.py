@@ -654,3 +654,36 @@ def test_the_watch_page_links_back_to_the_sessions_admin_page_whatever_its_id(pr
     assert back == "/admin/sessions_app/terminalsession/session_5F1795303845870_5F40rs9i94/change/"
     detail = client.get(back)
     assert detail.status_code == 200 and session.id in detail.content.decode()
+
+
+def test_the_page_refuses_no_project_name_the_server_accepts_and_no_more(db):
+    """The name field's maxlength is the server's limit: a longer paste is cut where the
+    server would refuse it, and nothing the server accepts is cut."""
+    from django.contrib.auth import get_user_model
+    from django.test import Client
+
+    from sessions_app.names import NAME_MAX
+
+    client = Client()
+    client.force_login(get_user_model().objects.create_user("maxlength", password="x" * 12))
+    page = client.get("/").content.decode()
+    field = re.search(r'<input name="name"[^>]*>', page).group()
+    assert f'maxlength="{NAME_MAX}"' in field
+    assert Project._meta.get_field("name").max_length == NAME_MAX
+
+
+def test_the_watch_page_renders_at_the_owners_size(project):
+    from django.contrib.auth import get_user_model
+    from django.test import Client
+
+    client = Client()
+    staff = get_user_model().objects.create_user("watch-size", password="x" * 12)
+    staff.is_staff = True
+    staff.save()
+    client.force_login(staff)
+    session = TerminalSession.objects.create(
+        project=project, user=project.owner, state="exited", cols=132, rows=41
+    )
+    page = client.get(f"/watch/{session.id}/").content.decode()
+    data = json.loads(re.search(r'id="termsys-session"[^>]*>(.*?)</script>', page).group(1))
+    assert (data["cols"], data["rows"]) == (132, 41)
