@@ -1,6 +1,6 @@
 // One terminal tab: an xterm.js instance, its pane, and the WebSocket that feeds it.
 
-import { api, redirectToLogin, toast } from "./api.js";
+import { api, ApiError, redirectToLogin, toast } from "./api.js";
 
 const ACK_BYTES = 32 * 1024;
 const ACK_IDLE_MS = 50;
@@ -12,6 +12,9 @@ const BACKOFF_START_MS = 500;
 const BACKOFF_MAX_MS = 10_000;
 const THROTTLED_MIN_MS = 5_000;
 const ERROR_GRACE_MS = 150;
+// A paste the program does not read is refused frame by frame: one notice for all of them.
+const OVERFLOW_GRACE_MS = 400;
+const LIVE_STATES = new Set(["creating", "active", "detached"]);
 
 const THEME = {
   background: "#0f1117",
@@ -81,13 +84,25 @@ function socketUrl(path) {
  * at once, before any connection, and the first connection continues from its end.
  */
 export class TerminalView {
-  constructor({ session, connectionUrl, container, onChange, scrollback, cols, rows, readOnly }) {
+  constructor({
+    session,
+    connectionUrl,
+    container,
+    onChange,
+    scrollback,
+    cols,
+    rows,
+    readOnly,
+    fixedSize,
+  }) {
     this.session = { ...session };
     // A read-only view (staff watching someone's terminal) sends no input; the server
     // enforces it too, and says so in hello (`readOnly`).
     this.readOnly = Boolean(readOnly);
     this.connectionPath = connectionUrl || `/ws/terminals/${encodeURIComponent(session.id)}/`;
     this.onChange = onChange || (() => {});
+    // Keep cols x rows whatever the pane's size (a viewer renders at the owner's size).
+    this.fixedSize = Boolean(fixedSize && cols && rows);
     this.status = "idle";
     this.errorMessage = "";
     this.exitCode = session.exitCode ?? null;
@@ -110,9 +125,14 @@ export class TerminalView {
     this.ackPending = 0;
     this.ackTimer = null;
     this.sentSize = "";
+    this.overflowBytes = 0;
+    this.overflowCount = 0;
+    this.overflowMessage = "";
+    this.overflowTimer = null;
 
     this.pane = document.createElement("div");
     this.pane.className = "terminal-pane";
+    this.pane.classList.toggle("fixed-size", this.fixedSize);
     this.pane.dataset.sessionId = session.id;
     container.append(this.pane);
 
@@ -176,6 +196,7 @@ export class TerminalView {
   /** Fit the terminal to its pane (only while visible) and tell the server. */
   fit() {
     if (!this.term.element || !this.pane.classList.contains("active")) return;
+    if (this.fixedSize) return;
     try {
       this.fitAddon.fit();
     } catch (err) {
@@ -320,10 +341,28 @@ export class TerminalView {
       this.attempt = 0;
       this.connect();
     } catch (err) {
-      toast(`${this.session.tabName}: ${err.message}`);
+      const state = err instanceof ApiError && err.status === 409 ? err.details?.state : null;
+      if (LIVE_STATES.has(state)) this.followRevival({ state });
+      else toast(`${this.session.tabName}: ${err.message}`);
     } finally {
       this.reviving = false;
     }
+  }
+
+  /**
+   * The session has a new shell, started from another window: attach to it, continuing after
+   * the output this view already shows. Connects now if the view is on screen, else when shown.
+   */
+  followRevival(session = {}) {
+    if (this.disposed || !this.ended || !this.revivable) return;
+    this.session = { ...this.session, ...session, endReason: "", exitCode: null };
+    this.ended = false;
+    this.revivable = false;
+    this.exitCode = null;
+    this.attempt = 0;
+    this.term.write("\x1b[?25h"); // the exit notice hid the cursor
+    if (this.pane.classList.contains("active")) this.connect();
+    else this.setStatus("idle");
   }
 
   handleOutput(buffer, generation) {
