@@ -33,7 +33,15 @@ export function renderProjectList(list, projects, currentId, onSelect) {
 }
 
 /**
- * Build one tab. `info` is {tabName, title, cwd, status}; handlers are
+ * What a tab shows: the name the user gave it (rename) wins, as in VS Code; otherwise the
+ * title (the running command or directory where dynamic_titles is on), else the tab name.
+ */
+export function tabLabel({ tabName, tabNamed, title }) {
+  return tabNamed ? tabName : title || tabName;
+}
+
+/**
+ * Build one tab. `info` is {tabName, tabNamed, title, cwd, status}; handlers are
  * onActivate(), onClose() and onRename(tab).
  */
 export function buildTab(sessionId, info, active, { onActivate, onClose, onRename }) {
@@ -155,24 +163,26 @@ export function openExportMenu(sessionId, anchor) {
 }
 
 /** Refresh a tab's label, status dot (data-state) and tooltip. */
-export function updateTab(tab, { tabName, title, cwd, status }) {
+export function updateTab(tab, info) {
+  const { tabName, title, cwd, status } = info;
   const label = tab.querySelector(".tab-label");
-  // The title follows the running command or cwd where dynamic_titles is on, else it is
-  // the tab name (the server falls back to it).
-  if (label && !label.hidden) label.textContent = title || tabName;
+  if (label && !label.hidden) label.textContent = tabLabel(info);
   tab.dataset.state = status;
   const details = [title !== tabName ? title : "", cwd].filter(Boolean).join(" — ");
   tab.title = details ? `${tabName}: ${details}` : tabName;
 }
 
 /**
- * Swap the tab's label for a text input. Enter or blur saves through
- * `save(newName)` (a promise); Escape cancels. The label shows the new name at
- * once and goes back to the old one if saving fails.
+ * Swap the tab's label for a text input holding `original`. Enter or blur saves through
+ * `save(newName)` (a promise); Escape cancels. The label shows the new name at once and
+ * goes back to what it showed before if saving fails. `done(how, refocus)` runs when the
+ * input goes (how: "saving", "unchanged" or "cancelled"; refocus: the input had the focus,
+ * which now needs a place) and again with "failed" if saving fails.
  */
 export function editTabLabel(tab, original, save, done) {
   const label = tab.querySelector(".tab-label");
   if (!label || tab.querySelector(".tab-rename")) return;
+  const shown = label.textContent;
   const input = document.createElement("input");
   input.className = "tab-rename";
   input.value = original;
@@ -188,17 +198,19 @@ export function editTabLabel(tab, original, save, done) {
     if (finished) return;
     finished = true;
     const name = input.value.trim();
+    const refocus = tab.contains(document.activeElement);
+    const saving = commit && name && name !== original;
     input.remove();
     label.hidden = false;
-    if (commit && name && name !== original) {
-      label.textContent = name;
-      try {
-        await save(name);
-      } catch (err) {
-        label.textContent = original;
-      }
+    if (saving) label.textContent = name;
+    done(saving ? "saving" : commit ? "unchanged" : "cancelled", refocus);
+    if (!saving) return;
+    try {
+      await save(name);
+    } catch (err) {
+      label.textContent = shown;
+      done("failed", false);
     }
-    done();
   };
   input.addEventListener("keydown", (event) => {
     event.stopPropagation();

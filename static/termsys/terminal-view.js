@@ -297,6 +297,10 @@ export class TerminalView {
         if (msg.mode) this.session.mode = msg.mode;
         break;
       case "error":
+        if (msg.code === "input_overflow") {
+          this.noteOverflow(msg.message || "");
+          break;
+        }
         // A refusal is an error frame followed by a close: report it once, with the close.
         this.serverError = msg.message || msg.code || "terminal error";
         clearTimeout(this.errorTimer);
@@ -309,6 +313,37 @@ export class TerminalView {
       default:
         break; // pong, and anything newer than this page
     }
+  }
+
+  /**
+   * Count one refused input frame (the program is not reading its input) and report them all
+   * in one notice once they stop coming: a big paste is refused in many frames.
+   */
+  noteOverflow(message) {
+    const size = /(\d+) bytes were not delivered/.exec(message);
+    this.overflowBytes += size ? Number(size[1]) : 0;
+    this.overflowCount += 1;
+    this.overflowMessage = message;
+    clearTimeout(this.overflowTimer);
+    this.overflowTimer = setTimeout(() => this.reportOverflow(), OVERFLOW_GRACE_MS);
+  }
+
+  reportOverflow() {
+    clearTimeout(this.overflowTimer);
+    this.overflowTimer = null;
+    const { overflowBytes: bytes, overflowCount: count, overflowMessage: message } = this;
+    this.overflowBytes = 0;
+    this.overflowCount = 0;
+    this.overflowMessage = "";
+    if (!count) return;
+    let text = message;
+    if (count > 1) {
+      const total = `${bytes} bytes in all were not delivered`;
+      text = bytes
+        ? message.replace(/\d+ bytes were not delivered/, total)
+        : `${message} (${count} times)`;
+    }
+    toast(`${this.session.tabName}: ${text || "input was not delivered"}`);
   }
 
   writeExitNotice() {
@@ -535,6 +570,7 @@ export class TerminalView {
     this.disposed = true;
     this.clearRetry();
     clearTimeout(this.errorTimer);
+    clearTimeout(this.overflowTimer);
     this.dropSocket();
     this.term.dispose();
     this.pane.remove();

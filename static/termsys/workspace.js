@@ -1,7 +1,7 @@
 // The workspace page: projects in the sidebar, terminal tabs for the selected project.
 
 import { api, ApiError, showError } from "./api.js";
-import { buildTab, editTabLabel, renderProjectList, updateTab } from "./render.js";
+import { buildTab, editTabLabel, renderProjectList, tabLabel, updateTab } from "./render.js";
 import { setupSearch } from "./search.js";
 import { TerminalView } from "./terminal-view.js";
 
@@ -314,7 +314,13 @@ function tabStatus(session) {
 function tabInfo(session) {
   const view = state.views.get(session.id);
   const current = view ? view.session : session;
-  return { tabName: current.tabName, title: current.title, cwd: current.cwd, status: tabStatus(session) };
+  return {
+    tabName: current.tabName,
+    tabNamed: Boolean(current.tabNamed),
+    title: current.title,
+    cwd: current.cwd,
+    status: tabStatus(session),
+  };
 }
 
 function renderTabs() {
@@ -495,7 +501,7 @@ async function closeTab(sessionId) {
   if (!session) return;
   const view = state.views.get(sessionId);
   const ended = view ? view.ended || view.status === "exited" : ENDED_STATES.has(session.state);
-  const name = view ? view.session.tabName : session.tabName;
+  const name = tabLabel(tabInfo(session)); // what the tab shows
   if (!ended && !window.confirm(`Close "${name}"? Everything running in it will be stopped.`)) {
     return;
   }
@@ -541,10 +547,17 @@ function startRename(sessionId, tab) {
       throw err;
     }
   };
-  const done = () => {
+  const done = (how, refocus) => {
+    if (how === "failed") {
+      refreshTab(session); // what it showed, with any title since
+      return;
+    }
+    if (!markActiveTab(state.activeView?.session.id)) renderTabs(); // changed meanwhile
+    if (!refocus) return; // the user moved on (clicked elsewhere)
     if (state.activeView?.session.id === sessionId) state.activeView.term.focus();
   };
-  editTabLabel(tab, tabInfo(session).tabName, save, done);
+  // Edit what the tab shows: the name the user gave it, else the title they see.
+  editTabLabel(tab, tabLabel(tabInfo(session)).slice(0, 100), save, done);
 }
 
 function applyTabName(sessionId, tabName) {
@@ -554,6 +567,7 @@ function applyTabName(sessionId, tabName) {
     if (!s) continue;
     if (s.title === s.tabName) s.title = tabName; // a title that was the old name
     s.tabName = tabName;
+    s.tabNamed = true; // from now on the tab shows the name, not the process title
   }
   if (session) refreshTab(session);
 }
