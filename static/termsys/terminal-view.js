@@ -16,6 +16,16 @@ const ERROR_GRACE_MS = 150;
 const OVERFLOW_GRACE_MS = 400;
 const LIVE_STATES = new Set(["creating", "active", "detached"]);
 
+/**
+ * Ctrl+Shift+F6 moves the focus out of a terminal (the workspace: to its tab), so a keyboard
+ * user is never trapped: Tab, Shift+Tab and Escape belong to the shell and its programs. No
+ * common shell, editor or pager binds it, and browsers and desktops leave it to the page.
+ * The page's help text and README's "Using it" name it.
+ */
+function isLeaveKey(event) {
+  return event.key === "F6" && event.ctrlKey && event.shiftKey && !event.altKey && !event.metaKey;
+}
+
 const THEME = {
   background: "#0f1117",
   foreground: "#d4d9e3",
@@ -65,6 +75,11 @@ function base64Bytes(text) {
   return latin1Bytes(window.atob(text));
 }
 
+/** The id of a session's terminal pane (a tab's aria-controls). */
+export function paneId(sessionId) {
+  return `pane-${sessionId}`;
+}
+
 function socketUrl(path) {
   const scheme = window.location.protocol === "https:" ? "wss:" : "ws:";
   return `${scheme}//${window.location.host}${path}`;
@@ -89,11 +104,13 @@ export class TerminalView {
     connectionUrl,
     container,
     onChange,
+    onLeave,
     scrollback,
     cols,
     rows,
     readOnly,
     fixedSize,
+    describedBy,
   }) {
     this.session = { ...session };
     // A read-only view (staff watching someone's terminal) sends no input; the server
@@ -101,8 +118,11 @@ export class TerminalView {
     this.readOnly = Boolean(readOnly);
     this.connectionPath = connectionUrl || `/ws/terminals/${encodeURIComponent(session.id)}/`;
     this.onChange = onChange || (() => {});
+    // Called on Ctrl+Shift+F6 (isLeaveKey) in the terminal: move the focus somewhere else.
+    this.onLeave = onLeave || (() => {});
     // Keep cols x rows whatever the pane's size (a viewer renders at the owner's size).
     this.fixedSize = Boolean(fixedSize && cols && rows);
+    this.describedBy = describedBy || "";
     this.status = "idle";
     this.errorMessage = "";
     this.exitCode = session.exitCode ?? null;
@@ -134,6 +154,8 @@ export class TerminalView {
     this.pane.className = "terminal-pane";
     this.pane.classList.toggle("fixed-size", this.fixedSize);
     this.pane.dataset.sessionId = session.id;
+    this.pane.id = paneId(session.id);
+    this.pane.setAttribute("role", "tabpanel");
     container.append(this.pane);
 
     this.term = new window.Terminal({
@@ -155,6 +177,12 @@ export class TerminalView {
     });
     this.term.onBinary((s) => this.sendInput(latin1Bytes(s)));
     this.term.onResize(() => this.sendResize());
+    this.term.attachCustomKeyEventHandler((event) => {
+      if (!isLeaveKey(event)) return true;
+      event.preventDefault();
+      if (event.type === "keydown") this.onLeave(this);
+      return false; // xterm neither sends it to the shell nor handles it
+    });
     if (scrollback) this.seed(scrollback);
   }
 
@@ -178,7 +206,13 @@ export class TerminalView {
   show() {
     this.lastUsed = Date.now();
     this.pane.classList.add("active");
-    if (!this.term.element) this.term.open(this.pane);
+    if (!this.term.element) {
+      this.term.open(this.pane);
+      // Screen readers announce how to leave the terminal (the page's keyboard help).
+      if (this.describedBy) {
+        this.term.textarea?.setAttribute("aria-describedby", this.describedBy);
+      }
+    }
     this.fit();
     if (this.status === "idle" || this.status === "error") this.connect();
     // Don't pull the keyboard away from a field the user is typing in (say, a new project's

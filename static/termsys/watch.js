@@ -21,6 +21,7 @@ const view = new TerminalView({
   cols: known ? session.cols : undefined,
   rows: known ? session.rows : undefined,
   fixedSize: known,
+  onLeave: () => document.querySelector(".topbar a")?.focus(),
   readOnly: true,
 });
 view.show();

@@ -1,7 +1,15 @@
 // The workspace page: projects in the sidebar, terminal tabs for the selected project.
 
 import { api, ApiError, showError } from "./api.js";
-import { buildTab, editTabLabel, renderProjectList, tabLabel, updateTab } from "./render.js";
+import {
+  buildTab,
+  editTabLabel,
+  markTab,
+  renderProjectList,
+  tabLabel,
+  updateTab,
+  wireTablistKeys,
+} from "./render.js";
 import { setupSearch } from "./search.js";
 import { TerminalView } from "./terminal-view.js";
 
@@ -169,6 +177,8 @@ function newView(session, options = {}) {
     session,
     container: el.area,
     onChange: onViewChange,
+    onLeave: focusActiveTab,
+    describedBy: "keyboard-help",
     cols: known ? session.cols : sized?.cols,
     rows: known ? session.rows : sized?.rows,
     ...options,
@@ -325,6 +335,9 @@ function tabInfo(session) {
 
 function renderTabs() {
   const activeId = state.activeView?.session.id;
+  const focused = el.tabs.contains(document.activeElement)
+    ? document.activeElement.closest(".tab")?.dataset.sessionId
+    : null;
   el.tabbar.hidden = state.currentProjectId === null;
   el.tabs.replaceChildren(
     ...currentSessions().map((session) =>
@@ -335,7 +348,17 @@ function renderTabs() {
       }),
     ),
   );
+  // Without an active tab the first one is the strip's stop in the tab order.
+  const first = el.tabs.querySelector(".tab");
+  if (first && !el.tabs.querySelector('.tab[tabindex="0"]')) first.tabIndex = 0;
+  if (focused) (tabElement(focused) || el.tabs.querySelector('.tab[tabindex="0"]'))?.focus();
   updateStatusIndicator();
+}
+
+/** Move the keyboard focus from the terminal to its tab (Ctrl+Shift+F6 in a terminal). */
+function focusActiveTab() {
+  const id = state.activeView?.session.id;
+  (id && tabElement(id))?.focus();
 }
 
 /** Move the active mark in place; false when the tab bar is not showing these sessions. */
@@ -345,11 +368,8 @@ function markActiveTab(sessionId) {
   if (tabs.length !== ids.length || tabs.some((tab, i) => tab.dataset.sessionId !== ids[i])) {
     return false;
   }
-  for (const tab of tabs) {
-    const active = tab.dataset.sessionId === sessionId;
-    tab.classList.toggle("active", active);
-    tab.setAttribute("aria-selected", String(active));
-  }
+  for (const tab of tabs) markTab(tab, tab.dataset.sessionId === sessionId);
+  if (tabs.length && !tabs.some((tab) => tab.tabIndex === 0)) tabs[0].tabIndex = 0;
   updateStatusIndicator();
   return true;
 }
@@ -520,6 +540,7 @@ function removeTab(sessionId) {
   const session = findSession(sessionId);
   if (!session) return;
   state.closedAt.set(sessionId, performance.now());
+  const hadFocus = el.tabs.contains(document.activeElement);
   const projectId = session.projectId ?? state.currentProjectId;
   const sessions = state.sessionsByProject.get(projectId) || currentSessions();
   const index = sessions.findIndex((s) => s.id === sessionId);
@@ -532,11 +553,14 @@ function removeTab(sessionId) {
     renderTabs();
     renderEmptyStates(false);
   }
+  // Closed from the keyboard (Delete): stay in the tab strip.
+  if (hadFocus && !el.tabs.contains(document.activeElement)) focusActiveTab();
 }
 
 function startRename(sessionId, tab) {
   const session = findSession(sessionId);
   if (!session) return;
+  const fromKeyboard = document.activeElement === tab;
   const save = async (tabName) => {
     try {
       const path = `/api/terminal/${encodeURIComponent(sessionId)}/rename`;
@@ -554,7 +578,8 @@ function startRename(sessionId, tab) {
     }
     if (!markActiveTab(state.activeView?.session.id)) renderTabs(); // changed meanwhile
     if (!refocus) return; // the user moved on (clicked elsewhere)
-    if (state.activeView?.session.id === sessionId) state.activeView.term.focus();
+    if (fromKeyboard) tabElement(sessionId)?.focus();
+    else if (state.activeView?.session.id === sessionId) state.activeView.term.focus();
   };
   // Edit what the tab shows: the name the user gave it, else the title they see.
   editTabLabel(tab, tabLabel(tabInfo(session)).slice(0, 100), save, done);
@@ -648,6 +673,11 @@ async function init() {
   setupSearch({ open: openSearchHit });
   setupResizing();
   setupReconnectTriggers();
+  wireTablistKeys(el.tabs, {
+    onActivate: activateTab,
+    onClose: closeTab,
+    onRename: startRename,
+  });
   el.projectForm.addEventListener("submit", createProject);
   el.newTerminal.addEventListener("click", createTerminal);
   el.emptyNewTerminal.addEventListener("click", createTerminal);
