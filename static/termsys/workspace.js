@@ -25,11 +25,17 @@ const LIVE_STATES = new Set(["creating", "active", "detached"]);
 // A project's tab list is fetched again when the user switches to it; on focus, on coming
 // back to the page or on hovering a tab, at most this often.
 const REFRESH_MIN_MS = 3000;
+// Under this width the sidebar is a drawer behind the ☰ button (see workspace.css).
+const NARROW = window.matchMedia("(max-width: 719.98px)");
 
 const $ = (id) => document.getElementById(id);
 const el = {
   projectList: $("project-list"),
   projectListEmpty: $("project-list-empty"),
+  layout: $("layout"),
+  sidebar: $("sidebar"),
+  sidebarToggle: $("sidebar-toggle"),
+  sidebarBackdrop: $("sidebar-backdrop"),
   projectForm: $("new-project-form"),
   projectError: $("new-project-error"),
   currentProjectName: $("current-project-name"),
@@ -115,6 +121,7 @@ async function selectProject(projectId) {
   state.currentProjectId = project.id;
   storage.set(LAST_PROJECT_KEY, String(project.id));
   renderProjects();
+  closeSidebar();
   el.currentProjectName.textContent = project.name;
   el.currentProjectName.title = project.path || "";
 
@@ -403,8 +410,10 @@ function updateStatusIndicator() {
   }
   el.status.hidden = false;
   el.status.dataset.state = view.status === "idle" ? "connecting" : view.status;
-  el.status.querySelector(".status-text").textContent = view.statusText() || "connecting…";
-  el.status.title = view.status === "error" ? view.errorMessage : "";
+  const text = view.statusText() || "connecting…";
+  el.status.querySelector(".status-text").textContent = text;
+  // Narrow windows show the dot only: the text is its tooltip.
+  el.status.title = view.status === "error" ? view.errorMessage || text : text;
 }
 
 function hideActiveView() {
@@ -650,6 +659,40 @@ function setupReconnectTriggers() {
   });
 }
 
+/** The sidebar as a drawer, on narrow windows: ☰ opens it, a choice, Escape or a tap
+ *  beside it closes it. */
+function setupSidebar() {
+  el.sidebarToggle.addEventListener("click", () => {
+    if (el.layout.classList.contains("sidebar-open")) closeSidebar();
+    else openSidebar();
+  });
+  el.sidebarBackdrop.addEventListener("click", () => closeSidebar());
+  el.sidebar.addEventListener("keydown", (event) => {
+    const open = el.layout.classList.contains("sidebar-open");
+    if (event.key === "Escape" && NARROW.matches && open) {
+      event.preventDefault();
+      closeSidebar();
+      el.sidebarToggle.focus();
+    }
+  });
+  NARROW.addEventListener("change", () => closeSidebar());
+}
+
+function openSidebar() {
+  el.layout.classList.add("sidebar-open");
+  el.sidebarToggle.setAttribute("aria-expanded", "true");
+  const active = el.projectList.querySelector(".project-item.active");
+  (active || el.sidebar.querySelector("li, input"))?.focus();
+}
+
+function closeSidebar() {
+  if (!el.layout.classList.contains("sidebar-open")) return;
+  const hadFocus = el.sidebar.contains(document.activeElement);
+  el.layout.classList.remove("sidebar-open");
+  el.sidebarToggle.setAttribute("aria-expanded", "false");
+  if (hadFocus) state.activeView?.term.focus();
+}
+
 /** Open a search hit: its project, then its tab if the terminal is still open. */
 async function openSearchHit(hit) {
   const projectId = hit.project.id;
@@ -673,6 +716,7 @@ async function init() {
   setupSearch({ open: openSearchHit });
   setupResizing();
   setupReconnectTriggers();
+  setupSidebar();
   wireTablistKeys(el.tabs, {
     onActivate: activateTab,
     onClose: closeTab,
@@ -698,6 +742,7 @@ async function init() {
   if (state.currentProjectId != null) return;
   renderEmptyStates(false);
   if (!state.projects.length) {
+    if (NARROW.matches) openSidebar(); // the form to create one is in the drawer
     el.projectForm.elements.name.focus();
     return;
   }
