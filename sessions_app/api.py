@@ -38,12 +38,24 @@ def _iso(value: Any) -> str | None:
     return value.isoformat() if value else None
 
 
+def session_size(record: SessionRecord) -> tuple[int, int]:
+    """Return the session's terminal size (cols, rows): its live PTY's when this process runs
+    it, else the last size stored (at start, detach and exit)."""
+    terminal = terminals.get(record.id)
+    if terminal is not None:
+        return terminal.cols, terminal.rows
+    return record.cols, record.rows
+
+
 def session_json(record: SessionRecord) -> dict[str, Any]:
+    cols, rows = session_size(record)
     return {
         "id": record.id,
         "projectId": record.project_id,
         "type": record.profile,
         "tabName": record.tab_name,
+        # the user chose tabName (rename): the tab shows it rather than the title
+        "tabNamed": record.tab_named,
         "title": record.title or record.tab_name,
         "state": record.state,
         "cwd": record.cwd,
@@ -51,6 +63,9 @@ def session_json(record: SessionRecord) -> dict[str, Any]:
         "mode": record.storage_mode,
         "exitCode": record.exit_code,
         "endReason": record.end_reason,
+        # the size its output was drawn at: a page writes the history in at this size
+        "cols": cols,
+        "rows": rows,
         # its shell died with the server (a restart): POST .../revive starts a new one in place
         "revivable": record.state == "exited" and record.end_reason == "server_restarted",
         "createdAt": _iso(record.created_at),

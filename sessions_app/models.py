@@ -63,6 +63,10 @@ class TerminalSession(models.Model):
     )
     profile = models.CharField(max_length=32, default="system")
     tab_name = models.CharField(max_length=100, blank=True)
+    tab_named = models.BooleanField(
+        default=False,
+        help_text="The user chose the tab name (rename): the tab shows it, not the process title.",
+    )
     title = models.CharField(max_length=200, blank=True)
     state = models.CharField(
         max_length=16, choices=SessionState.choices, default=SessionState.CREATING

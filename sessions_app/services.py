@@ -105,11 +105,12 @@ def session_transition(
 
 
 def session_rename(*, user: AbstractBaseUser, session_id: str, tab_name: Any) -> SessionRecord:
+    """Give a session the name the user chose; from now on its tab shows it, not the title."""
     tab_name = names.name_clean(tab_name, field="tabName")
     record = selectors.session_get(user=user, session_id=session_id)
     provider = get_storage(record.storage_mode)
     with transaction.atomic():
-        updated = provider.update(record.id, tab_name=tab_name)
+        updated = provider.update(record.id, tab_name=tab_name, tab_named=True)
         provider.add_event(
             record.id, Kind.RENAMED, {"from": record.tab_name, "to": updated.tab_name}
         )

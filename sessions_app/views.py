@@ -9,7 +9,8 @@ from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import render
 from django.views.decorators.csrf import ensure_csrf_cookie
 
-from sessions_app import conf, selectors
+from sessions_app import conf, names, selectors
+from sessions_app.api import session_size
 from sessions_app.errors import NotFound
 from sessions_app.models import Project
 from sessions_app.search.engine import search_enabled
@@ -21,6 +22,7 @@ def workspace(request: HttpRequest) -> HttpResponse:
     context = {
         "profiles": sorted(conf.profiles()),
         "search_enabled": search_enabled(request.user),
+        "name_max": names.NAME_MAX,  # what the server accepts, for the fields' maxlength
     }
     return render(request, "workspace.html", context)
 
@@ -34,12 +36,16 @@ def watch(request: HttpRequest, session_id: str) -> HttpResponse:
         raise Http404(f"No session {session_id}.") from None
     owner = get_user_model().objects.filter(pk=record.user_id).first()
     project = Project.objects.filter(pk=record.project_id).first()
+    cols, rows = session_size(record)
     session = {
         "id": record.id,
         "tabName": record.tab_name,
         "state": record.state,
         "mode": record.storage_mode,
         "exitCode": record.exit_code,
+        # the owner's size: the viewer renders at it, not at its own window's
+        "cols": cols,
+        "rows": rows,
     }
     context = {
         "session": session,

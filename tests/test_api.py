@@ -411,8 +411,13 @@ async def test_terminal_lifecycle(client, user, project, live_terminals):
     assert in_project["projectId"] == project.pk and in_project["activeCount"] == 1
     assert in_project["terminals"][0]["tabName"] == "build"
 
+    assert (session["tabNamed"], session["cols"], session["rows"]) == (False, 80, 24)
     renamed = await post(client, f"/api/terminal/{session['id']}/rename", {"tabName": "deploy"})
     assert renamed.json()["session"]["tabName"] == "deploy"
+    # The user chose it: the page shows it rather than the process title, from now on.
+    assert renamed.json()["session"]["tabNamed"] is True
+    listed = (await client.get(f"/api/workspace/projects/{project.pk}/terminals")).json()
+    assert listed["terminals"][0]["tabNamed"] is True
 
     shell_pid = session["pid"]
     closed = await post(client, f"/api/terminal/{session['id']}/close")
@@ -649,3 +654,36 @@ def test_the_watch_page_links_back_to_the_sessions_admin_page_whatever_its_id(pr
     assert back == "/admin/sessions_app/terminalsession/session_5F1795303845870_5F40rs9i94/change/"
     detail = client.get(back)
     assert detail.status_code == 200 and session.id in detail.content.decode()
+
+
+def test_the_page_refuses_no_project_name_the_server_accepts_and_no_more(db):
+    """The name field's maxlength is the server's limit: a longer paste is cut where the
+    server would refuse it, and nothing the server accepts is cut."""
+    from django.contrib.auth import get_user_model
+    from django.test import Client
+
+    from sessions_app.names import NAME_MAX
+
+    client = Client()
+    client.force_login(get_user_model().objects.create_user("maxlength", password="x" * 12))
+    page = client.get("/").content.decode()
+    field = re.search(r'<input name="name"[^>]*>', page).group()
+    assert f'maxlength="{NAME_MAX}"' in field
+    assert Project._meta.get_field("name").max_length == NAME_MAX
+
+
+def test_the_watch_page_renders_at_the_owners_size(project):
+    from django.contrib.auth import get_user_model
+    from django.test import Client
+
+    client = Client()
+    staff = get_user_model().objects.create_user("watch-size", password="x" * 12)
+    staff.is_staff = True
+    staff.save()
+    client.force_login(staff)
+    session = TerminalSession.objects.create(
+        project=project, user=project.owner, state="exited", cols=132, rows=41
+    )
+    page = client.get(f"/watch/{session.id}/").content.decode()
+    data = json.loads(re.search(r'id="termsys-session"[^>]*>(.*?)</script>', page).group(1))
+    assert (data["cols"], data["rows"]) == (132, 41)

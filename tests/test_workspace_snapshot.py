@@ -319,3 +319,30 @@ async def test_snapshot_marks_the_project_recent(user, project, client):
     await get_snapshot(client, second.pk)
     assert workspace.recent_projects.recent(user.pk) == [second.pk, project.pk]
     assert workspace.recent_projects.wait_idle(10)
+
+
+async def test_each_terminal_comes_with_its_size_and_whether_the_user_named_it(
+    mode, user, project, live_terminals, connect, client
+):
+    """A page writes a tab's history in at the size it was drawn at (a screen drawn at column
+    100 stays intact), and shows a name the user chose instead of the process title."""
+    record = await services.session_create(user=user, project_id=project.pk)
+    term = await connect(user, record.id)
+    await term.send_json({"type": "resize", "cols": 132, "rows": 41})
+    await term.type("stty size\r")
+    await term.read_until(b"41 132\r\n")
+    shown = by_id(await get_snapshot(client, project.pk))[record.id]
+    assert (shown["cols"], shown["rows"]) == (132, 41)
+    assert shown["tabNamed"] is False
+
+    renamed = await database_sync_to_async(services.session_rename)(
+        user=user, session_id=record.id, tab_name="api server"
+    )
+    assert renamed.tab_named is True
+    await term.type("exit\r")
+    await term.control("exit")
+    # Ended, the session keeps the size and the name: they come from storage now.
+    shown = by_id(await get_snapshot(client, project.pk))[record.id]
+    assert shown["state"] == "exited"
+    assert (shown["cols"], shown["rows"]) == (132, 41)
+    assert (shown["tabName"], shown["tabNamed"]) == ("api server", True)

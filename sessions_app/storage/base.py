@@ -79,6 +79,7 @@ class SessionRecord:
     exit_code: int | None = None
     end_reason: str = ""
     closed_at: datetime | None = None
+    tab_named: bool = False  # the user chose tab_name (rename): it wins over the process title
 
 
 RECORD_FIELDS = tuple(f.name for f in fields(SessionRecord))

@@ -1,6 +1,7 @@
 // The search panel: ask /api/sessions/search, list the hits, open a hit's project and tab.
 
 import { api } from "./api.js";
+import { tabLabel } from "./render.js";
 
 const PAGE_SIZE = 20;
 
@@ -17,7 +18,7 @@ function hitItem(hit, open) {
   button.className = "search-hit";
   const meta = document.createElement("span");
   meta.className = "search-hit-meta";
-  const tab = hit.session.title || hit.session.tabName || hit.session.id;
+  const tab = tabLabel(hit.session) || hit.session.id; // as its tab shows it
   meta.textContent = `${hit.project.name} › ${tab} · ${when(hit.time)}`;
   const snippet = document.createElement("span");
   snippet.className = "search-hit-snippet";

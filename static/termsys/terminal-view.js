@@ -1,6 +1,6 @@
 // One terminal tab: an xterm.js instance, its pane, and the WebSocket that feeds it.
 
-import { api, redirectToLogin, toast } from "./api.js";
+import { api, ApiError, redirectToLogin, toast } from "./api.js";
 
 const ACK_BYTES = 32 * 1024;
 const ACK_IDLE_MS = 50;
@@ -12,6 +12,19 @@ const BACKOFF_START_MS = 500;
 const BACKOFF_MAX_MS = 10_000;
 const THROTTLED_MIN_MS = 5_000;
 const ERROR_GRACE_MS = 150;
+// A paste the program does not read is refused frame by frame: one notice for all of them.
+const OVERFLOW_GRACE_MS = 400;
+const LIVE_STATES = new Set(["creating", "active", "detached"]);
+
+/**
+ * Ctrl+Shift+F6 moves the focus out of a terminal (the workspace: to its tab), so a keyboard
+ * user is never trapped: Tab, Shift+Tab and Escape belong to the shell and its programs. No
+ * common shell, editor or pager binds it, and browsers and desktops leave it to the page.
+ * The page's help text and README's "Using it" name it.
+ */
+function isLeaveKey(event) {
+  return event.key === "F6" && event.ctrlKey && event.shiftKey && !event.altKey && !event.metaKey;
+}
 
 const THEME = {
   background: "#0f1117",
@@ -62,6 +75,11 @@ function base64Bytes(text) {
   return latin1Bytes(window.atob(text));
 }
 
+/** The id of a session's terminal pane (a tab's aria-controls). */
+export function paneId(sessionId) {
+  return `pane-${sessionId}`;
+}
+
 function socketUrl(path) {
   const scheme = window.location.protocol === "https:" ? "wss:" : "ws:";
   return `${scheme}//${window.location.host}${path}`;
@@ -81,13 +99,30 @@ function socketUrl(path) {
  * at once, before any connection, and the first connection continues from its end.
  */
 export class TerminalView {
-  constructor({ session, connectionUrl, container, onChange, scrollback, cols, rows, readOnly }) {
+  constructor({
+    session,
+    connectionUrl,
+    container,
+    onChange,
+    onLeave,
+    scrollback,
+    cols,
+    rows,
+    readOnly,
+    fixedSize,
+    describedBy,
+  }) {
     this.session = { ...session };
     // A read-only view (staff watching someone's terminal) sends no input; the server
     // enforces it too, and says so in hello (`readOnly`).
     this.readOnly = Boolean(readOnly);
     this.connectionPath = connectionUrl || `/ws/terminals/${encodeURIComponent(session.id)}/`;
     this.onChange = onChange || (() => {});
+    // Called on Ctrl+Shift+F6 (isLeaveKey) in the terminal: move the focus somewhere else.
+    this.onLeave = onLeave || (() => {});
+    // Keep cols x rows whatever the pane's size (a viewer renders at the owner's size).
+    this.fixedSize = Boolean(fixedSize && cols && rows);
+    this.describedBy = describedBy || "";
     this.status = "idle";
     this.errorMessage = "";
     this.exitCode = session.exitCode ?? null;
@@ -110,10 +145,17 @@ export class TerminalView {
     this.ackPending = 0;
     this.ackTimer = null;
     this.sentSize = "";
+    this.overflowBytes = 0;
+    this.overflowCount = 0;
+    this.overflowMessage = "";
+    this.overflowTimer = null;
 
     this.pane = document.createElement("div");
     this.pane.className = "terminal-pane";
+    this.pane.classList.toggle("fixed-size", this.fixedSize);
     this.pane.dataset.sessionId = session.id;
+    this.pane.id = paneId(session.id);
+    this.pane.setAttribute("role", "tabpanel");
     container.append(this.pane);
 
     this.term = new window.Terminal({
@@ -135,6 +177,12 @@ export class TerminalView {
     });
     this.term.onBinary((s) => this.sendInput(latin1Bytes(s)));
     this.term.onResize(() => this.sendResize());
+    this.term.attachCustomKeyEventHandler((event) => {
+      if (!isLeaveKey(event)) return true;
+      event.preventDefault();
+      if (event.type === "keydown") this.onLeave(this);
+      return false; // xterm neither sends it to the shell nor handles it
+    });
     if (scrollback) this.seed(scrollback);
   }
 
@@ -158,7 +206,13 @@ export class TerminalView {
   show() {
     this.lastUsed = Date.now();
     this.pane.classList.add("active");
-    if (!this.term.element) this.term.open(this.pane);
+    if (!this.term.element) {
+      this.term.open(this.pane);
+      // Screen readers announce how to leave the terminal (the page's keyboard help).
+      if (this.describedBy) {
+        this.term.textarea?.setAttribute("aria-describedby", this.describedBy);
+      }
+    }
     this.fit();
     if (this.status === "idle" || this.status === "error") this.connect();
     // Don't pull the keyboard away from a field the user is typing in (say, a new project's
@@ -176,6 +230,7 @@ export class TerminalView {
   /** Fit the terminal to its pane (only while visible) and tell the server. */
   fit() {
     if (!this.term.element || !this.pane.classList.contains("active")) return;
+    if (this.fixedSize) return;
     try {
       this.fitAddon.fit();
     } catch (err) {
@@ -276,6 +331,10 @@ export class TerminalView {
         if (msg.mode) this.session.mode = msg.mode;
         break;
       case "error":
+        if (msg.code === "input_overflow") {
+          this.noteOverflow(msg.message || "");
+          break;
+        }
         // A refusal is an error frame followed by a close: report it once, with the close.
         this.serverError = msg.message || msg.code || "terminal error";
         clearTimeout(this.errorTimer);
@@ -288,6 +347,37 @@ export class TerminalView {
       default:
         break; // pong, and anything newer than this page
     }
+  }
+
+  /**
+   * Count one refused input frame (the program is not reading its input) and report them all
+   * in one notice once they stop coming: a big paste is refused in many frames.
+   */
+  noteOverflow(message) {
+    const size = /(\d+) bytes were not delivered/.exec(message);
+    this.overflowBytes += size ? Number(size[1]) : 0;
+    this.overflowCount += 1;
+    this.overflowMessage = message;
+    clearTimeout(this.overflowTimer);
+    this.overflowTimer = setTimeout(() => this.reportOverflow(), OVERFLOW_GRACE_MS);
+  }
+
+  reportOverflow() {
+    clearTimeout(this.overflowTimer);
+    this.overflowTimer = null;
+    const { overflowBytes: bytes, overflowCount: count, overflowMessage: message } = this;
+    this.overflowBytes = 0;
+    this.overflowCount = 0;
+    this.overflowMessage = "";
+    if (!count) return;
+    let text = message;
+    if (count > 1) {
+      const total = `${bytes} bytes in all were not delivered`;
+      text = bytes
+        ? message.replace(/\d+ bytes were not delivered/, total)
+        : `${message} (${count} times)`;
+    }
+    toast(`${this.session.tabName}: ${text || "input was not delivered"}`);
   }
 
   writeExitNotice() {
@@ -320,10 +410,28 @@ export class TerminalView {
       this.attempt = 0;
       this.connect();
     } catch (err) {
-      toast(`${this.session.tabName}: ${err.message}`);
+      const state = err instanceof ApiError && err.status === 409 ? err.details?.state : null;
+      if (LIVE_STATES.has(state)) this.followRevival({ state });
+      else toast(`${this.session.tabName}: ${err.message}`);
     } finally {
       this.reviving = false;
     }
+  }
+
+  /**
+   * The session has a new shell, started from another window: attach to it, continuing after
+   * the output this view already shows. Connects now if the view is on screen, else when shown.
+   */
+  followRevival(session = {}) {
+    if (this.disposed || !this.ended || !this.revivable) return;
+    this.session = { ...this.session, ...session, endReason: "", exitCode: null };
+    this.ended = false;
+    this.revivable = false;
+    this.exitCode = null;
+    this.attempt = 0;
+    this.term.write("\x1b[?25h"); // the exit notice hid the cursor
+    if (this.pane.classList.contains("active")) this.connect();
+    else this.setStatus("idle");
   }
 
   handleOutput(buffer, generation) {
@@ -496,6 +604,7 @@ export class TerminalView {
     this.disposed = true;
     this.clearRetry();
     clearTimeout(this.errorTimer);
+    clearTimeout(this.overflowTimer);
     this.dropSocket();
     this.term.dispose();
     this.pane.remove();

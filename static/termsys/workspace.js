@@ -1,7 +1,15 @@
 // The workspace page: projects in the sidebar, terminal tabs for the selected project.
 
 import { api, ApiError, showError } from "./api.js";
-import { buildTab, editTabLabel, renderProjectList, updateTab } from "./render.js";
+import {
+  buildTab,
+  editTabLabel,
+  markTab,
+  renderProjectList,
+  tabLabel,
+  updateTab,
+  wireTablistKeys,
+} from "./render.js";
 import { setupSearch } from "./search.js";
 import { TerminalView } from "./terminal-view.js";
 
@@ -13,11 +21,21 @@ const MAX_VIEWS = 120;
 const LAST_PROJECT_KEY = "termsys.lastProject";
 const LAST_TAB_KEY = (projectId) => `termsys.lastTab.${projectId}`;
 const ENDED_STATES = new Set(["exited", "killed"]);
+const LIVE_STATES = new Set(["creating", "active", "detached"]);
+// A project's tab list is fetched again when the user switches to it; on focus, on coming
+// back to the page or on hovering a tab, at most this often.
+const REFRESH_MIN_MS = 3000;
+// Under this width the sidebar is a drawer behind the ☰ button (see workspace.css).
+const NARROW = window.matchMedia("(max-width: 719.98px)");
 
 const $ = (id) => document.getElementById(id);
 const el = {
   projectList: $("project-list"),
   projectListEmpty: $("project-list-empty"),
+  layout: $("layout"),
+  sidebar: $("sidebar"),
+  sidebarToggle: $("sidebar-toggle"),
+  sidebarBackdrop: $("sidebar-backdrop"),
   projectForm: $("new-project-form"),
   projectError: $("new-project-error"),
   currentProjectName: $("current-project-name"),
@@ -41,8 +59,14 @@ const state = {
   sessionsByProject: new Map(), // projectId -> [session], in tab order
   views: new Map(), // sessionId -> TerminalView
   activeView: null,
-  loadedProjects: new Set(), // projects whose snapshot has been applied: never fetched again
+  loadedProjects: new Set(), // projects whose snapshot has been applied (once per project)
   loading: new Map(), // projectId -> snapshot request in flight
+  refreshing: new Map(), // projectId -> tab list request in flight
+  refreshedAt: new Map(), // projectId -> when its tab list last arrived (Date.now())
+  // sessionId -> when this page opened / closed it (performance.now()): a list requested
+  // before that is older than what the page knows about the session.
+  openedAt: new Map(),
+  closedAt: new Map(),
   creating: false,
 };
 
@@ -97,12 +121,15 @@ async function selectProject(projectId) {
   state.currentProjectId = project.id;
   storage.set(LAST_PROJECT_KEY, String(project.id));
   renderProjects();
+  closeSidebar();
   el.currentProjectName.textContent = project.name;
   el.currentProjectName.title = project.path || "";
 
   // A project seen before is all in the page already: its terminals and their connections.
+  // Show them at once; then ask whether another window or device opened or closed any.
   if (state.loadedProjects.has(project.id)) {
     showProjectTabs();
+    refreshProject(project.id).catch(() => {}); // the tabs shown stay right as they are
     return;
   }
   hideActiveView();
@@ -121,10 +148,12 @@ function loadProject(projectId) {
   let pending = state.loading.get(projectId);
   if (!pending) {
     const url = `/api/workspace/projects/${encodeURIComponent(projectId)}/snapshot`;
+    const requestedAt = performance.now();
     pending = api("GET", url)
       .then((data) => {
-        applySnapshot(projectId, data.terminals || []);
+        applySnapshot(projectId, data.terminals || [], requestedAt);
         state.loadedProjects.add(projectId);
+        state.refreshedAt.set(projectId, Date.now());
       })
       .finally(() => state.loading.delete(projectId));
     state.loading.set(projectId, pending);
@@ -132,39 +161,113 @@ function loadProject(projectId) {
   return pending;
 }
 
-/** Create each terminal with its scrollback written in, so any tab shows at once. */
-function applySnapshot(projectId, terminals) {
-  const sized = state.activeView?.term.element ? state.activeView.term : null;
+/**
+ * Create each terminal with its scrollback written in, so any tab shows at once. Each is
+ * built at the size its output was drawn at (a screen drawn at column 100 stays intact) and
+ * fitted to the page when shown.
+ */
+function applySnapshot(projectId, terminals, requestedAt) {
   const sessions = [];
   for (const { scrollback, ...session } of terminals) {
     sessions.push(session);
-    if (state.views.has(session.id)) continue;
-    const view = new TerminalView({
-      session,
-      container: el.area,
-      onChange: onViewChange,
-      scrollback,
-      cols: sized?.cols,
-      rows: sized?.rows,
-    });
-    state.views.set(session.id, view);
+    if (state.views.has(session.id) || isClosedSince(session.id, requestedAt)) continue;
+    state.views.set(session.id, newView(session, { scrollback }));
   }
-  mergeSessions(projectId, sessions);
+  mergeSessions(projectId, sessions, requestedAt);
   freeIdleViews();
 }
 
-/** Replace a project's session list with the server's, keeping views of sessions that remain. */
-function mergeSessions(projectId, sessions) {
-  const keep = new Set(sessions.map((s) => s.id));
-  for (const old of state.sessionsByProject.get(projectId) || []) {
-    if (!keep.has(old.id)) disposeView(old.id);
+function newView(session, options = {}) {
+  const sized = state.activeView?.term.element ? state.activeView.term : null;
+  const known = Number.isInteger(session.cols) && Number.isInteger(session.rows);
+  return new TerminalView({
+    session,
+    container: el.area,
+    onChange: onViewChange,
+    onLeave: focusActiveTab,
+    describedBy: "keyboard-help",
+    cols: known ? session.cols : sized?.cols,
+    rows: known ? session.rows : sized?.rows,
+    ...options,
+  });
+}
+
+function isClosedSince(sessionId, requestedAt) {
+  return (state.closedAt.get(sessionId) ?? -Infinity) > requestedAt;
+}
+
+function isOpenedSince(sessionId, requestedAt) {
+  return (state.openedAt.get(sessionId) ?? -Infinity) > requestedAt;
+}
+
+/**
+ * Replace a project's session list with the server's (requested at `requestedAt`), keeping
+ * the views of sessions that remain. What this page did after the request left is newer than
+ * the list: a tab opened here since stays, a tab closed here since stays closed. Returns
+ * whether the tabs changed (others added or removed).
+ */
+function mergeSessions(projectId, listed, requestedAt) {
+  const old = state.sessionsByProject.get(projectId) || [];
+  const sessions = listed.filter((s) => !isClosedSince(s.id, requestedAt));
+  const ids = new Set(sessions.map((s) => s.id));
+  for (const session of old) {
+    if (ids.has(session.id)) continue;
+    if (isOpenedSince(session.id, requestedAt)) {
+      sessions.push(session);
+      ids.add(session.id);
+    }
+  }
+  for (const session of old) {
+    if (!ids.has(session.id)) disposeView(session.id);
   }
   for (const session of sessions) {
     const view = state.views.get(session.id);
-    // The live connection knows better than a list fetched a moment ago.
-    if (view) Object.assign(view.session, { tabName: session.tabName, cwd: session.cwd });
+    if (!view) continue;
+    // The live connection knows better than a list fetched a moment ago, but the list has
+    // what no connection says: a rename, a cd, a new shell started from another window.
+    const { tabName, tabNamed, cwd } = session;
+    Object.assign(view.session, { tabName, tabNamed, cwd });
+    if (!view.isLive) view.session.title = session.title; // no connection tells it otherwise
+    if (view.ended && view.revivable && LIVE_STATES.has(session.state)) {
+      view.followRevival({ state: session.state, pid: session.pid });
+    }
   }
+  const changed =
+    old.length !== sessions.length || old.some((session, i) => session.id !== sessions[i].id);
   state.sessionsByProject.set(projectId, sessions);
+  return changed;
+}
+
+/**
+ * Fetch a loaded project's tab list again (tabs opened or closed in another window or
+ * device, renames, working directories) and show it without touching the views that stay.
+ */
+function refreshProject(projectId) {
+  let pending = state.refreshing.get(projectId);
+  if (pending) return pending;
+  if (!state.loadedProjects.has(projectId)) return loadProject(projectId);
+  const url = `/api/workspace/projects/${encodeURIComponent(projectId)}/terminals`;
+  const requestedAt = performance.now();
+  pending = api("GET", url)
+    .then((data) => {
+      state.refreshedAt.set(projectId, Date.now());
+      const changed = mergeSessions(projectId, data.terminals || [], requestedAt);
+      if (projectId !== state.currentProjectId) return;
+      if (changed && !el.tabs.querySelector(".tab-rename")) showProjectTabs();
+      else currentSessions().forEach(refreshTab);
+    })
+    .finally(() => state.refreshing.delete(projectId));
+  state.refreshing.set(projectId, pending);
+  return pending;
+}
+
+/** Refresh the current project's tab list unless that was done a moment ago. */
+function refreshCurrentProject() {
+  const projectId = state.currentProjectId;
+  if (projectId === null || !state.loadedProjects.has(projectId)) return;
+  if (Date.now() - (state.refreshedAt.get(projectId) || 0) < REFRESH_MIN_MS) return;
+  state.refreshedAt.set(projectId, Date.now()); // one request, however many events
+  refreshProject(projectId).catch(() => {}); // offline: the tabs say so themselves
 }
 
 /** Render the current project's tabs and activate the remembered (or first) one. */
@@ -228,11 +331,20 @@ function tabStatus(session) {
 function tabInfo(session) {
   const view = state.views.get(session.id);
   const current = view ? view.session : session;
-  return { tabName: current.tabName, title: current.title, cwd: current.cwd, status: tabStatus(session) };
+  return {
+    tabName: current.tabName,
+    tabNamed: Boolean(current.tabNamed),
+    title: current.title,
+    cwd: current.cwd,
+    status: tabStatus(session),
+  };
 }
 
 function renderTabs() {
   const activeId = state.activeView?.session.id;
+  const focused = el.tabs.contains(document.activeElement)
+    ? document.activeElement.closest(".tab")?.dataset.sessionId
+    : null;
   el.tabbar.hidden = state.currentProjectId === null;
   el.tabs.replaceChildren(
     ...currentSessions().map((session) =>
@@ -243,7 +355,17 @@ function renderTabs() {
       }),
     ),
   );
+  // Without an active tab the first one is the strip's stop in the tab order.
+  const first = el.tabs.querySelector(".tab");
+  if (first && !el.tabs.querySelector('.tab[tabindex="0"]')) first.tabIndex = 0;
+  if (focused) (tabElement(focused) || el.tabs.querySelector('.tab[tabindex="0"]'))?.focus();
   updateStatusIndicator();
+}
+
+/** Move the keyboard focus from the terminal to its tab (Ctrl+Shift+F6 in a terminal). */
+function focusActiveTab() {
+  const id = state.activeView?.session.id;
+  (id && tabElement(id))?.focus();
 }
 
 /** Move the active mark in place; false when the tab bar is not showing these sessions. */
@@ -253,11 +375,8 @@ function markActiveTab(sessionId) {
   if (tabs.length !== ids.length || tabs.some((tab, i) => tab.dataset.sessionId !== ids[i])) {
     return false;
   }
-  for (const tab of tabs) {
-    const active = tab.dataset.sessionId === sessionId;
-    tab.classList.toggle("active", active);
-    tab.setAttribute("aria-selected", String(active));
-  }
+  for (const tab of tabs) markTab(tab, tab.dataset.sessionId === sessionId);
+  if (tabs.length && !tabs.some((tab) => tab.tabIndex === 0)) tabs[0].tabIndex = 0;
   updateStatusIndicator();
   return true;
 }
@@ -291,8 +410,10 @@ function updateStatusIndicator() {
   }
   el.status.hidden = false;
   el.status.dataset.state = view.status === "idle" ? "connecting" : view.status;
-  el.status.querySelector(".status-text").textContent = view.statusText() || "connecting…";
-  el.status.title = view.status === "error" ? view.errorMessage : "";
+  const text = view.statusText() || "connecting…";
+  el.status.querySelector(".status-text").textContent = text;
+  // Narrow windows show the dot only: the text is its tooltip.
+  el.status.title = view.status === "error" ? view.errorMessage || text : text;
 }
 
 function hideActiveView() {
@@ -310,7 +431,7 @@ function activateTab(sessionId) {
   }
   hideActiveView();
   if (!view) {
-    view = new TerminalView({ session, container: el.area, onChange: onViewChange });
+    view = newView(session);
     state.views.set(sessionId, view);
   }
   state.activeView = view;
@@ -378,14 +499,13 @@ async function createTerminal() {
       tabName: nextTabName(),
     });
     const session = data.session;
+    // A tab list requested before now (the project may still be loading) does not know it.
+    state.openedAt.set(session.id, performance.now());
     const sessions = state.sessionsByProject.get(projectId) || [];
     sessions.push(session);
     state.sessionsByProject.set(projectId, sessions);
-    const view = new TerminalView({
-      session,
+    const view = newView(session, {
       connectionUrl: data.connectionUrl,
-      container: el.area,
-      onChange: onViewChange,
       // A new session's output starts at byte 0: attach from there, nothing to reset.
       scrollback: { data: "", offset: 0, end: 0, pruned: false },
     });
@@ -393,6 +513,11 @@ async function createTerminal() {
     if (state.currentProjectId === projectId) activateTab(session.id);
   } catch (err) {
     showError(err);
+    // Refused for the limit: the project may have tabs opened elsewhere that this page
+    // does not show yet.
+    if (err instanceof ApiError && err.code === "session_limit_reached") {
+      refreshProject(projectId).catch(() => {});
+    }
   } finally {
     state.creating = false;
     el.newTerminal.disabled = false;
@@ -405,7 +530,7 @@ async function closeTab(sessionId) {
   if (!session) return;
   const view = state.views.get(sessionId);
   const ended = view ? view.ended || view.status === "exited" : ENDED_STATES.has(session.state);
-  const name = view ? view.session.tabName : session.tabName;
+  const name = tabLabel(tabInfo(session)); // what the tab shows
   if (!ended && !window.confirm(`Close "${name}"? Everything running in it will be stopped.`)) {
     return;
   }
@@ -423,6 +548,8 @@ async function closeTab(sessionId) {
 function removeTab(sessionId) {
   const session = findSession(sessionId);
   if (!session) return;
+  state.closedAt.set(sessionId, performance.now());
+  const hadFocus = el.tabs.contains(document.activeElement);
   const projectId = session.projectId ?? state.currentProjectId;
   const sessions = state.sessionsByProject.get(projectId) || currentSessions();
   const index = sessions.findIndex((s) => s.id === sessionId);
@@ -435,11 +562,14 @@ function removeTab(sessionId) {
     renderTabs();
     renderEmptyStates(false);
   }
+  // Closed from the keyboard (Delete): stay in the tab strip.
+  if (hadFocus && !el.tabs.contains(document.activeElement)) focusActiveTab();
 }
 
 function startRename(sessionId, tab) {
   const session = findSession(sessionId);
   if (!session) return;
+  const fromKeyboard = document.activeElement === tab;
   const save = async (tabName) => {
     try {
       const path = `/api/terminal/${encodeURIComponent(sessionId)}/rename`;
@@ -450,10 +580,18 @@ function startRename(sessionId, tab) {
       throw err;
     }
   };
-  const done = () => {
-    if (state.activeView?.session.id === sessionId) state.activeView.term.focus();
+  const done = (how, refocus) => {
+    if (how === "failed") {
+      refreshTab(session); // what it showed, with any title since
+      return;
+    }
+    if (!markActiveTab(state.activeView?.session.id)) renderTabs(); // changed meanwhile
+    if (!refocus) return; // the user moved on (clicked elsewhere)
+    if (fromKeyboard) tabElement(sessionId)?.focus();
+    else if (state.activeView?.session.id === sessionId) state.activeView.term.focus();
   };
-  editTabLabel(tab, tabInfo(session).tabName, save, done);
+  // Edit what the tab shows: the name the user gave it, else the title they see.
+  editTabLabel(tab, tabLabel(tabInfo(session)).slice(0, 100), save, done);
 }
 
 function applyTabName(sessionId, tabName) {
@@ -463,6 +601,7 @@ function applyTabName(sessionId, tabName) {
     if (!s) continue;
     if (s.title === s.tabName) s.title = tabName; // a title that was the old name
     s.tabName = tabName;
+    s.tabNamed = true; // from now on the tab shows the name, not the process title
   }
   if (session) refreshTab(session);
 }
@@ -503,15 +642,71 @@ function setupResizing() {
 
 function setupReconnectTriggers() {
   const retryAll = () => state.views.forEach((view) => view.retryNow());
-  window.addEventListener("online", retryAll);
-  document.addEventListener("visibilitychange", () => {
-    if (document.visibilityState === "visible") retryAll();
+  window.addEventListener("online", () => {
+    retryAll();
+    refreshCurrentProject();
   });
+  // Back to this window: another one may have opened, closed or revived terminals meanwhile.
+  window.addEventListener("focus", refreshCurrentProject);
+  document.addEventListener("visibilitychange", () => {
+    if (document.visibilityState !== "visible") return;
+    retryAll();
+    refreshCurrentProject();
+  });
+  // The tooltip names the working directory: make it the current one before it shows.
+  el.tabs.addEventListener("mouseover", (event) => {
+    if (event.target.closest?.(".tab")) refreshCurrentProject();
+  });
+}
+
+/** The sidebar as a drawer, on narrow windows: ☰ opens it, a choice, Escape or a tap
+ *  beside it closes it. */
+function setupSidebar() {
+  el.sidebarToggle.addEventListener("click", () => {
+    if (el.layout.classList.contains("sidebar-open")) closeSidebar();
+    else openSidebar();
+  });
+  el.sidebarBackdrop.addEventListener("click", () => closeSidebar());
+  el.sidebar.addEventListener("keydown", (event) => {
+    const open = el.layout.classList.contains("sidebar-open");
+    if (event.key === "Escape" && NARROW.matches && open) {
+      event.preventDefault();
+      closeSidebar();
+      el.sidebarToggle.focus();
+    }
+  });
+  NARROW.addEventListener("change", () => closeSidebar());
+}
+
+function openSidebar() {
+  el.layout.classList.add("sidebar-open");
+  el.sidebarToggle.setAttribute("aria-expanded", "true");
+  const active = el.projectList.querySelector(".project-item.active");
+  (active || el.sidebar.querySelector("li, input"))?.focus();
+}
+
+function closeSidebar() {
+  if (!el.layout.classList.contains("sidebar-open")) return;
+  const hadFocus = el.sidebar.contains(document.activeElement);
+  el.layout.classList.remove("sidebar-open");
+  el.sidebarToggle.setAttribute("aria-expanded", "false");
+  if (hadFocus) state.activeView?.term.focus();
 }
 
 /** Open a search hit: its project, then its tab if the terminal is still open. */
 async function openSearchHit(hit) {
-  await selectProject(hit.project.id);
+  const projectId = hit.project.id;
+  try {
+    // A project or terminal opened in another window or device is not in this page yet.
+    if (!state.projects.some((p) => String(p.id) === String(projectId))) await loadProjects();
+    await selectProject(projectId);
+    if (!findSession(hit.session.id) && state.currentProjectId === projectId) {
+      await refreshProject(projectId);
+    }
+  } catch (err) {
+    showError(err);
+    return;
+  }
   if (findSession(hit.session.id)) activateTab(hit.session.id);
   else showError(new Error("That terminal has been closed; its project is open."));
 }
@@ -521,6 +716,12 @@ async function init() {
   setupSearch({ open: openSearchHit });
   setupResizing();
   setupReconnectTriggers();
+  setupSidebar();
+  wireTablistKeys(el.tabs, {
+    onActivate: activateTab,
+    onClose: closeTab,
+    onRename: startRename,
+  });
   el.projectForm.addEventListener("submit", createProject);
   el.newTerminal.addEventListener("click", createTerminal);
   el.emptyNewTerminal.addEventListener("click", createTerminal);
@@ -541,6 +742,7 @@ async function init() {
   if (state.currentProjectId != null) return;
   renderEmptyStates(false);
   if (!state.projects.length) {
+    if (NARROW.matches) openSidebar(); // the form to create one is in the drawer
     el.projectForm.elements.name.focus();
     return;
   }

@@ -175,3 +175,69 @@ def test_after_a_server_restart_enter_revives_the_shell_where_it_was(page, live_
     assert f"/{folder}\n" in text[text.index("new-shell-") :]
     page.screenshot(path=str(ARTIFACTS / "revived.png"))
     assert page.console_errors == []
+
+
+def test_a_shell_revived_in_one_window_is_attached_in_the_other(page, live_termsys):
+    """After a server restart two windows show the same tabs. Reviving one in the first
+    window leaves the second attached to the new shell: on Enter there, and by itself when
+    the user comes back to that window."""
+    log_in(page, live_termsys)
+    name = f"revive2-{secrets.token_hex(3)}"
+    page.fill("#new-project-form input[name=name]", name)
+    page.click("#new-project-form button[type=submit]")
+    expect(page.locator(".project-item.active")).to_contain_text(name)
+    tab_a = new_tab(page, 1)
+    tab_b = new_tab(page, 2)
+    other = page.context.new_page()
+    other_errors: list[str] = []
+    other.on("pageerror", lambda exc: other_errors.append(str(exc)))
+    other.goto(live_termsys.url + "/")  # the same project and tab, remembered
+    expect(other.locator(".tab")).to_have_count(2)
+    expect(other.locator(".tab.active")).to_have_attribute("data-session-id", tab_b)
+    expect(other.locator("#connection-status")).to_have_attribute("data-state", "connected")
+
+    live_termsys.restart()
+    for window in (page, other):
+        wait_for_text(window, "Press Enter to start a new shell", timeout=30)
+        expect(window.locator("#connection-status")).to_contain_text("server restarted")
+
+    page.locator(".terminal-pane.active").click()
+    page.keyboard.press("Enter")
+    expect(page.locator("#connection-status")).to_have_attribute("data-state", "connected")
+    page.keyboard.type("echo revived-b-$((2*3))\n")
+    wait_for_text(page, "revived-b-6")
+
+    other.locator(".terminal-pane.active").click()
+    other.keyboard.press("Enter")  # the shell runs already: this window attaches to it
+    expect(other.locator("#connection-status")).to_have_attribute("data-state", "connected")
+    wait_for_text(other, "revived-b-6")
+    other.keyboard.type("echo from-other-$((3*3))\n")
+    wait_for_text(page, "from-other-9")
+    expect(other.locator(".toast")).to_have_count(0)
+
+    other.click(f'.tab[data-session-id="{tab_a}"]')
+    wait_for_text(other, "Press Enter to start a new shell")
+    page.click(f'.tab[data-session-id="{tab_a}"]')
+    wait_for_text(page, "Press Enter to start a new shell")
+    page.locator(".terminal-pane.active").click()
+    page.keyboard.press("Enter")
+    expect(page.locator("#connection-status")).to_have_attribute("data-state", "connected")
+    page.keyboard.type("echo revived-a-$((4*4))\n")
+    wait_for_text(page, "revived-a-16")
+
+    # The user comes back to the other window: it finds the new shell by itself.
+    deadline = time.monotonic() + 15
+    while "revived-a-16" not in screen_text(other) and time.monotonic() < deadline:
+        other.evaluate("window.dispatchEvent(new Event('focus'))")
+        other.wait_for_timeout(300)
+    expect(other.locator("#connection-status")).to_have_attribute("data-state", "connected")
+    wait_for_text(other, "revived-a-16")
+    assert page.console_errors == [] and other_errors == []
+    other.close()
+
+
+def new_tab(page, count: int) -> str:
+    page.click("#new-terminal")
+    expect(page.locator(".tab")).to_have_count(count)
+    expect(page.locator("#connection-status")).to_have_attribute("data-state", "connected")
+    return page.evaluate("() => window.termsys.activeSessionId()")
