@@ -15,8 +15,10 @@ pytestmark = pytest.mark.browser
 
 def test_export_menu_downloads_text_and_cast(page, live_termsys):
     log_in(page, live_termsys)
-    page.fill("#new-project-form input[name=name]", f"export-{secrets.token_hex(3)}")
+    project_name = f"export-{secrets.token_hex(3)}"
+    page.fill("#new-project-form input[name=name]", project_name)
     page.click("#new-project-form button[type=submit]")
+    expect(page.locator("#current-project-name")).to_have_text(project_name)
     page.click("#new-terminal")
     expect(page.locator("#connection-status")).to_have_attribute("data-state", "connected")
     marker = f"exported-{secrets.token_hex(4)}"

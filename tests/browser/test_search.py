@@ -38,6 +38,7 @@ def test_search_panel_finds_output_and_opens_its_tab(page, live_termsys):
         first = f"found-{secrets.token_hex(3)}"
         page.fill("#new-project-form input[name=name]", first)
         page.click("#new-project-form button[type=submit]")
+        expect(page.locator("#current-project-name")).to_have_text(first)
         page.click("#new-terminal")
         expect(page.locator("#connection-status")).to_have_attribute("data-state", "connected")
         marker = f"needle{secrets.token_hex(4)}"

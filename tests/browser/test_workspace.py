@@ -103,8 +103,10 @@ def test_a_project_created_while_the_page_loads_stays_selected(page, live_termsy
 def test_typing_a_project_name_while_a_terminal_opens_keeps_the_keyboard(page, live_termsys):
     """The terminal that opens when the page has loaded must not steal the user's typing."""
     log_in(page, live_termsys)
-    page.fill("#new-project-form input[name=name]", f"first-{secrets.token_hex(3)}")
+    project_name = f"first-{secrets.token_hex(3)}"
+    page.fill("#new-project-form input[name=name]", project_name)
     page.click("#new-project-form button[type=submit]")
+    expect(page.locator("#current-project-name")).to_have_text(project_name)
     page.click("#new-terminal")
     expect(page.locator("#connection-status")).to_have_attribute("data-state", "connected")
     held = []
@@ -128,8 +130,10 @@ def test_ctrl_c_stops_yes_and_the_page_stays_responsive(page, live_termsys):
     """A flood of output does not freeze the page: flow control holds the shell back to what
     the page renders, so Ctrl-C reaches `yes` and the prompt comes back at once."""
     log_in(page, live_termsys)
-    page.fill("#new-project-form input[name=name]", f"flood-{secrets.token_hex(3)}")
+    project_name = f"flood-{secrets.token_hex(3)}"
+    page.fill("#new-project-form input[name=name]", project_name)
     page.click("#new-project-form button[type=submit]")
+    expect(page.locator("#current-project-name")).to_have_text(project_name)
     page.click("#new-terminal")
     expect(page.locator("#connection-status")).to_have_attribute("data-state", "connected")
     page.locator(".terminal-pane.active").click()
@@ -149,8 +153,10 @@ def test_ctrl_c_stops_yes_and_the_page_stays_responsive(page, live_termsys):
 
 def test_after_a_server_restart_enter_revives_the_shell_where_it_was(page, live_termsys):
     log_in(page, live_termsys)
-    page.fill("#new-project-form input[name=name]", f"revive-{secrets.token_hex(3)}")
+    project_name = f"revive-{secrets.token_hex(3)}"
+    page.fill("#new-project-form input[name=name]", project_name)
     page.click("#new-project-form button[type=submit]")
+    expect(page.locator("#current-project-name")).to_have_text(project_name)
     page.click("#new-terminal")
     expect(page.locator("#connection-status")).to_have_attribute("data-state", "connected")
     folder = f"work-{secrets.token_hex(3)}"
