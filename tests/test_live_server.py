@@ -454,3 +454,68 @@ def test_a_login_ended_elsewhere_closes_its_terminals(live_termsys):
         code, controls = _closed_with(ws)
     assert code == 4401
     assert any(c.get("code") == "signed_out" for c in controls), controls
+
+
+def test_a_password_change_ends_the_users_other_logins_and_the_changer_keeps_its_terminal(
+    live_termsys,
+):
+    """Django ends a login made with an old password at its next page request; a terminal
+    socket makes none, so a login taken by someone else kept its shells after the password was
+    changed. Now its socket closes and it cannot reconnect; the login that changed the
+    password got a new session key from Django, and with it reattaches to its running shell.
+    Deactivating the user ends that login too."""
+    from tests.live import Browserless
+
+    name = "pw-" + secrets.token_hex(3)
+    old, new = "Old-" + secrets.token_hex(8), "New-" + secrets.token_hex(8)
+    live_termsys.manage(
+        "shell",
+        "-c",
+        "from django.contrib.auth.models import User; "
+        f"User.objects.create_user({name!r}, password={old!r}, is_staff=True)",
+    )
+    changer, other = Browserless(live_termsys), Browserless(live_termsys)
+    changer.login(name, old)
+    other.login(name, old)
+    mine = open_terminal(changer, "pw-mine-" + secrets.token_hex(2))
+    theirs = open_terminal(other, "pw-theirs-" + secrets.token_hex(2))
+
+    def connect(client, body):
+        return ws_connect(
+            ws_url(live_termsys, body["connectionUrl"]),
+            origin=live_termsys.url,
+            additional_headers=client.ws_headers(),
+            open_timeout=10,
+        )
+
+    with connect(changer, mine) as ws_mine, connect(other, theirs) as ws_theirs:
+        read_until(ws_mine, b"# ")
+        read_until(ws_theirs, b"# ")
+        ws_mine.send(b"sleep 1000 &\r")
+        read_until(ws_mine, b"# ")
+        page = changer.page(
+            "/admin/password_change/",
+            {"old_password": old, "new_password1": new, "new_password2": new},
+        )
+        assert "Password change successful" in page
+        code, controls = _closed_with(ws_theirs)
+        assert code == 4401
+        assert any(c.get("code") == "signed_out" for c in controls), controls
+
+    with connect(other, theirs) as ws_theirs:  # the old login cannot come back
+        code, _ = _closed_with(ws_theirs)
+    assert code == 4401
+    with connect(changer, mine) as ws_mine:  # the changer's new key: the same shell runs on
+        ws_mine.send(b"jobs; echo still-$((6*7))\r")
+        out, _ = read_until(ws_mine, b"still-42")
+        assert b"sleep 1000" in out
+
+        live_termsys.manage(
+            "shell",
+            "-c",
+            "from django.contrib.auth.models import User; "
+            f"User.objects.filter(username={name!r}).update(is_active=False)",
+        )
+        code, controls = _closed_with(ws_mine)
+    assert code == 4401
+    assert any(c.get("code") == "signed_out" for c in controls), controls
