@@ -22,6 +22,7 @@ import math
 import secrets
 import threading
 import time
+from collections import deque
 
 from django.db import connection
 
@@ -42,6 +43,7 @@ _checked_at = -math.inf  # time.monotonic() of the last check
 _version: int | None = None  # the number last read; None before the first read
 _unreadable = False
 _names: set[str] = set()  # flags this process has read (and may have cached)
+_written: deque[int] = deque(maxlen=16)  # numbers this process wrote (only to word the log)
 
 
 def version_bump(name: str = "") -> None:
@@ -53,6 +55,7 @@ def version_bump(name: str = "") -> None:
     from featureflags.models import FlagsVersion
 
     version = secrets.randbits(62)
+    _written.append(version)
     try:
         if not FlagsVersion.objects.filter(pk=1).update(version=version):
             FlagsVersion.objects.update_or_create(pk=1, defaults={"version": version})
@@ -109,15 +112,20 @@ def notice_changes(name: str | None = None) -> bool:
         if version == previous:
             return False
         # The first look: flags cached before it (inside a transaction, say) may be stale.
-        _forget(announce=previous is not None)
+        _forget(announce=previous is not None, here=version in _written)
         return previous is not None
     finally:
         _lock.release()
 
 
-def _forget(*, announce: bool) -> None:
+def _forget(*, announce: bool, here: bool = False) -> None:
     """Forget every flag this process may have cached; with ``announce``, run the change
-    hooks for each on this process's listening event loops."""
+    hooks for each on this process's listening event loops.
+
+    ``here``: the number read is one this process wrote. The flags are forgotten all the same
+    (another process may have changed one between this process's two looks); only the log
+    line no longer says the change came from elsewhere.
+    """
     from django.core.cache import cache
     from waffle.utils import get_setting, keyfmt
 
@@ -137,7 +145,10 @@ def _forget(*, announce: bool) -> None:
     except Exception:
         logger.warning("flags: could not clear the cached list of all flags", exc_info=True)
     if announce:
-        logger.info("flags: changed in another process; cached flags forgotten")
+        if here:
+            logger.debug("flags: the change marker moved with a change made here")
+        else:
+            logger.info("flags: changed in another process; cached flags forgotten")
         broadcast.dispatch_here(sorted(names))
 
 
@@ -147,3 +158,4 @@ def reset() -> None:
     with _lock:
         _checked_at, _version, _unreadable = -math.inf, None, False
         _names.clear()
+        _written.clear()
