@@ -241,13 +241,17 @@ class TerminalConsumer(AsyncWebsocketConsumer):
     def _hello(self, state: str) -> dict[str, Any]:
         record = self.record
         mode = self.terminal.storage_mode if self.terminal is not None else record.storage_mode
-        return {
+        hello = {
             "type": "hello",
             "session": record.id,
             "mode": mode,
             "state": state,
             "readOnly": self.read_only,
         }
+        if self.read_only:  # a viewer draws at the owner's size (``size`` when it changes)
+            sized = self.terminal if self.terminal is not None else record
+            hello.update(cols=sized.cols, rows=sized.rows)
+        return hello
 
     def _query(self, name: str) -> str | None:
         values = parse_qs(self.scope.get("query_string", b"").decode("latin-1")).get(name)

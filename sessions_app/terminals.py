@@ -690,6 +690,7 @@ class LiveTerminal:
         client.behind = False
         since = max(client.position, self.end_offset - RESYNC_BYTES)
         hello = {"type": "hello", "session": self.session_id, "mode": self.storage_mode}
+        hello.update(cols=self.cols, rows=self.rows)  # a viewer's: the owner's size
         self._queue_replay(
             client,
             {**hello, "state": "active", "resync": True},
@@ -789,6 +790,9 @@ class LiveTerminal:
         if (cols, rows) == (self.cols, self.rows):
             return
         self.cols, self.rows = cols, rows
+        for client in self.clients:
+            if not client.interactive:  # a viewer draws at the owner's size: tell it the new one
+                self._queue(client, {"type": "size", "cols": cols, "rows": rows})
         if not self.ended:
             self.pty.resize(cols, rows)
             self.size_offset = self.end_offset

@@ -205,6 +205,30 @@ async def test_staff_watch_read_only_and_their_input_never_reaches_the_shell(
     assert {"readOnly": True, "viewer": staff.username} in events
 
 
+async def test_a_viewer_is_told_the_owners_size_and_each_change_before_output_drawn_for_it(
+    user, staff, session, connect
+):
+    """A viewer draws at the owner's size; when the owner resizes, what the shell draws next is
+    drawn for the new size, so the viewer must learn of it first, in stream order."""
+    owner = await connect(user, session.id)
+    await owner.send_json({"type": "resize", "cols": 120, "rows": 40})
+    await owner.type("stty size; echo sized-$((3*3))\r")
+    await owner.read_until(b"sized-9\r\n")
+    viewer = await connect(staff, session.id)
+    hello = await viewer.control("hello")
+    assert (hello["cols"], hello["rows"]) == (120, 40)
+
+    await owner.send_json({"type": "resize", "cols": 90, "rows": 30})
+    await owner.type("stty size; echo resized-$((4*4))\r")
+    size = await viewer.control("size")
+    assert (size["cols"], size["rows"]) == (90, 30)
+    assert b"resized-16" not in viewer.output  # told before the output drawn for it
+    out = await viewer.read_until(b"resized-16\r\n")
+    assert b"30 90" in out[out.index(b"resized-$") :]
+    await owner.read_until(b"resized-16\r\n")
+    assert not any(c.get("type") == "size" for c in owner.controls)  # owners size it
+
+
 async def test_the_owner_can_open_a_read_only_view_too(user, session, connect):
     term = await connect(user, session.id, query="readonly=1")
     assert (await term.control("hello"))["readOnly"] is True

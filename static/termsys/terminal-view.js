@@ -239,6 +239,19 @@ export class TerminalView {
     this.sendResize();
   }
 
+  /**
+   * A view drawn at the owner's size (the read-only view) takes the size the server sends, in
+   * stream order: the output that follows was written for it.
+   */
+  followSize({ cols, rows }) {
+    if (!this.fixedSize || !Number.isInteger(cols) || !Number.isInteger(rows)) return;
+    if (cols < 1 || rows < 1) return;
+    // After the output already queued in xterm.js, which was written for the old size.
+    this.term.write("", () => {
+      if (cols !== this.term.cols || rows !== this.term.rows) this.term.resize(cols, rows);
+    });
+  }
+
   /** Reconnect right away if waiting to retry (e.g. the browser came back online). */
   retryNow() {
     if (this.retryTimer !== null) this.connect();
@@ -295,6 +308,7 @@ export class TerminalView {
           this.readOnly = true;
           this.term.options.disableStdin = true;
         }
+        this.followSize(msg); // a viewer: the owner's size now (it may have changed meanwhile)
         if (msg.pruned || this.offset === null || !Number.isInteger(msg.offset)) {
           // The server cannot continue where this view stopped: take its replay instead.
           // Reset in stream order, so output still queued from a previous connection is
@@ -322,6 +336,9 @@ export class TerminalView {
         this.session.exitCode = this.exitCode;
         this.writeExitNotice();
         this.setStatus("exited");
+        break;
+      case "size":
+        this.followSize(msg);
         break;
       case "title":
         this.session.title = msg.title;

@@ -105,5 +105,20 @@ def test_the_read_only_view_renders_at_the_owners_size(browser, live_termsys):
             assert pane.evaluate("(el) => el.scrollWidth > el.clientWidth")
             assert watch.evaluate("() => document.documentElement.scrollWidth <= innerWidth")
             watch.screenshot(path=str(ARTIFACTS / "watch-owner-size.png"))
+
+            # The owner resizes and redraws: the view follows, and draws it right.
+            shell.send(json.dumps({"type": "resize", "cols": 90, "rows": 20}))
+            shell.send(draw(8, column=70).encode() + b"; echo redrawn-$((8*8))\r")
+            read_until(shell, b"redrawn-64")
+            wait_for_text(watch, "redrawn-64")
+            assert watch.evaluate(f"() => [{term}.cols, {term}.rows]") == [90, 20]
+            text = watch.evaluate(
+                f"""() => {{ const b = {term}.buffer.active; const out = [];
+                   for (let i = 0; i < b.length; i++)
+                     out.push(b.getLine(i).translateToString(true));
+                   return out.join('\\n'); }}"""
+            )
+            assert drawn_at(text, 8, column=70) == []
+            watch.screenshot(path=str(ARTIFACTS / "watch-owner-resized.png"))
         finally:
             context.close()
