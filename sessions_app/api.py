@@ -17,7 +17,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.http.request import RawPostDataException
 from django.utils import timezone
 
-from sessions_app import conf, selectors, services, terminals, workspace
+from sessions_app import conf, names, selectors, services, terminals, workspace
 from sessions_app.errors import (
     MethodNotAllowed,
     NotAuthenticated,
@@ -112,6 +112,10 @@ def ok(request: HttpRequest, body: dict[str, Any], status: int = 200) -> JsonRes
 
 MSG_BODY_NOT_JSON = "Request body is not valid JSON: {problem}."
 MSG_BODY_NOT_OBJECT = "Request body must be a JSON object."
+MSG_RENAME_WITHOUT_NAME = (
+    'tabName is required: a name of 1-{max} characters, or "" (or null) for the tab to show '
+    "the title of what runs in it again."
+)
 MSG_JSON_CONSTANT = "{constant} is not a JSON value (JSON has no NaN or Infinity)"
 MSG_LONE_SURROGATE = (
     "{field} is not valid Unicode: it holds a lone surrogate U+{code:04X} at character "
@@ -319,8 +323,11 @@ async def terminal_revive(request: HttpRequest, session_id: str) -> JsonResponse
 @api("POST")
 async def terminal_rename(request: HttpRequest, session_id: str) -> JsonResponse:
     data = await sync_to_async(json_body)(request)
+    if "tabName" not in data:  # null or "" is a choice: follow the title again
+        message = MSG_RENAME_WITHOUT_NAME.format(max=names.NAME_MAX)
+        raise ValidationFailed(message, details={"field": "tabName"})
     record = await database_sync_to_async(services.session_rename)(
-        user=request.user, session_id=session_id, tab_name=data.get("tabName")
+        user=request.user, session_id=session_id, tab_name=data["tabName"]
     )
     return ok(request, {"session": session_json(record)})
 

@@ -105,15 +105,24 @@ def session_transition(
 
 
 def session_rename(*, user: AbstractBaseUser, session_id: str, tab_name: Any) -> SessionRecord:
-    """Give a session the name the user chose; from now on its tab shows it, not the title."""
-    tab_name = names.name_clean(tab_name, field="tabName")
+    """Give a session the name the user chose; from now on its tab shows it, not the title.
+
+    An empty name (or null) takes the user's name back: the tab follows the title again, and
+    shows the name it keeps only while there is no title.
+    """
+    follow_title = tab_name is None or (isinstance(tab_name, str) and not tab_name.strip())
+    if not follow_title:
+        tab_name = names.name_clean(tab_name, field="tabName")
     record = selectors.session_get(user=user, session_id=session_id)
     provider = get_storage(record.storage_mode)
     with transaction.atomic():
-        updated = provider.update(record.id, tab_name=tab_name, tab_named=True)
-        provider.add_event(
-            record.id, Kind.RENAMED, {"from": record.tab_name, "to": updated.tab_name}
-        )
+        if follow_title:
+            updated = provider.update(record.id, tab_named=False)
+            data = {"from": record.tab_name, "to": None}
+        else:
+            updated = provider.update(record.id, tab_name=tab_name, tab_named=True)
+            data = {"from": record.tab_name, "to": updated.tab_name}
+        provider.add_event(record.id, Kind.RENAMED, data)
     return updated
 
 

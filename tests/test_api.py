@@ -418,6 +418,17 @@ async def test_terminal_lifecycle(client, user, project, live_terminals):
     assert renamed.json()["session"]["tabNamed"] is True
     listed = (await client.get(f"/api/workspace/projects/{project.pk}/terminals")).json()
     assert listed["terminals"][0]["tabNamed"] is True
+    # An empty name (or null) takes it back: the tab follows the title again, keeping the
+    # name for when there is none. No name at all is still a clear 400.
+    for cleared in ("", "   ", None):
+        back = await post(client, f"/api/terminal/{session['id']}/rename", {"tabName": cleared})
+        assert back.status_code == 200, back.content
+        assert (back.json()["session"]["tabName"], back.json()["session"]["tabNamed"]) == (
+            "deploy",
+            False,
+        )
+    error = assert_error(await post(client, f"/api/terminal/{session['id']}/rename", {}), 400)
+    assert error["details"] == {"field": "tabName"} and '""' in error["message"]
 
     shell_pid = session["pid"]
     closed = await post(client, f"/api/terminal/{session['id']}/close")

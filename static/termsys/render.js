@@ -283,7 +283,7 @@ export function updateTab(tab, info) {
  * input goes (how: "saving", "unchanged" or "cancelled"; refocus: the input had the focus,
  * which now needs a place) and again with "failed" if saving fails.
  */
-export function editTabLabel(tab, original, save, done) {
+export function editTabLabel(tab, original, save, done, { clearable = false } = {}) {
   const label = tab.querySelector(".tab-label");
   if (!label || tab.querySelector(".tab-rename")) return;
   const shown = label.textContent;
@@ -303,10 +303,11 @@ export function editTabLabel(tab, original, save, done) {
     finished = true;
     const name = input.value.trim();
     const refocus = tab.contains(document.activeElement);
-    const saving = commit && name && name !== original;
+    // Emptied (where the caller allows it): saved as "", which takes the user's name back.
+    const saving = commit && (name ? name !== original : clearable);
     input.remove();
     label.hidden = false;
-    if (saving) label.textContent = name;
+    if (saving && name) label.textContent = name;
     done(saving ? "saving" : commit ? "unchanged" : "cancelled", refocus);
     if (!saving) return;
     try {

@@ -574,7 +574,7 @@ function startRename(sessionId, tab) {
     try {
       const path = `/api/terminal/${encodeURIComponent(sessionId)}/rename`;
       const data = await api("POST", path, { tabName });
-      applyTabName(sessionId, data.session?.tabName ?? tabName);
+      applyTabName(sessionId, data.session?.tabName ?? tabName, data.session?.tabNamed ?? true);
     } catch (err) {
       showError(err);
       throw err;
@@ -590,18 +590,22 @@ function startRename(sessionId, tab) {
     if (fromKeyboard) tabElement(sessionId)?.focus();
     else if (state.activeView?.session.id === sessionId) state.activeView.term.focus();
   };
-  // Edit what the tab shows: the name the user gave it, else the title they see.
-  editTabLabel(tab, tabLabel(tabInfo(session)).slice(0, 100), save, done);
+  // Edit what the tab shows: the name the user gave it, else the title they see. Emptying a
+  // name the user gave makes the tab follow the title again.
+  editTabLabel(tab, tabLabel(tabInfo(session)).slice(0, 100), save, done, {
+    clearable: Boolean(session.tabNamed),
+  });
 }
 
-function applyTabName(sessionId, tabName) {
+function applyTabName(sessionId, tabName, tabNamed) {
   const session = findSession(sessionId);
   const view = state.views.get(sessionId);
   for (const s of [session, view?.session]) {
     if (!s) continue;
     if (s.title === s.tabName) s.title = tabName; // a title that was the old name
     s.tabName = tabName;
-    s.tabNamed = true; // from now on the tab shows the name, not the process title
+    // Named: from now on the tab shows the name, not the process title; else the title.
+    s.tabNamed = tabNamed;
   }
   if (session) refreshTab(session);
 }

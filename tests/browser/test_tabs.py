@@ -187,6 +187,14 @@ def test_a_name_the_user_gave_wins_over_the_process_title(page, live_termsys):
         expect(tab.locator(".tab-label")).to_have_text("build shell")
         expect(other.locator(".tab-label")).to_have_text(where)
         page.screenshot(path=str(ARTIFACTS / "tab-named-and-titled.png"))
+
+        # Emptying the name gives the tab back to its title, after a reload too.
+        tab.locator(".tab-label").dblclick()
+        page.locator(".tab-rename").fill("")
+        page.keyboard.press("Enter")
+        expect(tab.locator(".tab-label")).to_have_text(f"{where}/deeper")
+        page.reload()
+        expect(tab.locator(".tab-label")).to_have_text(f"{where}/deeper")
         assert page.console_errors == []
     finally:
         set_flag(page, server, "dynamic_titles", "Disable for everyone")
