@@ -412,6 +412,18 @@ def _closed_with(ws, timeout: float = 15) -> tuple[int | None, list[dict]]:
     return None, controls
 
 
+def django_shell(server, code: str) -> None:
+    """Run ``code`` in ``manage.py shell`` against the server's database: another process."""
+    server.manage("shell", "-c", code)
+
+
+def assert_signed_out(ws) -> None:
+    """The server closes ``ws`` as a login that ended: ``signed_out``, then 4401."""
+    code, controls = _closed_with(ws)
+    assert code == 4401
+    assert any(c.get("code") == "signed_out" for c in controls), controls
+
+
 def test_logging_out_closes_the_terminals_of_that_login_in_every_tab(live_termsys):
     """A socket is authenticated at its handshake only: after a logout in one tab, a terminal
     open in another must not keep running commands."""
@@ -426,9 +438,7 @@ def test_logging_out_closes_the_terminals_of_that_login_in_every_tab(live_termsy
     ) as ws:
         read_until(ws, b"# ")
         client.page("/accounts/logout/", {})
-        code, controls = _closed_with(ws)
-    assert code == 4401
-    assert any(c.get("code") == "signed_out" for c in controls), controls
+        assert_signed_out(ws)
 
 
 def test_a_login_ended_elsewhere_closes_its_terminals(live_termsys):
@@ -445,15 +455,12 @@ def test_a_login_ended_elsewhere_closes_its_terminals(live_termsys):
     ) as ws:
         read_until(ws, b"# ")
         key = client.cookie("sessionid")
-        live_termsys.manage(
-            "shell",
-            "-c",
+        django_shell(
+            live_termsys,
             "from django.contrib.sessions.models import Session; "
             f"Session.objects.filter(session_key={key!r}).delete()",
         )
-        code, controls = _closed_with(ws)
-    assert code == 4401
-    assert any(c.get("code") == "signed_out" for c in controls), controls
+        assert_signed_out(ws)
 
 
 def test_a_password_change_ends_the_users_other_logins_and_the_changer_keeps_its_terminal(
@@ -468,9 +475,8 @@ def test_a_password_change_ends_the_users_other_logins_and_the_changer_keeps_its
 
     name = "pw-" + secrets.token_hex(3)
     old, new = "Old-" + secrets.token_hex(8), "New-" + secrets.token_hex(8)
-    live_termsys.manage(
-        "shell",
-        "-c",
+    django_shell(
+        live_termsys,
         "from django.contrib.auth.models import User; "
         f"User.objects.create_user({name!r}, password={old!r}, is_staff=True)",
     )
@@ -498,9 +504,7 @@ def test_a_password_change_ends_the_users_other_logins_and_the_changer_keeps_its
             {"old_password": old, "new_password1": new, "new_password2": new},
         )
         assert "Password change successful" in page
-        code, controls = _closed_with(ws_theirs)
-        assert code == 4401
-        assert any(c.get("code") == "signed_out" for c in controls), controls
+        assert_signed_out(ws_theirs)
 
     with connect(other, theirs) as ws_theirs:  # the old login cannot come back
         code, _ = _closed_with(ws_theirs)
@@ -510,12 +514,9 @@ def test_a_password_change_ends_the_users_other_logins_and_the_changer_keeps_its
         out, _ = read_until(ws_mine, b"still-42")
         assert b"sleep 1000" in out
 
-        live_termsys.manage(
-            "shell",
-            "-c",
+        django_shell(
+            live_termsys,
             "from django.contrib.auth.models import User; "
             f"User.objects.filter(username={name!r}).update(is_active=False)",
         )
-        code, controls = _closed_with(ws_mine)
-    assert code == 4401
-    assert any(c.get("code") == "signed_out" for c in controls), controls
+        assert_signed_out(ws_mine)

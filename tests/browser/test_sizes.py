@@ -70,6 +70,15 @@ def test_a_background_tab_keeps_its_screen_after_a_reload(page, live_termsys):
     assert page.console_errors == []
 
 
+def watch_text(watch) -> str:
+    """The read-only view's terminal buffer, a line per row."""
+    return watch.evaluate(
+        """() => { const b = window.termsys.activeTerminal().buffer.active; const out = [];
+           for (let i = 0; i < b.length; i++) out.push(b.getLine(i).translateToString(true));
+           return out.join('\\n'); }"""
+    )
+
+
 def test_the_read_only_view_renders_at_the_owners_size(browser, live_termsys):
     server = live_termsys
     owner = Browserless(server)
@@ -93,12 +102,7 @@ def test_the_read_only_view_renders_at_the_owners_size(browser, live_termsys):
             expect(watch.locator("#connection-status")).to_contain_text("read-only")
             term = "window.termsys.activeTerminal()"
             assert watch.evaluate(f"() => [{term}.cols, {term}.rows]") == [132, 30]
-            text = watch.evaluate(
-                f"""() => {{ const b = {term}.buffer.active; const out = [];
-                   for (let i = 0; i < b.length; i++)
-                     out.push(b.getLine(i).translateToString(true));
-                   return out.join('\\n'); }}"""
-            )
+            text = watch_text(watch)
             assert drawn_at(text, 10) == []
             # Wider than this window: the pane scrolls sideways, the page does not.
             pane = watch.locator(".terminal-pane")
@@ -112,12 +116,7 @@ def test_the_read_only_view_renders_at_the_owners_size(browser, live_termsys):
             read_until(shell, b"redrawn-64")
             wait_for_text(watch, "redrawn-64")
             assert watch.evaluate(f"() => [{term}.cols, {term}.rows]") == [90, 20]
-            text = watch.evaluate(
-                f"""() => {{ const b = {term}.buffer.active; const out = [];
-                   for (let i = 0; i < b.length; i++)
-                     out.push(b.getLine(i).translateToString(true));
-                   return out.join('\\n'); }}"""
-            )
+            text = watch_text(watch)
             assert drawn_at(text, 8, column=70) == []
             watch.screenshot(path=str(ARTIFACTS / "watch-owner-resized.png"))
         finally:
