@@ -108,7 +108,7 @@ def session_rename(*, user: AbstractBaseUser, session_id: str, tab_name: Any) ->
     """Give a session the name the user chose; from now on its tab shows it, not the title.
 
     An empty name (or null) takes the user's name back: the tab follows the title again, and
-    shows the name it keeps only while there is no title.
+    while there is none shows a name as a new tab gets one (the first free "Terminal N").
     """
     follow_title = tab_name is None or (isinstance(tab_name, str) and not tab_name.strip())
     if not follow_title:
@@ -117,11 +117,12 @@ def session_rename(*, user: AbstractBaseUser, session_id: str, tab_name: Any) ->
     provider = get_storage(record.storage_mode)
     with transaction.atomic():
         if follow_title:
-            updated = provider.update(record.id, tab_named=False)
-            data = {"from": record.tab_name, "to": None}
-        else:
-            updated = provider.update(record.id, tab_name=tab_name, tab_named=True)
-            data = {"from": record.tab_name, "to": updated.tab_name}
+            others = [r for r in storage.list_for_project(record.project_id) if r.id != record.id]
+            tab_name = _next_tab_name(others, first=1)
+        updated = provider.update(record.id, tab_name=tab_name, tab_named=not follow_title)
+        data = {"from": record.tab_name, "to": updated.tab_name}
+        if follow_title:
+            data["followsTitle"] = True
         provider.add_event(record.id, Kind.RENAMED, data)
     return updated
 
@@ -229,11 +230,11 @@ def _session_insert(
     return record, project
 
 
-def _next_tab_name(sessions: list[SessionRecord]) -> str:
+def _next_tab_name(sessions: list[SessionRecord], first: int | None = None) -> str:
     """Return "Terminal N" for the project's next tab, as the page names it: N one more than
-    the tabs shown, or the next number no tab has."""
+    the tabs shown (or ``first``), or the next number no tab has."""
     taken = {r.tab_name for r in sessions}
-    n = len(sessions) + 1
+    n = len(sessions) + 1 if first is None else first
     while f"Terminal {n}" in taken:
         n += 1
     return f"Terminal {n}"

@@ -418,13 +418,13 @@ async def test_terminal_lifecycle(client, user, project, live_terminals):
     assert renamed.json()["session"]["tabNamed"] is True
     listed = (await client.get(f"/api/workspace/projects/{project.pk}/terminals")).json()
     assert listed["terminals"][0]["tabNamed"] is True
-    # An empty name (or null) takes it back: the tab follows the title again, keeping the
-    # name for when there is none. No name at all is still a clear 400.
+    # An empty name (or null) takes it back: the tab follows the title again, and has a name
+    # as a new tab gets one for while there is none. No name at all is still a clear 400.
     for cleared in ("", "   ", None):
         back = await post(client, f"/api/terminal/{session['id']}/rename", {"tabName": cleared})
         assert back.status_code == 200, back.content
         assert (back.json()["session"]["tabName"], back.json()["session"]["tabNamed"]) == (
-            "deploy",
+            "Terminal 1",
             False,
         )
     error = assert_error(await post(client, f"/api/terminal/{session['id']}/rename", {}), 400)
