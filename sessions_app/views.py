@@ -5,8 +5,9 @@ from __future__ import annotations
 from django.contrib.admin.views.decorators import staff_member_required
 from django.contrib.auth import get_user_model
 from django.contrib.auth.decorators import login_required
-from django.http import Http404, HttpRequest, HttpResponse
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponsePermanentRedirect
 from django.shortcuts import render
+from django.templatetags.static import static
 from django.views.decorators.csrf import ensure_csrf_cookie
 
 from sessions_app import conf, names, selectors
@@ -53,3 +54,9 @@ def watch(request: HttpRequest, session_id: str) -> HttpResponse:
         "project": project.name if project else "?",
     }
     return render(request, "watch.html", context)
+
+
+def favicon(request: HttpRequest) -> HttpResponse:
+    """Send browsers that ask for /favicon.ico (on pages without an icon link: the admin's) to
+    the icon."""
+    return HttpResponsePermanentRedirect(static("termsys/favicon.svg"))

@@ -13,6 +13,8 @@ handler500 = "sessions_app.middleware.server_error"
 
 urlpatterns = [
     path("", views.workspace, name="workspace"),
+    # Pages without an icon of their own (the admin's) make browsers ask for /favicon.ico.
+    path("favicon.ico", views.favicon),
     path(
         "accounts/login/",
         auth_views.LoginView.as_view(redirect_authenticated_user=True),

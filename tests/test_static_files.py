@@ -81,3 +81,12 @@ def test_a_revalidated_static_file_is_not_modified_and_empty():
     )
     assert (status, body) == (304, b"")
     assert not [w for w in caught if "synchronous iterators" in w], caught
+
+
+def test_the_icon_is_found_where_browsers_look_for_it():
+    """Pages without an icon link (the admin's) make browsers ask for /favicon.ico."""
+    status, headers, _, _ = fetch("/favicon.ico")
+    assert status == 301
+    status, headers, body, _ = fetch(headers["location"])
+    assert status == 200 and headers["content-type"].startswith("image/svg+xml")
+    assert body.startswith(b"<svg")
