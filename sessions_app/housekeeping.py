@@ -114,7 +114,7 @@ async def _track_cwd(live: list[terminals.LiveTerminal]) -> None:
         except Exception:
             logger.warning("could not record the cwd of %s", terminal.session_id, exc_info=True)
             continue
-        terminal.cwd = cwd
+        terminal.cwd_changed(cwd)
 
 
 async def _watch_modes(loop: asyncio.AbstractEventLoop) -> None:

@@ -401,7 +401,7 @@ class ShellTracker:
         if commands and self.activity:
             await db_call(_add_commands, terminal.storage_mode, terminal.session_id, commands)
         if cwd is not None and cwd != terminal.cwd:
-            terminal.cwd = cwd
+            terminal.cwd_changed(cwd)
             await db_call(_record_cwd, terminal.storage_mode, terminal.session_id, cwd)
         if title is not None and self.titles:
             self._want_title(clean_title(title))

@@ -338,6 +338,14 @@ class LiveTerminal:
         except OSError:
             return None
 
+    def cwd_changed(self, cwd: str) -> None:
+        """Take ``cwd`` as the shell's working directory (once recorded) and tell the clients:
+        a tab names it in its tooltip."""
+        if cwd == self.cwd:
+            return
+        self.cwd = cwd
+        self.broadcast({"type": "cwd", "cwd": cwd})
+
     def send_to(self, client: Client, message: dict[str, Any]) -> None:
         """Queue a control message for one client, after what is already queued for it."""
         self._queue(client, message)

@@ -265,6 +265,29 @@ async def stored_title(session_id: str, title: str, timeout: float = 5) -> str:
         await asyncio.sleep(0.05)
 
 
+async def test_a_cd_reaches_every_client_as_the_working_directory(
+    user, project, live_terminals, connect
+):
+    """A tab names its shell's directory in its tooltip: it is told at once, not at the next
+    refresh of the tab list; and the session keeps it (a revival starts there)."""
+    session = await start(user, project)
+    first, second = await connect(user, session.id), await connect(user, session.id)
+    where = os.path.join(project.path, "sub dir")
+    os.mkdir(where)
+    await first.type(f"cd '{where}'\r")
+    for term in (first, second):
+        assert (await term.control("cwd"))["cwd"] == where
+    for _ in range(100):
+        record = await database_sync_to_async(TerminalSession.objects.get)(pk=session.id)
+        if record.cwd == where:
+            break
+        await asyncio.sleep(0.05)
+    assert record.cwd == where
+    await first.type("cd .\r")  # the same directory: nothing new to tell
+    await run(first, "true", "SAME")
+    assert [m for m in first.controls if m.get("type") == "cwd"] == []
+
+
 async def test_titles_follow_the_command_and_the_cwd(user, project, live_terminals, connect):
     session = await start(user, project, "dynamic_titles")
     term = await connect(user, session.id)

@@ -340,6 +340,12 @@ export class TerminalView {
       case "size":
         this.followSize(msg);
         break;
+      case "cwd":
+        if (typeof msg.cwd === "string") {
+          this.session.cwd = msg.cwd;
+          this.onChange(this);
+        }
+        break;
       case "title":
         this.session.title = msg.title;
         this.onChange(this);
