@@ -21,6 +21,16 @@ urlpatterns = [
         name="login",
     ),
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
+    path(
+        "accounts/password/",
+        auth_views.PasswordChangeView.as_view(template_name="accounts/password_change.html"),
+        name="password_change",
+    ),
+    path(
+        "accounts/password/done/",
+        auth_views.PasswordChangeDoneView.as_view(template_name="accounts/password_changed.html"),
+        name="password_change_done",
+    ),
     path("watch/<str:session_id>/", views.watch, name="watch"),
     path("", include("featureflags.urls")),  # rollback status: admin page + JSON, before admin/
     path("admin/", admin.site.urls),

@@ -6,6 +6,8 @@ import json
 import re
 import secrets
 import time
+from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from django.contrib.admin.utils import quote
@@ -463,6 +465,49 @@ def test_a_login_ended_elsewhere_closes_its_terminals(live_termsys):
         assert_signed_out(ws)
 
 
+@dataclass
+class TwoLogins:
+    """A new user logged in twice: one login changes the password, the other is someone
+    else's (a stolen cookie, a forgotten device)."""
+
+    name: str
+    old: str
+    new: str
+    changer: Any
+    other: Any
+
+    def change_password(self, page: str, old: str | None = None) -> str:
+        """Post ``page``'s password form as the changer (``old``: what it types as the old
+        password); return the page that answers."""
+        form = {"old_password": old or self.old, "new_password1": self.new}
+        return self.changer.page(page, {**form, "new_password2": self.new})
+
+
+def two_logins(server, prefix: str, *, staff: bool = False) -> TwoLogins:
+    from tests.live import Browserless
+
+    name = prefix + secrets.token_hex(3)
+    old, new = "Old-" + secrets.token_hex(8), "New-" + secrets.token_hex(8)
+    django_shell(
+        server,
+        "from django.contrib.auth.models import User; "
+        f"User.objects.create_user({name!r}, password={old!r}, is_staff={staff!r})",
+    )
+    changer, other = Browserless(server), Browserless(server)
+    changer.login(name, old)
+    other.login(name, old)
+    return TwoLogins(name, old, new, changer, other)
+
+
+def terminal_socket(server, client, body: dict):
+    return ws_connect(
+        ws_url(server, body["connectionUrl"]),
+        origin=server.url,
+        additional_headers=client.ws_headers(),
+        open_timeout=10,
+    )
+
+
 def test_a_password_change_ends_the_users_other_logins_and_the_changer_keeps_its_terminal(
     live_termsys,
 ):
@@ -471,39 +516,20 @@ def test_a_password_change_ends_the_users_other_logins_and_the_changer_keeps_its
     changed. Now its socket closes and it cannot reconnect; the login that changed the
     password got a new session key from Django, and with it reattaches to its running shell.
     Deactivating the user ends that login too."""
-    from tests.live import Browserless
-
-    name = "pw-" + secrets.token_hex(3)
-    old, new = "Old-" + secrets.token_hex(8), "New-" + secrets.token_hex(8)
-    django_shell(
-        live_termsys,
-        "from django.contrib.auth.models import User; "
-        f"User.objects.create_user({name!r}, password={old!r}, is_staff=True)",
-    )
-    changer, other = Browserless(live_termsys), Browserless(live_termsys)
-    changer.login(name, old)
-    other.login(name, old)
+    user = two_logins(live_termsys, "pw-", staff=True)
+    name, changer, other = user.name, user.changer, user.other
     mine = open_terminal(changer, "pw-mine-" + secrets.token_hex(2))
     theirs = open_terminal(other, "pw-theirs-" + secrets.token_hex(2))
 
     def connect(client, body):
-        return ws_connect(
-            ws_url(live_termsys, body["connectionUrl"]),
-            origin=live_termsys.url,
-            additional_headers=client.ws_headers(),
-            open_timeout=10,
-        )
+        return terminal_socket(live_termsys, client, body)
 
     with connect(changer, mine) as ws_mine, connect(other, theirs) as ws_theirs:
         read_until(ws_mine, b"# ")
         read_until(ws_theirs, b"# ")
         ws_mine.send(b"sleep 1000 &\r")
         read_until(ws_mine, b"# ")
-        page = changer.page(
-            "/admin/password_change/",
-            {"old_password": old, "new_password1": new, "new_password2": new},
-        )
-        assert "Password change successful" in page
+        assert "Password change successful" in user.change_password("/admin/password_change/")
         assert_signed_out(ws_theirs)
 
     with connect(other, theirs) as ws_theirs:  # the old login cannot come back
@@ -520,3 +546,32 @@ def test_a_password_change_ends_the_users_other_logins_and_the_changer_keeps_its
             f"User.objects.filter(username={name!r}).update(is_active=False)",
         )
         assert_signed_out(ws_mine)
+
+
+def test_a_user_changes_their_password_on_its_page_and_their_other_logins_end(live_termsys):
+    """Not only staff (in the admin): every user has a page to change their password, and a
+    login someone else holds ends with it, terminals included."""
+    from tests.live import Browserless
+
+    user = two_logins(live_termsys, "own-")
+    name, new, changer, other = user.name, user.new, user.changer, user.other
+    theirs = open_terminal(other, "own-theirs-" + secrets.token_hex(2))
+    form = changer.page("/accounts/password/")
+    assert "Change your password" in form and 'name="old_password"' in form
+
+    with terminal_socket(live_termsys, other, theirs) as ws:
+        read_until(ws, b"# ")
+        wrong = user.change_password("/accounts/password/", old="not-it")
+        assert "Your old password was entered incorrectly" in wrong
+        ws.send(b"echo still-$((3*4))\r")  # a refused change ends nothing
+        read_until(ws, b"still-12")
+
+        assert "Password changed" in user.change_password("/accounts/password/")
+        assert_signed_out(ws)
+    status, _ = other.api("GET", "/api/terminal/list")
+    assert status in (401, 403)
+    status, listed = changer.api("GET", "/api/terminal/list")  # this login goes on
+    assert status == 200 and theirs["session"]["id"] in [s["id"] for s in listed["sessions"]]
+    fresh = Browserless(live_termsys)
+    fresh.login(name, new)
+    assert fresh.api("GET", "/api/terminal/list")[0] == 200

@@ -76,6 +76,25 @@ def test_wrong_password_is_refused_with_a_message(page, live_termsys):
     expect(page.locator("body")).to_contain_text("correct username and password")
 
 
+def test_the_password_page_is_a_click_away_and_says_what_is_wrong(page, live_termsys):
+    log_in(page, live_termsys)
+    page.click("#password-link")
+    expect(page).to_have_url(live_termsys.url + "/accounts/password/")
+    expect(page.locator("input[name=old_password]")).to_be_focused()
+    page.fill("input[name=old_password]", "not-the-password")
+    page.fill("input[name=new_password1]", "short")
+    page.fill("input[name=new_password2]", "different")
+    page.click("button[type=submit]")
+    errors = page.locator(".field-error")
+    expect(errors.first).to_be_visible()
+    text = " ".join(errors.all_text_contents())
+    assert "old password was entered incorrectly" in text
+    assert "match" in text  # the two new passwords differ
+    page.screenshot(path=str(ARTIFACTS / "password-change.png"))
+    page.click("text=Back to your terminals")
+    expect(page).to_have_url(live_termsys.url + "/")
+
+
 def test_a_project_created_while_the_page_loads_stays_selected(page, live_termsys):
     """On a slow network the user may act before the project list arrives."""
     log_in(page, live_termsys)
