@@ -399,7 +399,15 @@ class TerminalConsumer(AsyncWebsocketConsumer):
         try:
             self.terminal.write(data, client=self)
         except terminals.InputOverflow as exc:
-            await self.send_error("input_overflow", str(exc))
+            await self.send_control(
+                {
+                    "type": "error",
+                    "code": "input_overflow",
+                    "message": str(exc),
+                    "bytes": exc.dropped,
+                    "limit": exc.limit,
+                }
+            )
 
     async def _control(self, text: str) -> None:
         size = len(text.encode())

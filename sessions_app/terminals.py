@@ -61,7 +61,12 @@ MSG_INPUT_OVERFLOW = (
 
 
 class InputOverflow(Exception):
-    """Input refused: the program has not read what already waits for it."""
+    """Input refused: the program has not read what already waits for it. ``dropped``: the
+    bytes refused; ``limit``: what may wait."""
+
+    def __init__(self, message: str, *, dropped: int, limit: int) -> None:
+        super().__init__(message)
+        self.dropped, self.limit = dropped, limit
 
 
 def node_is_alive(node: str) -> bool:
@@ -762,7 +767,9 @@ class LiveTerminal:
             held = len(self._pending_input)
             if held + len(data) > PENDING_INPUT_LIMIT:
                 raise InputOverflow(
-                    MSG_INPUT_OVERFLOW.format(held=held, size=len(data), limit=PENDING_INPUT_LIMIT)
+                    MSG_INPUT_OVERFLOW.format(held=held, size=len(data), limit=PENDING_INPUT_LIMIT),
+                    dropped=len(data),
+                    limit=PENDING_INPUT_LIMIT,
                 )
             self._pending_input += data
             return

@@ -629,6 +629,8 @@ async def test_input_a_busy_program_does_not_read_waits_only_up_to_a_limit(user,
     error = await term.control("error")
     assert error["code"] == "input_overflow"
     assert "not reading its input" in error["message"]
+    # what was refused, as numbers a client can add up (a paste is refused frame by frame)
+    assert (error["bytes"], error["limit"]) == (frame_bytes, terminals.PENDING_INPUT_LIMIT)
     assert len(terminals.get(session.id)._pending_input) <= terminals.PENDING_INPUT_LIMIT
     await term.type("\x03")  # the terminal still answers
     await term.type("stty echo; echo back-$((4*4))\r")

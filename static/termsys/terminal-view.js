@@ -355,7 +355,7 @@ export class TerminalView {
         break;
       case "error":
         if (msg.code === "input_overflow") {
-          this.noteOverflow(msg.message || "");
+          this.noteOverflow(msg);
           break;
         }
         // A refusal is an error frame followed by a close: report it once, with the close.
@@ -376,9 +376,9 @@ export class TerminalView {
    * Count one refused input frame (the program is not reading its input) and report them all
    * in one notice once they stop coming: a big paste is refused in many frames.
    */
-  noteOverflow(message) {
-    const size = /(\d+) bytes were not delivered/.exec(message);
-    this.overflowBytes += size ? Number(size[1]) : 0;
+  noteOverflow({ message = "", bytes }) {
+    const size = /(\d+) bytes were not delivered/.exec(message); // from servers before `bytes`
+    this.overflowBytes += Number.isInteger(bytes) ? bytes : size ? Number(size[1]) : 0;
     this.overflowCount += 1;
     this.overflowMessage = message;
     clearTimeout(this.overflowTimer);
