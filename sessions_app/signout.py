@@ -10,7 +10,9 @@ logout can happen:
   every two seconds the housekeeping loop asks the session store which of its attached
   clients' logins are still valid, by the test Django applies at a login's next request.
 
-A closed socket gets an ``error`` ``signed_out`` and close code 4401; the page goes to the login.
+A closed socket gets an ``error`` ``signed_out`` and close code 4401; the page goes to the login,
+unless its cookie is still a login (Django gave it a new key: a password changed in another tab),
+and then connects again.
 """
 
 from __future__ import annotations

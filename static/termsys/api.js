@@ -17,6 +17,23 @@ export function redirectToLogin() {
   window.location.assign(`${LOGIN_URL}?next=/`);
 }
 
+/**
+ * Whether this page's cookie still holds a login. A terminal socket closed as signed out may
+ * have had the login's old key: Django gives a login a new one when its password changes
+ * (in another tab) or it signs in again, and the old key then ends.
+ */
+export async function stillSignedIn() {
+  try {
+    const response = await fetch("/api/projects", {
+      credentials: "same-origin",
+      headers: { Accept: "application/json" },
+    });
+    return response.ok;
+  } catch (err) {
+    return false;
+  }
+}
+
 function csrfToken() {
   const match = document.cookie.match(/(?:^|;\s*)csrftoken=([^;]+)/);
   if (match) return decodeURIComponent(match[1]);

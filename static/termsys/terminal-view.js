@@ -1,6 +1,6 @@
 // One terminal tab: an xterm.js instance, its pane, and the WebSocket that feeds it.
 
-import { api, ApiError, redirectToLogin, toast } from "./api.js";
+import { api, ApiError, redirectToLogin, stillSignedIn, toast } from "./api.js";
 
 const ACK_BYTES = 32 * 1024;
 const ACK_IDLE_MS = 50;
@@ -137,6 +137,7 @@ export class TerminalView {
     this.ws = null;
     this.generation = 0;
     this.attempt = 0;
+    this.signedOutRetried = false; // a 4401 answered by connecting again (handleSignedOut)
     this.retryTimer = null;
     this.pingTimer = null;
     this.serverError = "";
@@ -302,6 +303,7 @@ export class TerminalView {
     switch (msg.type) {
       case "hello":
         this.attempt = 0;
+        this.signedOutRetried = false;
         if (msg.state) this.session.state = msg.state;
         if (msg.mode) this.session.mode = msg.mode;
         if (msg.readOnly && !this.readOnly) {
@@ -490,8 +492,7 @@ export class TerminalView {
     if (this.disposed) return;
     if (code === 4401) {
       this.serverError = "";
-      this.fail("Signed out.");
-      redirectToLogin();
+      this.handleSignedOut();
       return;
     }
     if (code in FINAL_CLOSE) {
@@ -507,6 +508,24 @@ export class TerminalView {
     else this.reportServerError();
     if (code === 4429) minDelay = THROTTLED_MIN_MS;
     this.scheduleReconnect(minDelay);
+  }
+
+  /**
+   * The server closed the socket as signed out. If the page's cookie is still a login (its key
+   * was changed: a password change in another tab), connect again, once until a hello;
+   * otherwise go to the login page.
+   */
+  async handleSignedOut() {
+    if (!this.signedOutRetried) this.setStatus("reconnecting");
+    const retry = !this.signedOutRetried && (await stillSignedIn());
+    if (this.disposed) return;
+    if (retry) {
+      this.signedOutRetried = true;
+      this.connect();
+      return;
+    }
+    this.fail("Signed out.");
+    redirectToLogin();
   }
 
   scheduleReconnect(minDelay = 0) {
