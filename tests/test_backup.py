@@ -1021,18 +1021,24 @@ def test_an_archive_made_on_sqlite_restores_into_postgresql(tmp_path):
 
 
 @contextlib.contextmanager
-def tmpfs(path: Path, size: int) -> Iterator[Path]:
-    """A file system of ``size`` bytes at ``path``: a disk that fills up for real. Mounting
-    needs root (or CAP_SYS_ADMIN); the test is skipped where it cannot."""
+def tmpfs(
+    path: Path,
+    size: int,
+    options: str = "mode=0700",
+    needed: str = "a full disk needs a small tmpfs",
+) -> Iterator[Path]:
+    """A file system of ``size`` bytes at ``path``: a disk that fills up for real (``options``:
+    more mount options). Mounting needs root (or CAP_SYS_ADMIN); the test is skipped where it
+    cannot, saying what ``needed`` it."""
     path.mkdir(parents=True, exist_ok=True)
     done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
+        ["mount", "-t", "tmpfs", "-o", f"size={size},{options}", "tmpfs", str(path)],
         capture_output=True,
         text=True,
         check=False,
     )
     if done.returncode != 0:
-        pytest.skip(f"a full disk needs a small tmpfs, and mount failed: {done.stderr.strip()}")
+        pytest.skip(f"{needed}, and mount failed: {done.stderr.strip()}")
     try:
         yield path
     finally:
@@ -1308,18 +1314,8 @@ def unwritable(path: Path) -> Iterator[Path]:
         finally:
             path.chmod(0o700)
         return
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(path)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"root needs a read-only mount here, and mount failed: {done.stderr}")
-    try:
+    with tmpfs(path, 64 * 1024, options="ro", needed="root needs a read-only mount here"):
         yield path
-    finally:
-        subprocess.run(["umount", str(path)], check=True)
 
 
 def test_a_directory_that_cannot_be_written_in_is_named(backup_dir, tmp_path, settings):

@@ -14,7 +14,7 @@ import pytest
 from websockets.sync.client import connect as ws_connect
 
 from tests.live import Browserless, close_worker_connections, serving
-from tests.test_live_server import open_terminal, read_until, ws_url
+from tests.test_live_server import open_terminal, read_until, terminal_socket, ws_url
 
 ON_POSTGRES = os.environ.get("DATABASE_URL", "").startswith(("postgres://", "postgresql://"))
 needs_postgres = pytest.mark.skipif(not ON_POSTGRES, reason="stops the real PostgreSQL server")
@@ -125,10 +125,7 @@ def test_database_mode_reports_a_down_database_and_saves_everything_after(
 ):
     body = open_terminal(live_client, "dbdown")
     session_id = body["session"]["id"]
-    url = ws_url(live_termsys, body["connectionUrl"])
-    with ws_connect(
-        url, origin=live_termsys.url, additional_headers=live_client.ws_headers(), open_timeout=10
-    ) as ws:
+    with terminal_socket(live_termsys, live_client, body) as ws:
         read_until(ws, b"#")
         with postgres_stopped():
             ws.send(b"echo during-$((3+4))\r")

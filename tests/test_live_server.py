@@ -32,6 +32,17 @@ def ws_url(server, connection_url: str) -> str:
     return server.url.replace("http://", "ws://") + connection_url
 
 
+def terminal_socket(server, client, body: dict):
+    """Open the terminal socket of ``body`` (a create answer) as ``client``, from the page's
+    own origin."""
+    return ws_connect(
+        ws_url(server, body["connectionUrl"]),
+        origin=server.url,
+        additional_headers=client.ws_headers(),
+        open_timeout=10,
+    )
+
+
 def read_until(ws, needle: bytes, timeout: float = 10) -> tuple[bytes, list[dict]]:
     out, controls = bytearray(), []
     deadline = time.monotonic() + timeout
@@ -89,10 +100,7 @@ def test_typing_between_control_frames_reaches_the_shell_whole_and_in_order(
     ordinary one otherwise; mixed in one write with control frames, none is lost, none
     overtakes another."""
     body = open_terminal(live_client, "burst")
-    url = ws_url(live_termsys, body["connectionUrl"])
-    with ws_connect(
-        url, origin=live_termsys.url, additional_headers=live_client.ws_headers(), open_timeout=10
-    ) as ws:
+    with terminal_socket(live_termsys, live_client, body) as ws:
         read_until(ws, b"# ")
         words = " ".join(f"w{n}" for n in range(120))
         typed = f"printf '<%s>' {words}; echo\r".encode()
@@ -132,10 +140,7 @@ def test_a_read_only_viewers_typing_is_refused_and_never_reaches_the_shell(
 def test_history_and_exited_state_survive_a_server_restart(live_termsys, live_client):
     body = open_terminal(live_client, "restart")
     marker = f"before-restart-{secrets.token_hex(4)}"
-    url = ws_url(live_termsys, body["connectionUrl"])
-    with ws_connect(
-        url, origin=live_termsys.url, additional_headers=live_client.ws_headers(), open_timeout=10
-    ) as ws:
+    with terminal_socket(live_termsys, live_client, body) as ws:
         ws.send(f"echo {marker}-$((20+22))\r".encode())
         read_until(ws, f"{marker}-42".encode())
     # Restart at once: output still batched in memory must be stored at shutdown.
@@ -146,9 +151,7 @@ def test_history_and_exited_state_survive_a_server_restart(live_termsys, live_cl
     )
     assert status == 200
     assert listed["terminals"][0]["state"] == "exited"
-    with ws_connect(
-        url, origin=live_termsys.url, additional_headers=live_client.ws_headers(), open_timeout=10
-    ) as ws:
+    with terminal_socket(live_termsys, live_client, body) as ws:
         _, controls = read_until(ws, f"{marker}-42".encode())
         assert controls[0]["type"] == "hello" and controls[0]["state"] == "exited"
 
@@ -288,10 +291,7 @@ def test_a_socket_closed_right_after_a_frame_is_detached_and_holds_no_one_up(
     a large output, not the first ack window of it."""
     body = open_terminal(live_client, "gone-" + secrets.token_hex(2))
     session_id = body["session"]["id"]
-    url = ws_url(live_termsys, body["connectionUrl"])
-    with ws_connect(
-        url, origin=live_termsys.url, additional_headers=live_client.ws_headers(), open_timeout=10
-    ) as ws:
+    with terminal_socket(live_termsys, live_client, body) as ws:
         read_until(ws, b"# ")
         # A ping and the close in one write: the pong meets a socket already closing.
         ws.socket.sendall(
@@ -302,9 +302,7 @@ def test_a_socket_closed_right_after_a_frame_is_detached_and_holds_no_one_up(
     found = wait_for_session(live_client, session_id, lambda s: s["state"] == "detached")
     assert found["state"] == "detached"
 
-    with ws_connect(
-        url, origin=live_termsys.url, additional_headers=live_client.ws_headers(), open_timeout=10
-    ) as again:
+    with terminal_socket(live_termsys, live_client, body) as again:
         again.send(b"seq 1 300000 | tail -c 1500000 | wc -c; echo seq-$((6*7))-done\r")
         assert b"1500000" in read_acking(again, b"seq-42-done")
 
@@ -330,9 +328,7 @@ def test_only_the_pages_own_origin_may_open_a_terminal_socket(live_termsys, live
                 open_timeout=10,
             )
         assert refused.value.response.status_code == 403, origin
-    with ws_connect(
-        url, origin=live_termsys.url, additional_headers=live_client.ws_headers(), open_timeout=10
-    ) as ws:
+    with terminal_socket(live_termsys, live_client, body) as ws:
         assert json.loads(ws.recv(timeout=10))["type"] == "hello"
 
 
@@ -434,10 +430,7 @@ def test_logging_out_closes_the_terminals_of_that_login_in_every_tab(live_termsy
     client = Browserless(live_termsys)
     client.login()
     body = open_terminal(client, "logout-" + secrets.token_hex(2))
-    url = ws_url(live_termsys, body["connectionUrl"])
-    with ws_connect(
-        url, origin=live_termsys.url, additional_headers=client.ws_headers(), open_timeout=10
-    ) as ws:
+    with terminal_socket(live_termsys, client, body) as ws:
         read_until(ws, b"# ")
         client.page("/accounts/logout/", {})
         assert_signed_out(ws)
@@ -451,10 +444,7 @@ def test_a_login_ended_elsewhere_closes_its_terminals(live_termsys):
     client = Browserless(live_termsys)
     client.login()
     body = open_terminal(client, "ended-" + secrets.token_hex(2))
-    url = ws_url(live_termsys, body["connectionUrl"])
-    with ws_connect(
-        url, origin=live_termsys.url, additional_headers=client.ws_headers(), open_timeout=10
-    ) as ws:
+    with terminal_socket(live_termsys, client, body) as ws:
         read_until(ws, b"# ")
         key = client.cookie("sessionid")
         django_shell(
@@ -499,15 +489,6 @@ def two_logins(server, prefix: str, *, staff: bool = False) -> TwoLogins:
     return TwoLogins(name, old, new, changer, other)
 
 
-def terminal_socket(server, client, body: dict):
-    return ws_connect(
-        ws_url(server, body["connectionUrl"]),
-        origin=server.url,
-        additional_headers=client.ws_headers(),
-        open_timeout=10,
-    )
-
-
 def test_a_password_change_ends_the_users_other_logins_and_the_changer_keeps_its_terminal(
     live_termsys,
 ):
@@ -521,10 +502,10 @@ def test_a_password_change_ends_the_users_other_logins_and_the_changer_keeps_its
     mine = open_terminal(changer, "pw-mine-" + secrets.token_hex(2))
     theirs = open_terminal(other, "pw-theirs-" + secrets.token_hex(2))
 
-    def connect(client, body):
-        return terminal_socket(live_termsys, client, body)
-
-    with connect(changer, mine) as ws_mine, connect(other, theirs) as ws_theirs:
+    with (
+        terminal_socket(live_termsys, changer, mine) as ws_mine,
+        terminal_socket(live_termsys, other, theirs) as ws_theirs,
+    ):
         read_until(ws_mine, b"# ")
         read_until(ws_theirs, b"# ")
         ws_mine.send(b"sleep 1000 &\r")
@@ -532,10 +513,10 @@ def test_a_password_change_ends_the_users_other_logins_and_the_changer_keeps_its
         assert "Password change successful" in user.change_password("/admin/password_change/")
         assert_signed_out(ws_theirs)
 
-    with connect(other, theirs) as ws_theirs:  # the old login cannot come back
+    with terminal_socket(live_termsys, other, theirs) as ws_theirs:  # the old login: refused
         code, _ = _closed_with(ws_theirs)
     assert code == 4401
-    with connect(changer, mine) as ws_mine:  # the changer's new key: the same shell runs on
+    with terminal_socket(live_termsys, changer, mine) as ws_mine:  # its new key: same shell
         ws_mine.send(b"jobs; echo still-$((6*7))\r")
         out, _ = read_until(ws_mine, b"still-42")
         assert b"sleep 1000" in out
