@@ -33,6 +33,7 @@ from sessions_app.backup import (
     archive,
     copies,
     derived,
+    interrupts,
     leftovers,
     migrations,
     portable,
@@ -262,7 +263,7 @@ def test_create_can_leave_the_native_copy_out_and_the_safety_backup_undoes_a_res
     backup("restore", str(path), "--yes")
     assert TerminalSession.objects.count() == 3
     # The safety backup holds the data once: on SQLite the database file (a restore into the
-    # same schema copies it back page for page), on PostgreSQL binary copies.
+    # same schema swaps in as the database file), on PostgreSQL binary copies.
     safety = next(backup_dir.glob("*-safety.tar"))
     manifest = archive.read_manifest(safety)
     assert manifest["native"]["member"] == (
@@ -275,7 +276,7 @@ def test_create_can_leave_the_native_copy_out_and_the_safety_backup_undoes_a_res
     assert TerminalSession.objects.count() == 0
     if connection.vendor == "sqlite":
         assert "rows as: the native copy only; native copy: sqlite-file" in verified
-        assert "rows from the SQLite copy, page for page" in printed
+        assert "rows from the SQLite copy, swapped in as the database file" in printed
     else:
         assert "rows as: binary copies; native copy: none" in verified
         assert "rows from binary copies, search index loaded as stored" in printed
@@ -1283,6 +1284,23 @@ def test_ctrl_c_during_the_page_copy_is_told_truthfully(backup_dir, monkeypatch,
     monkeypatch.setattr(sqlite_native, "PAGES_PER_STEP", 8)  # a copy of several steps
     monkeypatch.setattr(sqlite_native, "sqlite3", _PageCopyInterrupted(when))
     handler = signal.getsignal(signal.SIGINT)
+    with opened_elsewhere():  # a server: its pages are copied, the file not swapped
+        ctrl_c_during_the_page_copy(when, archived, backup_dir, before, changed)
+    assert signal.getsignal(signal.SIGINT) is handler
+
+
+@contextlib.contextmanager
+def opened_elsewhere() -> Iterator[sqlite3.Connection]:
+    """The database open on a connection of its own, as a running server has it."""
+    server = sqlite3.connect(connection.settings_dict["NAME"])
+    try:
+        server.execute("SELECT count(*) FROM sessions_app_project").fetchone()
+        yield server
+    finally:
+        server.close()
+
+
+def ctrl_c_during_the_page_copy(when, archived, backup_dir, before, changed) -> None:
     if when == "first step":
         with pytest.raises(CommandError) as caught:
             backup("restore", str(archived), "--yes")
@@ -1299,7 +1317,106 @@ def test_ctrl_c_during_the_page_copy_is_told_truthfully(backup_dir, monkeypatch,
         (safety,) = backup_dir.glob("*-safety.tar")
         assert f"Restored {archived}" in printed and f"The data before is in {safety}" in printed
         assert snapshot() == before
-    assert signal.getsignal(signal.SIGINT) is handler
+
+
+@pytest.mark.skipif(connection.vendor != "sqlite", reason="SQLite's database file")
+def test_a_restore_while_a_server_has_the_database_open_copies_the_pages_into_it(backup_dir):
+    """The file a running server has open is kept: the archive's pages are copied into it, and
+    the server's own connection reads the restored data."""
+    seeded = seed()
+    before = snapshot()
+    backup("create")
+    archived = only_archive(backup_dir)
+    change_data(seeded["ana"])
+    inode = Path(connection.settings_dict["NAME"]).stat().st_ino
+    with opened_elsewhere() as server:
+        printed = backup("restore", str(archived), "--yes")
+        names = server.execute("SELECT name FROM sessions_app_project ORDER BY id").fetchall()
+    assert "rows from the SQLite copy, page for page" in printed
+    assert snapshot() == before
+    assert names == [
+        (name,) for name in Project.objects.order_by("id").values_list("name", flat=True)
+    ]
+    assert Path(connection.settings_dict["NAME"]).stat().st_ino == inode
+
+
+# Opens the database (waiting while a restore holds its lease), then reads it.
+_OPENER = """
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1])
+print(db.execute("SELECT count(*) FROM sessions_app_project").fetchone()[0])
+"""
+
+
+@pytest.mark.skipif(connection.vendor != "sqlite", reason="SQLite's database file")
+def test_a_restore_swaps_the_file_in_and_a_process_opening_it_meanwhile_reads_no_old_data(
+    backup_dir, monkeypatch
+):
+    """With the database open nowhere, the archive's copy becomes the database file. A process
+    that opens the file meanwhile waits for the restore, then gets the replaced file, which
+    SQLite refuses ("not a database"): it never reads the replaced data nor writes beside."""
+    seeded = seed()
+    before = snapshot()
+    backup("create")
+    archived = only_archive(backup_dir)
+    change_data(seeded["ana"])
+    name = connection.settings_dict["NAME"]
+    inode = Path(name).stat().st_ino
+    openers: list[subprocess.Popen[str]] = []
+    point_of_no_return = interrupts.point_of_no_return
+
+    def commit() -> None:  # just before the rename, under the lease
+        opener = subprocess.Popen(
+            [sys.executable, "-c", _OPENER, name],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        openers.append(opener)
+        deadline = time.monotonic() + 20
+        while "break_lease" not in Path(f"/proc/{opener.pid}/wchan").read_text():
+            assert opener.poll() is None and time.monotonic() < deadline, "open did not wait"
+            time.sleep(0.01)
+        point_of_no_return()
+
+    monkeypatch.setattr(interrupts, "point_of_no_return", commit)
+    printed = backup("restore", str(archived), "--yes")
+    assert "rows from the SQLite copy, swapped in as the database file" in printed
+    (opener,) = openers
+    out, err = opener.communicate(timeout=30)
+    assert opener.returncode != 0 and "file is not a database" in err, (out, err)
+    assert snapshot() == before
+    assert Path(name).stat().st_ino != inode
+    assert not Path(f"{name}-wal").exists() or Path(f"{name}-wal").stat().st_size == 0
+    after = subprocess.run(
+        [sys.executable, "-c", _OPENER, name], capture_output=True, text=True, check=True
+    )
+    assert int(after.stdout) == Project.objects.count()
+
+
+@pytest.mark.skipif(connection.vendor != "sqlite", reason="SQLite's write-ahead log")
+def test_no_file_is_swapped_over_a_write_ahead_log_that_holds_frames(tmp_path):
+    """A writer killed before its checkpoint leaves frames in the log that the file does not
+    hold; a file renamed over it would get them replayed into it by its next opener. The swap
+    refuses, and the database keeps the killed writer's data."""
+    seed()
+    name = connection.settings_dict["NAME"]
+    connection.close()
+    killed = (
+        "import os, sqlite3, sys; db = sqlite3.connect(sys.argv[1], isolation_level=None); "
+        "db.execute('PRAGMA wal_autocheckpoint = 0'); "
+        "db.execute(\"UPDATE sessions_app_project SET name = 'killed'\"); os._exit(0)"
+    )
+    subprocess.run([sys.executable, "-c", killed, name], check=True)
+    assert Path(f"{name}-wal").stat().st_size > 0
+    other = tmp_path / "other.sqlite3"
+    sqlite3.connect(other).close()
+    inode = Path(name).stat().st_ino
+    from sessions_app.backup import sqlite_native
+
+    assert sqlite_native.swap_in(other) == "its wal file holds data the database file does not"
+    assert other.exists() and Path(name).stat().st_ino == inode
+    assert set(Project.objects.values_list("name", flat=True)) == {"killed"}
 
 
 @contextlib.contextmanager

@@ -677,40 +677,26 @@ def _replace(
       is written beside their load and index builds, ``load.load``);
     - an archive holding only a SQLite copy, of another schema or for PostgreSQL: its rows.
     """
-    manifest, file = opened.manifest, opened.path
+    manifest = opened.manifest
     page_copy = sqlite_native.candidate(manifest, same_migrations)
     native_rows = not copied and not manifest.get("portable", True)
-    copy = tmp / "native.sqlite3"
     beside = None
-    if page_copy or native_rows:  # extracted beside the safety backup: both I/O
-        with ThreadPoolExecutor(1, thread_name_prefix="backup-extract") as pool:
-            extracting = pool.submit(opened.extract, manifest["native"]["member"], copy)
-            try:
-                result.safety = _safety_backup(safety_dir, reporter)
-            finally:
-                extracting.exception()
-        with _preparing(file, tmp):
-            extracting.result()
+    if page_copy or native_rows:
+        if _from_sqlite_copy(
+            opened,
+            result,
+            current=current,
+            same_migrations=same_migrations,
+            page_copy=page_copy,
+            copy=tmp / "native.sqlite3",
+            safety_dir=safety_dir,
+            reporter=reporter,
+        ):
+            return
     elif connection.vendor == "postgresql" and _index_fits(manifest, same_migrations):
         beside = _safety_beside(safety_dir)
     else:
         result.safety = _safety_backup(safety_dir, reporter)
-    if page_copy:
-        with _preparing(file, tmp):
-            why = sqlite_native.unfit(copy)
-        if why is not None:
-            logger.info("%s: the native copy is loaded row by row: %s", file, why)
-            page_copy = False
-    if page_copy:
-        _load_pages(opened, copy, current, tmp, reporter)
-        result.rows_from, result.index = "the SQLite copy, page for page", "copied with its pages"
-        return
-    if native_rows:
-        with sqlite_native.opened(copy) as alias:
-            loaded = load.load(opened, load.from_native(alias), current, same_migrations, reporter)
-        result.warnings.extend(loaded.warnings)
-        result.rows_from, result.index = "the SQLite copy, row by row", loaded.index
-        return
     try:
         loaded = load.load(
             opened,
@@ -730,6 +716,63 @@ def _replace(
     result.warnings.extend(loaded.warnings)
     result.rows_from = "binary copies" if copied else "the portable form"
     result.index = loaded.index
+
+
+def _from_sqlite_copy(
+    opened: archive.Archive,
+    result: Restored,
+    *,
+    current: list[type[Any]],
+    same_migrations: bool,
+    page_copy: bool,
+    copy: Path,
+    safety_dir: Path | None,
+    reporter: Reporter,
+) -> bool:
+    """Take the safety backup while the archive's SQLite copy is extracted to ``copy`` (and,
+    for ``page_copy``, checked and prepared: ``sqlite_native``), then replace the data from
+    the copy: swapped in or page for page when its schema is this database's, else row by row
+    for an archive without the portable form. Return False when the portable form is to be
+    loaded instead (the safety backup is taken then)."""
+    manifest, file = opened.manifest, opened.path
+    ours = sqlite_native.shape_here() if page_copy else ()
+    counts = _copy_counts(manifest, current)
+
+    def extract() -> tuple[str | None, dict[str, int]]:
+        opened.extract(manifest["native"]["member"], copy)
+        if not page_copy:
+            return None, {}
+        if (why := sqlite_native.unfit(copy, ours)) is not None:
+            return why, {}
+        return None, sqlite_native.prepare(copy, counts, load.LOGIN_SESSIONS_TABLE)
+
+    with ThreadPoolExecutor(1, thread_name_prefix="backup-extract") as pool:  # both I/O
+        extracting = pool.submit(extract)
+        try:
+            result.safety = _safety_backup(safety_dir, reporter)
+        finally:
+            extracting.exception()
+    if page_copy:
+        reporter.note("checking the native copy")
+    with _preparing(file, copy.parent):
+        why, differ = extracting.result()
+    if page_copy and why is None:
+        if _load_pages(opened, copy, current, differ, reporter):
+            result.rows_from = "the SQLite copy, swapped in as the database file"
+            result.index = "as it was in the copy"
+        else:
+            result.rows_from = "the SQLite copy, page for page"
+            result.index = "copied with its pages"
+        return True
+    if page_copy:
+        logger.info("%s: the native copy is loaded row by row: %s", file, why)
+    if manifest.get("portable", True):
+        return False
+    with sqlite_native.opened(copy) as alias:
+        loaded = load.load(opened, load.from_native(alias), current, same_migrations, reporter)
+    result.warnings.extend(loaded.warnings)
+    result.rows_from, result.index = "the SQLite copy, row by row", loaded.index
+    return True
 
 
 def _index_fits(manifest: dict[str, Any], same_migrations: bool) -> bool:
@@ -804,23 +847,26 @@ def _preparing(file: Path, tmp: Path) -> Iterator[None]:
         ) from exc
 
 
+def _copy_counts(manifest: dict[str, Any], current: list[type[Any]]) -> dict[str, int]:
+    """The rows the manifest says each backed-up model's table has (table → rows)."""
+    labels = {model._meta.label_lower for model in current}
+    return {e["table"]: e["rows"] for e in manifest["models"] if e["model"] in labels}
+
+
 def _load_pages(
     opened: archive.Archive,
     copy: Path,
     current: list[type[Any]],
-    tmp: Path,
+    differ: dict[str, int],
     reporter: Reporter,
-) -> None:
-    """Restore SQLite from the archive's SQLite copy, page for page (``sqlite_native``)."""
+) -> bool:
+    """Restore SQLite from the archive's SQLite copy (``sqlite_native``), prepared, its rows
+    counted (``differ``: the tables whose count is not the manifest's): renamed over the
+    database file where no one has it open (return True), else page for page (False)."""
     manifest, file = opened.manifest, opened.path
-    labels = {model._meta.label_lower for model in current}
-    entries = {e["table"]: e for e in manifest["models"] if e["model"] in labels}
-    reporter.note("checking the native copy")
-    with _preparing(file, tmp):
-        differ = sqlite_native.prepare(
-            copy, {table: e["rows"] for table, e in entries.items()}, load.LOGIN_SESSIONS_TABLE
-        )
     if differ:
+        labels = {model._meta.label_lower for model in current}
+        entries = {e["table"]: e for e in manifest["models"] if e["model"] in labels}
         table, found = next(iter(differ.items()))
         raise BackupError(
             load.COUNT_MISMATCH.format(
@@ -830,12 +876,21 @@ def _load_pages(
                 expected=entries[table]["rows"],
             )
         )
+    reporter.note("swapping the native copy in")
+    try:
+        why = sqlite_native.swap_in(copy, commit=interrupts.point_of_no_return)
+    except OSError as exc:  # before the rename: nothing changed
+        why = f"{exc.strerror or exc}"
+    if why is None:
+        return True
+    logger.info("%s: the native copy is loaded page for page: %s", file, why)
     reporter.note("loading the native copy")
     interrupts.point_of_no_return()  # Ctrl-C from here: looked at between the copy's steps
     try:
         sqlite_native.page_copy(copy, stop=interrupts.requested)
     except sqlite3.Error as exc:
         raise BackupError(PAGE_COPY_FAILED.format(file=file, error=exc)) from exc
+    return False
 
 
 def _forget_cached_flags() -> None:

@@ -1,14 +1,24 @@
 """Restore into SQLite from an archive's native SQLite copy.
 
-Two ways, both after ``restore`` verified the archive and took its safety backup:
+Three ways, all after ``restore`` verified the archive and took its safety backup:
 
-- ``page_copy``: when the copy's schema is this database's, down to the SQL of every table,
-  index and trigger (the same migrations, the same page size and text encoding), its pages are
-  copied over this database's with SQLite's backup API: one write transaction, committed at its
-  end or not at all, with no row decoded, inserted or deleted, and the search index (the FTS5
-  tables) copied as it was instead of tokenised again. Before, on the extracted copy (a
-  temporary file): login sessions are deleted, and every backed-up model's rows are counted
-  against the manifest. Restore's portable load of 10k sessions took 9.7-14 s; this about 2 s.
+- ``swap_in``: when the copy's schema is this database's, down to the SQL of every table,
+  index and trigger (the same migrations, the same page size and text encoding), and no one
+  has the database open, the copy (extracted to a temporary file on the same file system, its
+  login sessions deleted and every backed-up model's rows counted against the manifest) is
+  renamed over the database file: the kernel's atomic ``rename``, with no page written again.
+  "No one" is the kernel's word, a write lease on the file (``F_SETLEASE``), which it grants
+  only while no descriptor or mapping of the file is open in any process, and which holds back
+  every ``open`` of it until it is released; the write-ahead log and rollback journal must be
+  empty (a log holding frames would be replayed onto the new file by its next opener). A process
+  that was waiting in ``open`` meanwhile gets the old file, whose header is zeroed first: SQLite
+  reports "file is not a database" there, never reads the old data nor writes into the log.
+- ``page_copy``: otherwise, with the same schema (a server has the database open), its pages
+  are copied over this database's with SQLite's backup API: one write transaction, committed at
+  its end or not at all, with no row decoded, inserted or deleted, and the search index (the FTS5
+  tables) copied as it was instead of tokenised again; every page goes through the write-ahead
+  log and then into the file. Restore's portable load of 10k sessions took 9.7-14 s; this 6.5-7
+  s on the disk of 2026-12-07, the swap under a tenth of a second plus the copy's ``fsync``.
 - ``rows``: otherwise (another schema, or PostgreSQL), the copy is read as a database of its
   own through a temporary connection alias, model by model with the columns it has, and loaded
   as the portable form is (``portable.load_model``: defaults for missing columns, natural keys).
@@ -18,8 +28,14 @@ Two ways, both after ``restore`` verified the archive and took its safety backup
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import logging
+import os
+import signal
 import sqlite3
+import stat
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
@@ -73,12 +89,23 @@ def _shape(db: sqlite3.Connection) -> tuple[Any, ...]:
     )
 
 
-def unfit(path: Path) -> str | None:
-    """Return why the copy at ``path`` cannot replace this database page for page, or None."""
-    with closing(sqlite3.connect(path)) as copy:
-        theirs = _shape(copy)
+def _read_only(path: Path) -> sqlite3.Connection:
+    """Open the copy at ``path``, which no one else uses, to read it only: without the
+    write-ahead log's files, which need room beside it (its log is empty or absent)."""
+    return sqlite3.connect(f"{path.resolve().as_uri()}?immutable=1", uri=True)
+
+
+def shape_here() -> tuple[Any, ...]:
+    """This database's schema, page size and encoding, for ``unfit`` (in another thread)."""
     connection.ensure_connection()
-    ours = _shape(connection.connection)
+    return _shape(connection.connection)
+
+
+def unfit(path: Path, ours: tuple[Any, ...]) -> str | None:
+    """Return why the copy at ``path`` cannot replace this database (``ours``, from
+    ``shape_here``) page for page, or None."""
+    with closing(_read_only(path)) as copy:
+        theirs = _shape(copy)
     if theirs[0] != ours[0]:
         return "its schema differs from this database's"
     if theirs[1:] != ours[1:]:
@@ -88,7 +115,8 @@ def unfit(path: Path) -> str | None:
 
 def prepare(path: Path, counts: dict[str, int], login_sessions: str) -> dict[str, int]:
     """Delete the login sessions in the copy at ``path``; return the row count of each of
-    ``counts``' tables there that differs from it (table → rows found)."""
+    ``counts``' tables there that differs from it (table → rows found). The copy is on disk
+    (fsynced) when it returns, ready to be renamed over the database (``swap_in``)."""
     with closing(sqlite3.connect(path, isolation_level=None)) as copy:
         copy.execute("BEGIN IMMEDIATE")
         copy.execute(f'DELETE FROM "{login_sessions}"')
@@ -99,7 +127,109 @@ def prepare(path: Path, counts: dict[str, int], login_sessions: str) -> dict[str
             if found != expected:
                 differ[table] = found
         copy.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the file alone is the copy again
+    _fsync(path)
     return differ
+
+
+def swap_in(path: Path, commit: Callable[[], None] = lambda: None) -> str | None:
+    """Make the copy at ``path`` (prepared: ``prepare``) this database's file by renaming it
+    over the file, if no one has the database open (see the module's docstring); return None
+    once it is, or why not, and then nothing changed. ``commit()`` is called just before the
+    rename, the point of no return: a KeyboardInterrupt before it leaves everything as it was.
+    Closes this thread's connection (the next query opens the new file).
+    """
+    name = Path(str(connection.settings_dict["NAME"]))
+    if threading.current_thread() is not threading.main_thread():
+        return "not in the main thread"  # SIGIO, a lease's notice, is handled only there
+    if connection.in_atomic_block:
+        return "inside a transaction"
+    try:
+        if path.stat().st_dev != name.stat().st_dev:
+            return "the copy is on another file system than the database"
+    except OSError as exc:
+        return f"cannot look at the files: {exc}"
+    connection.close()  # this thread's: any open descriptor of the file refuses the lease
+    try:
+        with _leased(name) as fd:
+            for suffix in ("-wal", "-journal"):
+                if _size(Path(f"{name}{suffix}")):
+                    return f"its {suffix[1:]} file holds data the database file does not"
+            held = os.fstat(fd)
+            if (held.st_uid, held.st_gid) != (os.getuid(), os.getgid()):
+                os.chown(path, held.st_uid, held.st_gid)  # as root only: the lease needs it
+            os.chmod(path, stat.S_IMODE(held.st_mode))
+            commit()
+            os.replace(path, name)
+            _after_swap(fd, name)
+    except _Refused as exc:
+        return str(exc)
+    return None
+
+
+class _Refused(Exception):
+    """Why the database file cannot be swapped now; nothing changed."""
+
+
+@contextmanager
+def _leased(name: Path) -> Iterator[int]:
+    """Hold a write lease on the database file while the block runs; yield its descriptor.
+
+    The descriptor is closed in a thread of its own: after a swap it holds the replaced file's
+    last reference, and freeing 600 MiB of blocks took 0.5 s on a disk mounted with ``discard``.
+    """
+    previous = signal.signal(signal.SIGIO, signal.SIG_IGN)  # the lease's notice ends a process
+    fd = -1
+    try:
+        try:
+            fd = os.open(name, os.O_RDWR | os.O_CLOEXEC)
+            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EBUSY):
+                raise _Refused("the database is open (a running server?)") from exc
+            raise _Refused(f"no lease on the database file ({exc.strerror})") from exc
+        try:
+            yield fd
+        finally:
+            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+    finally:
+        if fd >= 0:
+            threading.Thread(target=os.close, args=(fd,), name="backup-free").start()
+        signal.signal(signal.SIGIO, signal.SIG_DFL if previous is None else previous)
+
+
+def _after_swap(fd: int, name: Path) -> None:
+    """After the rename, still under the lease: make it durable, zero the old file's header
+    (a process waiting in ``open`` gets that file: "not a database"), remove the log and the
+    shared memory index of the old file (empty; the next opener makes new ones). Only logs
+    what fails: the database is replaced already, and each step is a safeguard."""
+    steps: list[tuple[str, Callable[[], object]]] = [
+        ("fsync of the directory", lambda: _fsync(name.parent)),
+        ("zeroing the old file's header", lambda: os.pwrite(fd, bytes(100), 0)),
+    ]
+    for suffix in ("-wal", "-shm", "-journal"):
+        steps.append((f"removing {suffix}", Path(f"{name}{suffix}").unlink))
+    for what, step in steps:
+        try:
+            step()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            logger.warning("%s after swapping %s in: %s", what, name, exc)
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class _Stopped(Exception):
@@ -122,7 +252,7 @@ def page_copy(path: Path, stop: Callable[[], bool] = lambda: False) -> None:
 
     connection.ensure_connection()
     target = connection.connection
-    with closing(sqlite3.connect(path)) as copy:
+    with closing(_read_only(path)) as copy:
         try:
             copy.backup(target, pages=PAGES_PER_STEP, progress=step)
         except _Stopped:
