@@ -13,6 +13,7 @@ native copy of a SQLite database goes into the archive beside the export of the 
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import hashlib
@@ -42,6 +43,19 @@ MANIFEST_SUM = "manifest.sha256"
 SUFFIX = ".tar"
 HASH_BLOCK = 1024 * 1024
 COPY_BLOCK = 64 * 1024 * 1024
+SYNC_FILE_RANGE_WRITE = 2
+
+
+def _libc_sync_file_range() -> Any:
+    try:
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (AttributeError, OSError):  # not Linux
+        return None
+    function.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    return function
+
+
+_sync_file_range = _libc_sync_file_range()
 MANIFEST_SLACK = 64 * 1024  # bytes kept beyond a manifest's bound (see Writer)
 
 TEMPORARY_SUFFIX = ".tmp"  # ``.<archive name>.<random>.tmp``: an archive being written
@@ -114,8 +128,19 @@ def pwrite_all(fd: int, data: bytes, offset: int) -> None:
         view, offset = view[written:], offset + written
 
 
+def write_out(fd: int, offset: int, size: int) -> None:
+    """Start writing ``size`` bytes of ``fd`` at ``offset`` to disk, without waiting (Linux's
+    ``sync_file_range``). The kernel would begin only once a tenth of memory is dirty, so the
+    fsync at the end wrote every byte of a large archive or copy while nothing else ran; this
+    way the disk writes while the rest is copied and computed. Does nothing where unavailable.
+    """
+    if _sync_file_range is not None:
+        _sync_file_range(fd, offset, size, SYNC_FILE_RANGE_WRITE)
+
+
 def copy_range(source: int, target: int, size: int, at_source: int, at_target: int) -> None:
-    """Copy ``size`` bytes between open files in the kernel, with a plain loop as fallback."""
+    """Copy ``size`` bytes between open files in the kernel, with a plain loop as fallback;
+    what is copied starts to be written to disk (``write_out``)."""
     done = 0
     try:
         while done < size:
@@ -124,6 +149,7 @@ def copy_range(source: int, target: int, size: int, at_source: int, at_target: i
             )
             if step == 0:
                 raise OSError(f"copy_file_range copied nothing at {done} of {size} bytes")
+            write_out(target, at_target + done, step)
             done += step
         return
     except OSError as exc:
@@ -140,7 +166,12 @@ def copy_range(source: int, target: int, size: int, at_source: int, at_target: i
 # Run by ``Writer.add(own_process=True)``: copy (the kernel) and hash (a thread) side by side.
 # An OSError ends it with status 3 and ``errno strerror`` on stderr, raised again by the caller.
 _COPY_APART = """
-import hashlib, os, sys, threading
+import ctypes, hashlib, os, sys, threading
+try:
+    write_out = ctypes.CDLL(None, use_errno=True).sync_file_range
+    write_out.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+except (AttributeError, OSError):
+    write_out = None
 source, target, at, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 fd = os.open(source, os.O_RDONLY)
 digest = hashlib.sha256()
@@ -166,6 +197,8 @@ def copy():
             step = os.copy_file_range(fd, target, min(1 << 26, size - done), done, at + done)
             if step == 0:
                 raise OSError(0, "copy_file_range copied nothing")
+            if write_out is not None:
+                write_out(target, at + done, step, 2)  # SYNC_FILE_RANGE_WRITE, as write_out
             done += step
     except OSError as exc:
         # Nothing copied, or EXDEV, ENOSYS, EINVAL, EOPNOTSUPP at the start: the plain loop.
