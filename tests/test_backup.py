@@ -33,7 +33,6 @@ from sessions_app.backup import (
     archive,
     copies,
     derived,
-    interrupts,
     leftovers,
     migrations,
     portable,
@@ -263,7 +262,7 @@ def test_create_can_leave_the_native_copy_out_and_the_safety_backup_undoes_a_res
     backup("restore", str(path), "--yes")
     assert TerminalSession.objects.count() == 3
     # The safety backup holds the data once: on SQLite the database file (a restore into the
-    # same schema swaps in as the database file), on PostgreSQL binary copies.
+    # same schema swaps it in or copies its pages), on PostgreSQL binary copies.
     safety = next(backup_dir.glob("*-safety.tar"))
     manifest = archive.read_manifest(safety)
     assert manifest["native"]["member"] == (
@@ -276,7 +275,9 @@ def test_create_can_leave_the_native_copy_out_and_the_safety_backup_undoes_a_res
     assert TerminalSession.objects.count() == 0
     if connection.vendor == "sqlite":
         assert "rows as: the native copy only; native copy: sqlite-file" in verified
-        assert "rows from the SQLite copy, swapped in as the database file" in printed
+        # As the database file where no other thread has it open (``swap_scenarios``), else
+        # page for page: the test servers of earlier tests keep theirs open.
+        assert "rows from the SQLite copy, " in printed
     else:
         assert "rows as: binary copies; native copy: none" in verified
         assert "rows from binary copies, search index loaded as stored" in printed
@@ -1340,58 +1341,34 @@ def test_a_restore_while_a_server_has_the_database_open_copies_the_pages_into_it
     assert Path(connection.settings_dict["NAME"]).stat().st_ino == inode
 
 
-# Opens the database (waiting while a restore holds its lease), then reads it.
-_OPENER = """
-import sqlite3, sys
-db = sqlite3.connect(sys.argv[1])
-print(db.execute("SELECT count(*) FROM sessions_app_project").fetchone()[0])
-"""
+def swap_scenario(name: str, work: Path) -> dict[str, Any]:
+    """Run ``tests/swap_scenarios.py NAME``: on a database no thread of this process has open."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "swap_scenarios.py"), name, str(work)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.splitlines()[-1])
 
 
 @pytest.mark.skipif(connection.vendor != "sqlite", reason="SQLite's database file")
 def test_a_restore_swaps_the_file_in_and_a_process_opening_it_meanwhile_reads_no_old_data(
-    backup_dir, monkeypatch
+    tmp_path,
 ):
     """With the database open nowhere, the archive's copy becomes the database file. A process
     that opens the file meanwhile waits for the restore, then gets the replaced file, which
     SQLite refuses ("not a database"): it never reads the replaced data nor writes beside."""
-    seeded = seed()
-    before = snapshot()
-    backup("create")
-    archived = only_archive(backup_dir)
-    change_data(seeded["ana"])
-    name = connection.settings_dict["NAME"]
-    inode = Path(name).stat().st_ino
-    openers: list[subprocess.Popen[str]] = []
-    point_of_no_return = interrupts.point_of_no_return
-
-    def commit() -> None:  # just before the rename, under the lease
-        opener = subprocess.Popen(
-            [sys.executable, "-c", _OPENER, name],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        openers.append(opener)
-        deadline = time.monotonic() + 20
-        while "break_lease" not in Path(f"/proc/{opener.pid}/wchan").read_text():
-            assert opener.poll() is None and time.monotonic() < deadline, "open did not wait"
-            time.sleep(0.01)
-        point_of_no_return()
-
-    monkeypatch.setattr(interrupts, "point_of_no_return", commit)
-    printed = backup("restore", str(archived), "--yes")
-    assert "rows from the SQLite copy, swapped in as the database file" in printed
-    (opener,) = openers
-    out, err = opener.communicate(timeout=30)
-    assert opener.returncode != 0 and "file is not a database" in err, (out, err)
-    assert snapshot() == before
-    assert Path(name).stat().st_ino != inode
-    assert not Path(f"{name}-wal").exists() or Path(f"{name}-wal").stat().st_size == 0
-    after = subprocess.run(
-        [sys.executable, "-c", _OPENER, name], capture_output=True, text=True, check=True
-    )
-    assert int(after.stdout) == Project.objects.count()
+    found = swap_scenario("swap", tmp_path)
+    assert found["changed"] == ["changed", "web"]
+    assert "rows from the SQLite copy, swapped in as the database file" in found["printed"]
+    assert found["after"] == found["before"] == ["api", "web"]
+    assert found["replaced"] and found["wal_bytes"] == 0
+    waited = found["waited"]
+    assert waited["returncode"] != 0 and "file is not a database" in waited["stderr"], waited
+    assert found["opened_after"] == "api,web"
 
 
 @pytest.mark.skipif(connection.vendor != "sqlite", reason="SQLite's write-ahead log")
@@ -1399,24 +1376,10 @@ def test_no_file_is_swapped_over_a_write_ahead_log_that_holds_frames(tmp_path):
     """A writer killed before its checkpoint leaves frames in the log that the file does not
     hold; a file renamed over it would get them replayed into it by its next opener. The swap
     refuses, and the database keeps the killed writer's data."""
-    seed()
-    name = connection.settings_dict["NAME"]
-    connection.close()
-    killed = (
-        "import os, sqlite3, sys; db = sqlite3.connect(sys.argv[1], isolation_level=None); "
-        "db.execute('PRAGMA wal_autocheckpoint = 0'); "
-        "db.execute(\"UPDATE sessions_app_project SET name = 'killed'\"); os._exit(0)"
-    )
-    subprocess.run([sys.executable, "-c", killed, name], check=True)
-    assert Path(f"{name}-wal").stat().st_size > 0
-    other = tmp_path / "other.sqlite3"
-    sqlite3.connect(other).close()
-    inode = Path(name).stat().st_ino
-    from sessions_app.backup import sqlite_native
-
-    assert sqlite_native.swap_in(other) == "its wal file holds data the database file does not"
-    assert other.exists() and Path(name).stat().st_ino == inode
-    assert set(Project.objects.values_list("name", flat=True)) == {"killed"}
+    found = swap_scenario("wal", tmp_path)
+    assert found["wal_bytes"] > 0
+    assert found["why"] == "its wal file holds data the database file does not"
+    assert found["kept"] and found["after"] == ["killed", "web"]
 
 
 @contextlib.contextmanager
