@@ -1341,6 +1341,30 @@ def test_a_restore_while_a_server_has_the_database_open_copies_the_pages_into_it
     assert Path(connection.settings_dict["NAME"]).stat().st_ino == inode
 
 
+@pytest.mark.skipif(connection.vendor != "sqlite", reason="SQLite's locks")
+def test_a_refused_swap_keeps_the_locks_of_this_process_connections(tmp_path):
+    """Closing any descriptor of a file drops every POSIX lock the process holds on it. The
+    lease is asked for by a process of its own, so a connection here keeps its lock, and the
+    next process to close the database does not take itself for the last one and remove the
+    write-ahead log from under it ("disk I/O error" for every connection after)."""
+    seed()
+    name = connection.settings_dict["NAME"]
+    other = tmp_path / "other.sqlite3"
+    sqlite3.connect(other).close()
+    from sessions_app.backup import sqlite_native
+
+    with opened_elsewhere() as server:
+        assert sqlite_native.swap_in(other) == "the database is open (a running server?)"
+        visitor = (
+            "import sqlite3, sys; "
+            "sqlite3.connect(sys.argv[1]).execute('SELECT count(*) FROM sessions_app_project')"
+        )
+        subprocess.run([sys.executable, "-c", visitor, name], check=True)
+        assert Path(f"{name}-wal").exists()
+        assert server.execute("SELECT count(*) FROM sessions_app_project").fetchone() == (2,)
+    assert Project.objects.count() == 2
+
+
 def swap_scenario(name: str, work: Path) -> dict[str, Any]:
     """Run ``tests/swap_scenarios.py NAME``: on a database no thread of this process has open."""
     done = subprocess.run(

@@ -7,12 +7,13 @@ Three ways, all after ``restore`` verified the archive and took its safety backu
   has the database open, the copy (extracted to a temporary file on the same file system, its
   login sessions deleted and every backed-up model's rows counted against the manifest) is
   renamed over the database file: the kernel's atomic ``rename``, with no page written again.
-  "No one" is the kernel's word, a write lease on the file (``F_SETLEASE``), which it grants
-  only while no descriptor or mapping of the file is open in any process, and which holds back
-  every ``open`` of it until it is released; the write-ahead log and rollback journal must be
-  empty (a log holding frames would be replayed onto the new file by its next opener). A process
-  that was waiting in ``open`` meanwhile gets the old file, whose header is zeroed first: SQLite
-  reports "file is not a database" there, never reads the old data nor writes into the log.
+  "No one" is the kernel's word, a write lease on the file (``F_SETLEASE``, taken by a process
+  of its own, ``_SWAP``), which it grants only while no descriptor or mapping of the file is
+  open in any process, and which holds back every ``open`` of it until it is released; the
+  write-ahead log and rollback journal must be empty (a log holding frames would be replayed
+  onto the new file by its next opener). A process that was waiting in ``open`` meanwhile gets
+  the old file, whose header is zeroed first: SQLite reports "file is not a database" there,
+  never reads the old data nor writes into the log.
 - ``page_copy``: otherwise, with the same schema (a server has the database open), its pages
   are copied over this database's with SQLite's backup API: one write transaction, committed at
   its end or not at all, with no row decoded, inserted or deleted, and the search index (the FTS5
@@ -28,13 +29,11 @@ Three ways, all after ``restore`` verified the archive and took its safety backu
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import logging
 import os
-import signal
 import sqlite3
-import stat
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
@@ -137,91 +136,129 @@ def swap_in(path: Path, commit: Callable[[], None] = lambda: None) -> str | None
     once it is, or why not, and then nothing changed. ``commit()`` is called just before the
     rename, the point of no return: a KeyboardInterrupt before it leaves everything as it was.
     Closes this thread's connection (the next query opens the new file).
+
+    The lease is held, and the file renamed, by a process of its own (``_SWAP``): a descriptor
+    of the database opened and closed in this one would drop the POSIX locks that every
+    connection of this process holds on it, SQLite's (https://sqlite.org/howtocorrupt.html,
+    2.2), when the lease is refused because they have it open.
     """
     name = Path(str(connection.settings_dict["NAME"]))
-    if threading.current_thread() is not threading.main_thread():
-        return "not in the main thread"  # SIGIO, a lease's notice, is handled only there
     if connection.in_atomic_block:
         return "inside a transaction"
     try:
         if path.stat().st_dev != name.stat().st_dev:
             return "the copy is on another file system than the database"
+        copy_inode = path.stat().st_ino
     except OSError as exc:
         return f"cannot look at the files: {exc}"
     connection.close()  # this thread's: any open descriptor of the file refuses the lease
+    swapper = subprocess.Popen(
+        [sys.executable, "-c", _SWAP, str(name), str(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert swapper.stdin is not None and swapper.stdout is not None
     try:
-        with _leased(name) as fd:
-            for suffix in ("-wal", "-journal"):
-                if _size(Path(f"{name}{suffix}")):
-                    return f"its {suffix[1:]} file holds data the database file does not"
-            held = os.fstat(fd)
-            if (held.st_uid, held.st_gid) != (os.getuid(), os.getgid()):
-                os.chown(path, held.st_uid, held.st_gid)  # as root only: the lease needs it
-            os.chmod(path, stat.S_IMODE(held.st_mode))
+        said = swapper.stdout.readline().strip()
+        if said == "ready":
             commit()
-            os.replace(path, name)
-            _after_swap(fd, name)
-    except _Refused as exc:
-        return str(exc)
-    return None
-
-
-class _Refused(Exception):
-    """Why the database file cannot be swapped now; nothing changed."""
-
-
-@contextmanager
-def _leased(name: Path) -> Iterator[int]:
-    """Hold a write lease on the database file while the block runs; yield its descriptor.
-
-    The descriptor is closed in a thread of its own: after a swap it holds the replaced file's
-    last reference, and freeing 600 MiB of blocks took 0.5 s on a disk mounted with ``discard``.
-    """
-    previous = signal.signal(signal.SIGIO, signal.SIG_IGN)  # the lease's notice ends a process
-    fd = -1
-    try:
-        try:
-            fd = os.open(name, os.O_RDWR | os.O_CLOEXEC)
-            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)
-        except OSError as exc:
-            if exc.errno in (errno.EAGAIN, errno.EBUSY):
-                raise _Refused("the database is open (a running server?)") from exc
-            raise _Refused(f"no lease on the database file ({exc.strerror})") from exc
-        try:
-            yield fd
-        finally:
-            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+            swapper.stdin.write("go\n")
+            swapper.stdin.flush()
+            said = swapper.stdout.readline().strip()
     finally:
-        if fd >= 0:
-            threading.Thread(target=os.close, args=(fd,), name="backup-free").start()
-        signal.signal(signal.SIGIO, signal.SIG_DFL if previous is None else previous)
-
-
-def _after_swap(fd: int, name: Path) -> None:
-    """After the rename, still under the lease: make it durable, zero the old file's header
-    (a process waiting in ``open`` gets that file: "not a database"), remove the log and the
-    shared memory index of the old file (empty; the next opener makes new ones). Only logs
-    what fails: the database is replaced already, and each step is a safeguard."""
-    steps: list[tuple[str, Callable[[], object]]] = [
-        ("fsync of the directory", lambda: _fsync(name.parent)),
-        ("zeroing the old file's header", lambda: os.pwrite(fd, bytes(100), 0)),
-    ]
-    for suffix in ("-wal", "-shm", "-journal"):
-        steps.append((f"removing {suffix}", Path(f"{name}{suffix}").unlink))
-    for what, step in steps:
-        try:
-            step()
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            logger.warning("%s after swapping %s in: %s", what, name, exc)
-
-
-def _size(path: Path) -> int:
+        swapper.stdin.close()  # before "go": the process ends and nothing changed
     try:
-        return path.stat().st_size
+        swapped = name.stat().st_ino == copy_inode  # what the file system says, not the words
+    except OSError as exc:
+        swapped = False
+        logger.warning("after swapping %s in: %s", name, exc)
+    if swapped:
+        # It exits as the replaced file's last reference closes: freeing 600 MiB of blocks
+        # took 0.5 s on a disk mounted with ``discard``. Reaped meanwhile, in a thread.
+        threading.Thread(target=_reap, args=(swapper, name), name="backup-free").start()
+        return None
+    errors = swapper.stderr.read().strip() if swapper.stderr else ""
+    swapper.wait()
+    if said.startswith("refused "):
+        return said.removeprefix("refused ")
+    return f"the swap failed: {errors or f'exit status {swapper.returncode}'}"
+
+
+def _reap(process: subprocess.Popen[str], name: Path) -> None:
+    errors = process.stderr.read() if process.stderr else ""
+    process.wait()
+    for line in errors.splitlines():
+        logger.warning("after swapping %s in: %s", name, line)
+
+
+# Run by ``swap_in`` in a process of its own. argv: database, copy. Says "ready" once it holds
+# a write lease on the database file and the log and journal are empty (else "refused <why>"
+# and ends); on "go" it renames the copy over the database, then (still under the lease, only
+# reported on stderr if they fail) fsyncs the directory, zeroes the replaced file's header and
+# removes its empty log and shared memory index, says "swapped", and ends.
+_SWAP = r"""
+import errno, fcntl, os, signal, stat, sys
+name, path = sys.argv[1], sys.argv[2]
+signal.signal(signal.SIGIO, signal.SIG_IGN)  # the lease's notice of an open; it would end us
+def say(line):
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+def refuse(why):
+    say("refused " + why)
+    sys.exit(0)
+try:
+    fd = os.open(name, os.O_RDWR | os.O_CLOEXEC)
+except OSError as exc:
+    refuse("cannot open the database file: %s" % exc.strerror)
+try:
+    fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)
+except OSError as exc:
+    if exc.errno in (errno.EAGAIN, errno.EBUSY):
+        refuse("the database is open (a running server?)")
+    refuse("no lease on the database file (%s)" % exc.strerror)
+for suffix in ("-wal", "-journal"):
+    try:
+        if os.stat(name + suffix).st_size:
+            refuse("its %s file holds data the database file does not" % suffix[1:])
     except FileNotFoundError:
-        return 0
+        pass
+held = os.fstat(fd)
+try:
+    if (held.st_uid, held.st_gid) != (os.getuid(), os.getgid()):
+        os.chown(path, held.st_uid, held.st_gid)  # as root only: the lease needs it
+    os.chmod(path, stat.S_IMODE(held.st_mode))
+except OSError as exc:
+    refuse("cannot give the copy the database file's owner and mode: %s" % exc.strerror)
+say("ready")
+if sys.stdin.readline().strip() != "go":
+    sys.exit(0)
+try:
+    os.replace(path, name)
+except OSError as exc:
+    refuse("renaming the copy failed: %s" % exc.strerror)
+def fsync_directory():
+    dir_fd = os.open(os.path.dirname(name) or ".", os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+steps = [
+    ("fsync of the directory", fsync_directory),
+    ("zeroing the replaced file's header", lambda: os.pwrite(fd, bytes(100), 0)),
+]
+for suffix in ("-wal", "-shm", "-journal"):
+    steps.append(("removing " + suffix, lambda suffix=suffix: os.unlink(name + suffix)))
+for what, step in steps:
+    try:
+        step()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        sys.stderr.write("%s: %s\n" % (what, exc))
+say("swapped")
+"""
 
 
 def _fsync(path: Path) -> None:
