@@ -757,7 +757,7 @@ def _from_sqlite_copy(
     with _preparing(file, copy.parent):
         why, differ = extracting.result()
     if page_copy and why is None:
-        if _load_pages(opened, copy, current, differ, reporter):
+        if _load_pages(opened, copy, differ, reporter):
             result.rows_from = "the SQLite copy, swapped in as the database file"
             result.index = "as it was in the copy"
         else:
@@ -854,26 +854,18 @@ def _copy_counts(manifest: dict[str, Any], current: list[type[Any]]) -> dict[str
 
 
 def _load_pages(
-    opened: archive.Archive,
-    copy: Path,
-    current: list[type[Any]],
-    differ: dict[str, int],
-    reporter: Reporter,
+    opened: archive.Archive, copy: Path, differ: dict[str, int], reporter: Reporter
 ) -> bool:
     """Restore SQLite from the archive's SQLite copy (``sqlite_native``), prepared, its rows
     counted (``differ``: the tables whose count is not the manifest's): renamed over the
     database file where no one has it open (return True), else page for page (False)."""
     manifest, file = opened.manifest, opened.path
     if differ:
-        labels = {model._meta.label_lower for model in current}
-        entries = {e["table"]: e for e in manifest["models"] if e["model"] in labels}
         table, found = next(iter(differ.items()))
+        entry = next(e for e in manifest["models"] if e["table"] == table)
         raise BackupError(
             load.COUNT_MISMATCH.format(
-                file=file,
-                model=entries[table]["model"],
-                found=found,
-                expected=entries[table]["rows"],
+                file=file, model=entry["model"], found=found, expected=entry["rows"]
             )
         )
     reporter.note("swapping the native copy in")

@@ -146,9 +146,9 @@ def swap_in(path: Path, commit: Callable[[], None] = lambda: None) -> str | None
     if connection.in_atomic_block:
         return "inside a transaction"
     try:
-        if path.stat().st_dev != name.stat().st_dev:
+        copied = path.stat()
+        if copied.st_dev != name.stat().st_dev:
             return "the copy is on another file system than the database"
-        copy_inode = path.stat().st_ino
     except OSError as exc:
         return f"cannot look at the files: {exc}"
     connection.close()  # this thread's: any open descriptor of the file refuses the lease
@@ -170,7 +170,7 @@ def swap_in(path: Path, commit: Callable[[], None] = lambda: None) -> str | None
     finally:
         swapper.stdin.close()  # before "go": the process ends and nothing changed
     try:
-        swapped = name.stat().st_ino == copy_inode  # what the file system says, not the words
+        swapped = name.stat().st_ino == copied.st_ino  # the file system's word, not the child's
     except OSError as exc:
         swapped = False
         logger.warning("after swapping %s in: %s", name, exc)
