@@ -5,13 +5,15 @@ indexes, the GIN index of the vectors the longest, each built by one backend. In
 restore's transaction that work can only come before or after the rows' load. So where the
 documents table allows it (``shape``), the restore loads them on a connection of its own into a
 new table shaped like it (``SIDE``: the same columns, defaults, identity, checks and storage),
-builds that table's indexes and constraints under temporary names and commits it: no one else
-uses it. Meanwhile the restore's transaction waits for its safety backup and loads the rows, on
-the other core. At its end (``swap_in``) it drops the documents table, gives the new one, its
-indexes, constraints and identity sequence the old names, and adds the old table's foreign
-keys, triggers and grants from their definitions: the schema is as it was and migrations find
-every name. That commits or rolls back with the restore; whatever fails, the old table is left
-as it was and the new one dropped (``locked``).
+commits it, and builds its indexes and keys under temporary names: no one else uses it. The
+indexes build from two connections at once (``_build_indexes``): the GIN index of the vectors,
+most of the work, on one; the btree indexes on the other, those of the primary and unique keys
+among them, which are then added on them. Meanwhile the restore's transaction waits for its
+safety backup and loads the rows. At its end (``swap_in``) it drops the documents table, gives
+the new one, its indexes, constraints and identity sequence the old names, and adds the old
+table's foreign keys, triggers and grants from their definitions: the schema is as it was and
+migrations find every name. That commits or rolls back with the restore; whatever fails, the
+old table is left as it was and the new one dropped (``locked``).
 
 The swap is used only where it loses nothing: this role owns the table; no view, rule, policy,
 publication, statistics object or other table's foreign key depends on it; no column default
@@ -28,6 +30,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import queue
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -43,6 +47,9 @@ from sessions_app.backup import derived, pgcopy, portable
 SIDE = "termsys_restore_documents"  # the table the documents load into
 TEMPORARY = "termsys_restore_"  # prefix of its indexes' and constraints' names until the swap
 LOCK = 0x7465726D_73797321  # pg_advisory_lock key of restores that swap ("termsys!")
+# A key that may be added on a unique index built beforehand (``ADD CONSTRAINT … USING INDEX``).
+PLAIN_KEY = re.compile(r"(PRIMARY KEY|UNIQUE) \([^()]*\)")
+INDEX_BUILDERS = 2  # connections building the indexes, each one index at a time
 # What a table may have that the swap re-creates (pg_depend's classid of each dependent).
 KEPT = ("pg_class", "pg_type", "pg_constraint", "pg_trigger", "pg_attrdef")
 
@@ -50,11 +57,22 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
+class Key:
+    """A primary, unique or exclusion key of the documents table."""
+
+    name: str
+    definition: str  # as pg_get_constraintdef gives it: "PRIMARY KEY (id)"
+    # Its index's "USING …" (a plain, immediate primary or unique key only): that index is
+    # built with the others, then the key is added on it; else the key is added as defined.
+    using: str | None = None
+
+
+@dataclass
 class Shape:
     """What the documents table has that the new table must have too, by name."""
 
     table: str
-    constraints: list[tuple[str, str]] = field(default_factory=list)  # keys: (name, definition)
+    constraints: list[Key] = field(default_factory=list)  # primary, unique and exclusion keys
     indexes: list[tuple[str, bool, str]] = field(default_factory=list)  # name, unique, USING …
     foreign_keys: list[tuple[str, str]] = field(default_factory=list)  # (name, definition)
     triggers: list[str] = field(default_factory=list)  # CREATE TRIGGER statements
@@ -111,13 +129,28 @@ def shape(table: str) -> Shape | str:
             return f"{', '.join(depends)} depends on it"
         found = Shape(table=table)
         cursor.execute(
-            "SELECT conname, contype, pg_get_constraintdef(oid) FROM pg_constraint "
-            "WHERE conrelid = %s::oid AND contype IN ('p', 'u', 'x', 'f') ORDER BY conname",
+            "SELECT k.conname, k.contype, pg_get_constraintdef(k.oid), k.condeferrable, "
+            "pg_get_indexdef(k.conindid), format('CREATE UNIQUE INDEX %%I ON %%I.%%I USING ', "
+            "i.relname, n.nspname, t.relname) FROM pg_constraint k "
+            "JOIN pg_class t ON t.oid = k.conrelid JOIN pg_namespace n ON n.oid = t.relnamespace "
+            "LEFT JOIN pg_class i ON i.oid = k.conindid "
+            "WHERE k.conrelid = %s::oid AND k.contype IN ('p', 'u', 'x', 'f') ORDER BY k.conname",
             [oid],
         )
-        for name, kind, definition in cursor.fetchall():
-            into = found.foreign_keys if kind == "f" else found.constraints
-            into.append((name, definition))
+        for name, kind, definition, deferrable, index, head in cursor.fetchall():
+            if kind == "f":
+                found.foreign_keys.append((name, definition))
+                continue
+            key = Key(name, definition)
+            if (
+                kind in ("p", "u")
+                and not deferrable
+                and PLAIN_KEY.fullmatch(definition)
+                and index
+                and index.startswith(head)
+            ):
+                key.using = index[len(head) :]
+            found.constraints.append(key)
         cursor.execute(
             "SELECT c.relname, pg_get_indexdef(i.indexrelid), i.indisunique, "
             "format('INDEX %%I ON %%I.%%I USING ', c.relname, n.nspname, t.relname) "
@@ -174,24 +207,30 @@ def _create(found: Shape) -> None:
         )
 
 
-def _build(found: Shape, names: list[str], blocks: Iterator[bytes]) -> int:
-    """Load ``blocks`` (binary COPY of ``names``) into ``SIDE``, build its keys and indexes
-    under temporary names and commit; return how many rows it has."""
+def _build(found: Shape, names: list[str], blocks: Iterator[bytes], backends: list[int]) -> int:
+    """Load ``blocks`` (binary COPY of ``names``) into ``SIDE`` and commit, then build its
+    indexes (``_build_indexes``) and keys under temporary names; return how many rows it has."""
     quote = connection.ops.quote_name
     side = quote(SIDE)
     started = time.perf_counter()
-    with transaction.atomic(), connection.cursor() as cursor:
+    with transaction.atomic():
         derived.pg_setting("default_toast_compression", "lz4")  # as the restore's own load
         pgcopy.copy_in(SIDE, names, blocks)
-        copied = time.perf_counter()
+    copied = time.perf_counter()
+    _build_indexes(found, backends)
+    with transaction.atomic(), connection.cursor() as cursor:
         cursor.execute(f"SET LOCAL maintenance_work_mem = '{derived.INDEX_BUILD_MEMORY}'")
-        for n, (_, definition) in enumerate(found.constraints):
+        for n, key in enumerate(found.constraints):
             temporary = quote(found.temporary("k", n))
-            cursor.execute(f"ALTER TABLE {side} ADD CONSTRAINT {temporary} {definition}")
-        for n, (_, unique, using) in enumerate(found.indexes):
-            temporary = quote(found.temporary("i", n))
-            kind = "UNIQUE INDEX" if unique else "INDEX"
-            cursor.execute(f"CREATE {kind} {temporary} ON {side} USING {using}")
+            if key.using is None:
+                cursor.execute(f"ALTER TABLE {side} ADD CONSTRAINT {temporary} {key.definition}")
+                continue
+            # Its unique index is built: the key takes it (and gives it its name).
+            kind = key.definition.split(" (", 1)[0]
+            index = quote(found.temporary("u", n))
+            cursor.execute(
+                f"ALTER TABLE {side} ADD CONSTRAINT {temporary} {kind} USING INDEX {index}"
+            )
         cursor.execute(f"SELECT count(*) FROM {side}")
         (rows,) = cursor.fetchone()
     logger.info(
@@ -201,6 +240,78 @@ def _build(found: Shape, names: list[str], blocks: Iterator[bytes]) -> int:
         time.perf_counter() - copied,
     )
     return rows
+
+
+def _index_builds(found: Shape) -> list[str]:
+    """The ``CREATE INDEX`` statements of ``SIDE``'s indexes, those of its keys among them,
+    the costliest first: any but btree (the vectors' GIN) before the btrees."""
+    quote = connection.ops.quote_name
+    side = quote(SIDE)
+    builds = [
+        (
+            key.using,
+            f"CREATE UNIQUE INDEX {quote(found.temporary('u', n))} ON {side} USING {key.using}",
+        )
+        for n, key in enumerate(found.constraints)
+        if key.using is not None
+    ]
+    for n, (_, unique, using) in enumerate(found.indexes):
+        kind = "UNIQUE INDEX" if unique else "INDEX"
+        builds.append(
+            (using, f"CREATE {kind} {quote(found.temporary('i', n))} ON {side} USING {using}")
+        )
+    builds.sort(key=lambda build: build[0].startswith("btree "))  # stable: in order otherwise
+    return [statement for _, statement in builds]
+
+
+def _build_indexes(found: Shape, backends: list[int]) -> None:
+    """Build ``SIDE``'s indexes from this connection and others (``INDEX_BUILDERS`` in all),
+    each index in a transaction of its own: ``CREATE INDEX`` lets others build beside it, and
+    the server builds a GIN index in one process (before PostgreSQL 18), the others meanwhile.
+    After an error no build starts; it is raised once those under way have ended."""
+    todo: queue.SimpleQueue[str] = queue.SimpleQueue()
+    for statement in _index_builds(found):
+        todo.put(statement)
+    failed: list[BaseException] = []
+
+    def builder() -> None:
+        while not failed:
+            try:
+                statement = todo.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                with transaction.atomic(), connection.cursor() as cursor:
+                    cursor.execute(
+                        f"SET LOCAL maintenance_work_mem = '{derived.INDEX_BUILD_MEMORY}'"
+                    )
+                    cursor.execute(statement)
+            except BaseException as exc:
+                failed.append(exc)
+                raise
+
+    def helper() -> None:
+        pid = None
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_backend_pid()")
+                pid = cursor.fetchone()[0]
+            backends.append(pid)
+            builder()
+        finally:
+            if pid in backends:  # not to be cancelled once gone: its id may be reused
+                backends.remove(pid)
+            connection.close()  # this thread's own
+
+    with ThreadPoolExecutor(INDEX_BUILDERS - 1, thread_name_prefix="backup-index-beside") as pool:
+        helping = [pool.submit(helper) for _ in range(INDEX_BUILDERS - 1)]
+        try:
+            builder()
+        finally:
+            for future in helping:
+                future.exception()
+    if failed:
+        raise failed[0]
 
 
 def detach(found: Shape) -> None:
@@ -223,9 +334,11 @@ def swap_in(found: Shape, model: Any) -> None:
             cursor.execute("SELECT pg_get_serial_sequence(%s, %s)", [found.table, column])
             (made,) = cursor.fetchone()
             cursor.execute(f"ALTER SEQUENCE {made} RENAME TO {quote(sequence.split('.')[-1])}")
-        for n, (name, _) in enumerate(found.constraints):
+        for n, key in enumerate(found.constraints):
             temporary = quote(found.temporary("k", n))
-            cursor.execute(f"ALTER TABLE {table} RENAME CONSTRAINT {temporary} TO {quote(name)}")
+            cursor.execute(
+                f"ALTER TABLE {table} RENAME CONSTRAINT {temporary} TO {quote(key.name)}"
+            )
         for n, (name, _, _) in enumerate(found.indexes):
             cursor.execute(f"ALTER INDEX {quote(found.temporary('i', n))} RENAME TO {quote(name)}")
         for name, definition in found.foreign_keys:
@@ -239,20 +352,22 @@ def swap_in(found: Shape, model: Any) -> None:
 
 @dataclass
 class Loading:
-    """The documents loading into ``SIDE`` in a thread, on a connection of its own."""
+    """The documents loading into ``SIDE`` in a thread, on a connection of its own (and
+    more while the indexes build)."""
 
     future: Future[int]
-    backend: list[int]  # that connection's process id, once known
+    backends: list[int]  # those connections' process ids, once known
 
     def result(self) -> int:
         return self.future.result()
 
     def stop(self) -> None:
         """Cancel the load if it still runs (the restore failed) and wait for it to end."""
-        if not self.future.done() and self.backend:
+        if not self.future.done() and self.backends:
             try:
                 with connection.cursor() as cursor:
-                    cursor.execute("SELECT pg_cancel_backend(%s)", [self.backend[0]])
+                    for backend in list(self.backends):
+                        cursor.execute("SELECT pg_cancel_backend(%s)", [backend])
             except DatabaseError as exc:  # it ends by itself, and its table is dropped after
                 logger.warning("the search documents' load beside goes on: %s", exc)
         self.future.exception()
@@ -265,17 +380,17 @@ def start(found: Shape, names: list[str], member: Callable[[], IO[bytes]]) -> Lo
     empties later in its transaction, to then wait for this load (a deadlock the other way).
     """
     pool = ThreadPoolExecutor(1, thread_name_prefix="backup-documents")
-    backend: list[int] = []
+    backends: list[int] = []
     created = threading.Event()
 
     def run() -> int:
         try:
             with connection.cursor() as cursor:
                 cursor.execute("SELECT pg_backend_pid()")
-                backend.append(cursor.fetchone()[0])
+                backends.append(cursor.fetchone()[0])
             _create(found)
             created.set()
-            return _build(found, names, portable.inflated(member()))
+            return _build(found, names, portable.inflated(member()), backends)
         finally:
             created.set()
             connection.close()  # this thread's own
@@ -283,7 +398,7 @@ def start(found: Shape, names: list[str], member: Callable[[], IO[bytes]]) -> Lo
     future = pool.submit(run)
     pool.shutdown(wait=False)
     created.wait()
-    return Loading(future, backend)
+    return Loading(future, backends)
 
 
 @contextlib.contextmanager
