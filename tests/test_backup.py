@@ -257,7 +257,8 @@ def test_create_can_leave_the_native_copy_out_and_the_safety_backup_undoes_a_res
         manifest = json.loads(tar.extractfile("manifest.json").read())
     assert not [name for name in names if name.startswith("native/")]
     assert manifest["native"]["member"] is None and "on request" in manifest["native"]["reason"]
-    assert "rows as: portable form; native copy: none" in backup("verify", str(path))
+    forms = "portable form, binary copies" if connection.vendor == "postgresql" else "portable form"
+    assert f"rows as: {forms}; native copy: none" in backup("verify", str(path))
     TerminalSession.objects.all().delete()
     backup("restore", str(path), "--yes")
     assert TerminalSession.objects.count() == 3
@@ -307,7 +308,7 @@ def test_undoing_a_restore_brings_back_the_search_documents_as_they_were(backup_
     assert "only-after-the-backup" in str(documents)
 
     printed = backup("restore", str(path), "--yes")
-    assert "rows from the portable form, search index loaded as stored" in printed
+    assert "rows from binary copies, search index loaded as stored" in printed
     assert not SearchDocument.objects.filter(body__contains="only-after-the-backup").exists()
 
     safety = next(backup_dir.glob("*-safety.tar"))
@@ -325,6 +326,38 @@ def test_undoing_a_restore_brings_back_the_search_documents_as_they_were(backup_
     out = io.StringIO()
     call_command("sessions", "search", '"only after the backup"', "--user", "ana", stdout=out)
     assert session.id in out.getvalue() and "[only" in out.getvalue()
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="PostgreSQL's binary copies")
+def test_an_archive_loads_its_binary_copies_here_and_its_portable_form_where_they_do_not_fit(
+    backup_dir,
+):
+    """An archive made on PostgreSQL holds binary copies of its rows beside the portable form:
+    a restore into the database it was made from loads the copies; where they would mean other
+    rows (other content type ids), the portable form, to the same data."""
+    seeded = seed()
+    backup("create")
+    path = only_archive(backup_dir)
+    with tarfile.open(path) as tar:
+        names = tar.getnames()
+    assert [name for name in names if name.startswith("copy/")]
+    assert [name for name in names if name.startswith("data/")]
+    assert "rows as: portable form, binary copies; native copy: pg_dump-custom" in backup(
+        "verify", str(path)
+    )
+    expected, documents = snapshot(), all_search_documents()
+    change_data(seeded["ana"])
+    printed = backup("restore", str(path), "--yes")
+    assert "rows from binary copies, search index loaded as stored" in printed
+    assert snapshot() == expected
+    assert all_search_documents() == documents
+
+    change_data(seeded["ana"])
+    ContentType.objects.create(app_label="elsewhere", model="thing")  # another database's ids
+    printed = backup("restore", str(path), "--yes")
+    assert "rows from the portable form, search index loaded as stored" in printed
+    assert snapshot() == expected
+    assert all_search_documents() == documents
 
 
 @pytest.mark.skipif(connection.vendor != "postgresql", reason="PostgreSQL's binary copies")
@@ -498,6 +531,44 @@ def test_stored_documents_that_name_a_missing_session_roll_the_restore_back(back
         assert not swap_table_left()
     finally:
         SearchDocument.objects.filter(session_id="session_0000000000000_gone").delete()
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="PostgreSQL's stored documents")
+def test_stored_documents_that_break_a_unique_key_roll_the_restore_back(backup_dir):
+    """The unique keys of the documents loaded beside are built from indexes another connection
+    builds: documents that break one fail the restore, named, and nothing changes."""
+    seeded = seed()
+    table = SearchDocument._meta.db_table
+    with connection.cursor() as cursor:  # twice the same (source, source_id, part)
+        cursor.execute(f"ALTER TABLE {table} DROP CONSTRAINT searchdoc_unique_source")
+        cursor.execute("SET session_replication_role = replica")
+        cursor.execute(
+            f"INSERT INTO {table} (source, source_id, part, at, body, vector, session_id, "
+            "user_id, project_id, status, profile) SELECT source, source_id, part, at, body, "
+            f"vector, session_id, user_id, project_id, status, profile FROM {table} "
+            "WHERE source = 'output' ORDER BY id LIMIT 1 RETURNING id"
+        )
+        (twin,) = cursor.fetchone()
+        cursor.execute("SET session_replication_role = origin")
+    try:
+        backup("create")
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute(f"DELETE FROM {table} WHERE id = %s", [twin])
+            cursor.execute(
+                f"ALTER TABLE {table} ADD CONSTRAINT searchdoc_unique_source "
+                "UNIQUE (source, source_id, part)"
+            )
+    change_data(seeded["ana"])
+    changed, documents = snapshot(), all_search_documents()
+    shape, oid = documents_table(), documents_table_oid()
+    message = refused("restore", str(only_archive(backup_dir)), "--yes")
+    assert "(source, source_id, part)" in message and "is duplicated" in message
+    assert "rolled back and nothing changed" in message
+    assert snapshot() == changed
+    assert all_search_documents() == documents
+    assert (documents_table(), documents_table_oid()) == (shape, oid)
+    assert not swap_table_left()
 
 
 @pytest.mark.skipif(connection.vendor != "postgresql", reason="PostgreSQL's stored documents")
@@ -696,9 +767,16 @@ def rewrite(
     work.mkdir(parents=True)
     with tarfile.open(path) as tar:
         manifest = json.loads(tar.extractfile("manifest.json").read())
+        if edit_rows is not None and manifest.get("copies"):
+            # The binary copies hold the rows as they were: without them the edited rows load.
+            manifest["copies"] = None
+            for entry in manifest["models"]:
+                entry["copy"] = None
         files = {}
         for name in manifest["members"]:
             if keep is not None and not keep(name):
+                continue
+            if name.startswith("copy/") and not manifest.get("copies"):
                 continue
             local = work / name.replace("/", "_")
             local.write_bytes(tar.extractfile(name).read())
@@ -1189,11 +1267,11 @@ def test_an_archive_without_a_loadable_copy_of_its_rows_fails_verification(backu
     path = only_archive(backup_dir)
 
     def no_rows(manifest: dict) -> None:
-        manifest["portable"] = False
+        manifest["portable"], manifest["copies"] = False, None
         for entry in manifest["models"]:
-            entry["member"] = None
+            entry["member"] = entry["copy"] = None
 
-    rewrite(path, no_rows, tmp=tmp_path, keep=lambda name: not name.startswith("data/"))
+    rewrite(path, no_rows, tmp=tmp_path, keep=lambda name: not name.startswith(("data/", "copy/")))
     message = refused("verify", str(path))
     assert message.startswith(f"{path}: the archive holds no loadable copy of its rows (")
     assert "holds no loadable copy of its rows" in backup("list")

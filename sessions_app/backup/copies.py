@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
 
 import orjson
-from django.db import connection, models
+from django.db import connection, models, transaction
 
 from sessions_app.backup import archive, pgcopy, portable
 
@@ -73,6 +74,31 @@ def write(
     with path.open("wb") as out, compress(out) as writer:
         pgcopy.copy_out(table, [name for name, _ in found], writer)
     return found
+
+
+def start(
+    models_at: list[tuple[type[models.Model], Path]],
+    snapshot: str,
+    compress: Callable[[IO[bytes]], Any],
+) -> Future[list[list[list[str]]]]:
+    """Write each model's copy to its path (``write``) in a thread of its own, on a connection
+    of its own that reads ``snapshot`` (the backup's: the same data as the portable form it is
+    written beside, mostly the server's and the compressor's work, which let go of the GIL).
+    The future's result is each model's columns, in order."""
+    pool = ThreadPoolExecutor(1, thread_name_prefix="backup-copies")
+
+    def run() -> list[list[list[str]]]:
+        try:
+            with transaction.atomic(), connection.cursor() as cursor:
+                cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                cursor.execute("SET TRANSACTION SNAPSHOT %s", [snapshot])
+                return [write(model, path, compress) for model, path in models_at]
+        finally:
+            connection.close()  # this thread's own
+
+    future = pool.submit(run)
+    pool.shutdown(wait=False)
+    return future
 
 
 def unusable(

@@ -9,7 +9,7 @@ import sqlite3
 import subprocess
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
@@ -186,7 +186,7 @@ def backup_create(
     native_copy: bool = True,
     portable_form: bool = True,
     search_index: bool = True,
-    binary_copies: bool = False,
+    binary_copies: bool = True,
     documents_read: Callable[[], None] | None = None,
     compress_threads: int | None = None,
     reporter: Reporter | None = None,
@@ -196,8 +196,9 @@ def backup_create(
     ``native_copy=False`` leaves the engine's own copy out; ``portable_form=False`` the JSON
     lines (kept if there is no native copy: an archive always holds the data once);
     ``search_index=False`` PostgreSQL's stored search documents (see ``searchindex``);
-    ``binary_copies`` adds PostgreSQL's binary COPY of every model (``copies``; ignored on
-    SQLite). ``documents_read`` is called once the search documents have been read, or are
+    ``binary_copies`` adds PostgreSQL's binary COPY of every model (``copies``: what a restore
+    into this database, or one just like it, loads; written beside the portable form; ignored
+    on SQLite). ``documents_read`` is called once the search documents have been read, or are
     not to be (a restore beside waits for it before it replaces them, see ``load.Beside``);
     ``compress_threads`` limits the compression threads of the binary copies (default: a
     thread per core, up to ``portable.COMPRESS_THREADS``).
@@ -349,6 +350,9 @@ def _fill(
         index = searchindex.start(work / "search-index", snapshot, index_codec, then=read)
     elif not index_wanted:
         read()
+    beside = _copies_beside(
+        manifest, found=found, copied=copied, work=work, snapshot=snapshot, compress=compress
+    )
     try:
         if index is not None and documents_read is not None:
             index.exception()  # first, alone: a restore waits for it (``load.Beside``)
@@ -357,15 +361,15 @@ def _fill(
             manifest,
             found,
             members=members,
-            copied=copied,
+            copied={} if beside is not None else copied,
             compress=compress,
             work=work,
             reporter=reporter,
         )
-    finally:
-        if index is not None:
-            reporter.note("search index")
-            index.exception()  # wait for it, also when the export failed
+    finally:  # wait for what runs beside, also when the export failed
+        _ended(beside, "binary copies", reporter)
+        _ended(index, "search index", reporter)
+    _add_copies(beside, writer, manifest, found=found, copied=copied, work=work)
     if index_wanted:
         if index is not None:
             manifest["search_index"] = index.result()
@@ -395,6 +399,47 @@ def _fill(
                     work=work,
                     reporter=reporter,
                 )
+
+
+def _copies_beside(
+    manifest: dict[str, Any],
+    *,
+    found: list[type[Any]],
+    copied: dict[type[Any], str],
+    work: Path,
+    snapshot: str | None,
+    compress: Callable[[IO[bytes]], Any],
+) -> Future[list[list[list[str]]]] | None:
+    """Start writing the binary copies beside the portable form (``copies.start``), reading
+    the backup's snapshot; None where there are none, or nothing for them to be beside."""
+    if not (copied and manifest["portable"] and snapshot):
+        return None
+    at = [(model, work / copied[model].replace("/", "_")) for model in found]
+    return copies.start(at, snapshot, compress)
+
+
+def _add_copies(
+    beside: Future[list[list[list[str]]]] | None,
+    writer: archive.Writer,
+    manifest: dict[str, Any],
+    *,
+    found: list[type[Any]],
+    copied: dict[type[Any], str],
+    work: Path,
+) -> None:
+    """Put the copies written beside (if they were) into ``writer``, with their columns."""
+    if beside is None:
+        return
+    for model, entry, columns in zip(found, manifest["models"], beside.result(), strict=True):
+        entry["copy"]["columns"] = columns
+        writer.add(copied[model], work / copied[model].replace("/", "_"))
+
+
+def _ended(future: Future[Any] | None, what: str, reporter: Reporter) -> None:
+    """Wait for ``future`` (if any) to end, saying so; its error is raised by ``result``."""
+    if future is not None:
+        reporter.note(what)
+        future.exception()
 
 
 def _as_portable(
