@@ -4,7 +4,9 @@ nothing.
 Runs in a scratch database of its own (a SQLite file in a temporary directory, or with
 DATABASE_URL set a PostgreSQL database ``termsys_bench_backup_<pid>`` it creates and drops),
 fills it with SESSIONS sessions of one user, each with two events and SCROLLBACK KiB of
-terminal-like output in 4 KiB chunks, then times:
+terminal-like output stored as the DATABASE storage stores it (in chunks that grow to 16 KiB,
+``CHUNK_MIN_BYTES``: one chunk a session at the default 16 KiB; ``--chunk`` for others), with
+the chunks' search text as the storage derives it (escape sequences removed), then times:
 
 - ``create``: ``backup create`` (portable form, native copy and, on PostgreSQL, the stored
   search documents, into a temporary directory);
@@ -24,7 +26,7 @@ swapping it in`` after the rows' ``load``) or, where the table cannot be swapped
 restore's transaction (``search index``), after which ``waiting for the safety backup`` is
 what the restore still waited for it.
 
-Run: .venv/bin/python bench/backup.py [--sizes 1000,10000] [--scrollback 16]
+Run: .venv/bin/python bench/backup.py [--sizes 1000,10000] [--scrollback 16] [--chunk 16]
      DATABASE_URL=postgres://postgres@127.0.0.1:5432/termsys_dev .venv/bin/python bench/backup.py
 """
 
@@ -38,7 +40,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-CHUNK_BYTES = 4096
 BATCH = 2000
 
 
@@ -58,11 +59,12 @@ def terminal_output(n: int, size: int) -> bytes:
     return b"".join(lines)[:size]
 
 
-def fill(sessions: int, scrollback: int) -> None:
+def fill(sessions: int, scrollback: int, chunk: int) -> None:
     from django.contrib.auth import get_user_model
     from django.db import transaction
 
     from sessions_app.models import OutputChunk, Project, SessionEvent, TerminalSession
+    from sessions_app.storage.base import plain_text
 
     user = get_user_model().objects.create(username="bench")
     project = Project.objects.create(owner=user, name="bench", path="/tmp")
@@ -87,11 +89,11 @@ def fill(sessions: int, scrollback: int) -> None:
                     SessionEvent(session=s, kind="exited", data={"code": 0}),
                 ]
                 output = terminal_output(int(s.tab_name.split()[1]), scrollback)
-                for seq, offset in enumerate(range(0, len(output), CHUNK_BYTES)):
-                    data = output[offset : offset + CHUNK_BYTES]
+                for seq, offset in enumerate(range(0, len(output), chunk)):
+                    data = output[offset : offset + chunk]
                     chunks.append(
                         OutputChunk(
-                            session=s, seq=seq, offset=offset, data=data, text=data.decode()
+                            session=s, seq=seq, offset=offset, data=data, text=plain_text(data)
                         )
                     )
             SessionEvent.objects.bulk_create(events)
@@ -138,12 +140,12 @@ class Phases:
         return ", ".join(f"{name} {seconds:.2f}" for name, seconds in self.spans)
 
 
-def run(sessions: int, scrollback: int, work: Path) -> None:
+def run(sessions: int, scrollback: int, chunk: int, work: Path) -> None:
     from sessions_app.backup import services
 
     empty()
     started = time.perf_counter()
-    fill(sessions, scrollback * 1024)
+    fill(sessions, scrollback * 1024, chunk)
     filled = time.perf_counter() - started
 
     out = work / f"out-{sessions}"
@@ -189,6 +191,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1000,10000", help="session counts, comma-separated")
     parser.add_argument("--scrollback", type=int, default=16, help="KiB of output per session")
+    parser.add_argument(
+        "--chunk",
+        type=int,
+        default=None,
+        help="KiB per output chunk (default: the DATABASE storage's, 16; before 2026-12-07: 4)",
+    )
     args = parser.parse_args()
     sizes = [int(n) for n in args.sizes.split(",")]
 
@@ -208,11 +216,18 @@ def main() -> None:
     from django.db import connection
     from django.test.utils import setup_databases, teardown_databases
 
+    from sessions_app.storage.database import CHUNK_MIN_BYTES
+
+    chunk = args.chunk * 1024 if args.chunk else CHUNK_MIN_BYTES
+
     old = setup_databases(verbosity=0, interactive=False)
     try:
-        print(f"database: {connection.vendor} ({connection.settings_dict['NAME']}); work {work}")
+        print(
+            f"database: {connection.vendor} ({connection.settings_dict['NAME']}); output chunks "
+            f"of {chunk // 1024} KiB; work {work}"
+        )
         for sessions in sizes:
-            run(sessions, args.scrollback, work)
+            run(sessions, args.scrollback, chunk, work)
     finally:
         connection.close()
         teardown_databases(old, verbosity=0)
