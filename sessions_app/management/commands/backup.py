@@ -1,7 +1,8 @@
 """Create, list, verify, restore and prune backups of termsys's database.
 
 An archive is one tar file (mode 0600): a manifest, the data as JSON lines per model (what
-``restore`` loads, into SQLite or PostgreSQL alike) and the engine's own copy for operators; a
+``restore`` loads, into SQLite or PostgreSQL alike), on PostgreSQL also as binary copies (what
+a restore into the same database loads, faster), and the engine's own copy for operators; a
 restore's safety backup holds the data in the fastest form that loads back where it was made
 (SQLite's database file, PostgreSQL's binary copies).
 ``restore`` verifies every checksum, refuses archives from newer code, takes a safety backup
