@@ -50,6 +50,12 @@ LOCK = 0x7465726D_73797321  # pg_advisory_lock key of restores that swap ("terms
 # A key that may be added on a unique index built beforehand (``ADD CONSTRAINT … USING INDEX``).
 PLAIN_KEY = re.compile(r"(PRIMARY KEY|UNIQUE) \([^()]*\)")
 INDEX_BUILDERS = 2  # connections building the indexes, each one index at a time
+# The commits of the new table's load and builds return without waiting for their write-ahead
+# log to reach the disk (the documents' COPY writes a few hundred MB of it): the table matters
+# only once the restore's own commit, which waits, has made it the documents table, and the log
+# is flushed in order, so that commit's flush carries theirs. After a crash before it the next
+# restore drops the table.
+UNFLUSHED = "SET LOCAL synchronous_commit = off"
 # What a table may have that the swap re-creates (pg_depend's classid of each dependent).
 KEPT = ("pg_class", "pg_type", "pg_constraint", "pg_trigger", "pg_attrdef")
 
@@ -213,12 +219,14 @@ def _build(found: Shape, names: list[str], blocks: Iterator[bytes], backends: li
     quote = connection.ops.quote_name
     side = quote(SIDE)
     started = time.perf_counter()
-    with transaction.atomic():
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute(UNFLUSHED)
         derived.pg_setting("default_toast_compression", "lz4")  # as the restore's own load
         pgcopy.copy_in(SIDE, names, blocks)
     copied = time.perf_counter()
     _build_indexes(found, backends)
     with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute(UNFLUSHED)
         cursor.execute(f"SET LOCAL maintenance_work_mem = '{derived.INDEX_BUILD_MEMORY}'")
         for n, key in enumerate(found.constraints):
             temporary = quote(found.temporary("k", n))
@@ -282,6 +290,7 @@ def _build_indexes(found: Shape, backends: list[int]) -> None:
                 return
             try:
                 with transaction.atomic(), connection.cursor() as cursor:
+                    cursor.execute(UNFLUSHED)
                     cursor.execute(
                         f"SET LOCAL maintenance_work_mem = '{derived.INDEX_BUILD_MEMORY}'"
                     )
