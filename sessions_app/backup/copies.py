@@ -1,4 +1,5 @@
-"""An archive's rows as PostgreSQL binary COPY streams: the safety backup's form there.
+"""An archive's rows as PostgreSQL binary COPY streams: the safety backup's form there, and in
+every archive made there beside the portable form (``start``: from the same snapshot).
 
 A restore on PostgreSQL first backs up the data it replaces (``services``). In the portable
 form that is every row encoded to JSON by Python, about as long as the restore's own load and
@@ -12,7 +13,9 @@ archive's copies load only where they mean the same rows: PostgreSQL of the same
 the same migrations, each table with the same columns of the same types, and the same content
 type and permission ids (rows refer to them by id, where the portable form uses natural keys).
 A safety backup restored into the database it was taken from meets all of these; anywhere else
-``unusable`` says which one it does not.
+``unusable`` says which one it does not. An ordinary archive restored where they do not fit
+loads its portable form instead: the server's ``COPY`` takes the copies as they are, where the
+portable form is decoded and formatted by Python, about a CPU-second at 10k sessions.
 """
 
 from __future__ import annotations
