@@ -563,7 +563,10 @@ def test_stored_documents_that_break_a_unique_key_roll_the_restore_back(backup_d
     changed, documents = snapshot(), all_search_documents()
     shape, oid = documents_table(), documents_table_oid()
     message = refused("restore", str(only_archive(backup_dir)), "--yes")
-    assert "(source, source_id, part)" in message and "is duplicated" in message
+    assert (
+        "(source, source_id, part)=(output, " in message and "is duplicated; the restore" in message
+    )
+    assert "searchdoc_unique_source" in message and "termsys_restore" not in message
     assert "rolled back and nothing changed" in message
     assert snapshot() == changed
     assert all_search_documents() == documents

@@ -283,7 +283,8 @@ def load(
                 portable.reset_sequences(current)
                 reporter.note(_after_rows(loaded_first, shape is not None, stored is not None))
     except DatabaseError as exc:  # a foreign key broken, found when checked after the load
-        raise LoadError(CHECK_FAILED.format(file=file, error=exc)) from exc
+        error = str(exc).strip().removesuffix(".")  # the server's DETAIL ends with one
+        raise LoadError(CHECK_FAILED.format(file=file, error=error)) from exc
     return done
 
 

@@ -88,6 +88,20 @@ class Shape:
     def temporary(self, kind: str, n: int) -> str:
         return f"{TEMPORARY}{kind}{n}"
 
+    def named(self, text: str) -> str:
+        """``text`` (an error) with the temporary names of the new table, its keys and its
+        indexes replaced by the names they were to take."""
+
+        def real(match: re.Match[str]) -> str:
+            kind, n = match.group(1), int(match.group(2))
+            if kind in "ku" and n < len(self.constraints):
+                return self.constraints[n].name
+            if kind == "i" and n < len(self.indexes):
+                return self.indexes[n][0]
+            return match.group(0)
+
+        return re.sub(rf"{TEMPORARY}([kiu])(\d+)\b", real, text).replace(SIDE, self.table)
+
 
 def shape(table: str) -> Shape | str:
     """Return what ``table`` has to be re-created after the swap, or why it cannot be swapped."""
@@ -216,15 +230,31 @@ def _create(found: Shape) -> None:
 def _build(found: Shape, names: list[str], blocks: Iterator[bytes], backends: list[int]) -> int:
     """Load ``blocks`` (binary COPY of ``names``) into ``SIDE`` and commit, then build its
     indexes (``_build_indexes``) and keys under temporary names; return how many rows it has."""
-    quote = connection.ops.quote_name
-    side = quote(SIDE)
     started = time.perf_counter()
     with transaction.atomic(), connection.cursor() as cursor:
         cursor.execute(UNFLUSHED)
         derived.pg_setting("default_toast_compression", "lz4")  # as the restore's own load
         pgcopy.copy_in(SIDE, names, blocks)
     copied = time.perf_counter()
-    _build_indexes(found, backends)
+    try:
+        _build_indexes(found, backends)
+        rows = _add_keys(found)
+    except DatabaseError as exc:  # "… is duplicated", named as the operator knows it
+        raise type(exc)(found.named(str(exc))) from exc
+    logger.info(
+        "search documents beside: %d copied in %.2f s, keys and indexes built in %.2f s",
+        rows,
+        copied - started,
+        time.perf_counter() - copied,
+    )
+    return rows
+
+
+def _add_keys(found: Shape) -> int:
+    """Add ``SIDE``'s keys (on their unique indexes where built) and commit; return how many
+    rows it has."""
+    quote = connection.ops.quote_name
+    side = quote(SIDE)
     with transaction.atomic(), connection.cursor() as cursor:
         cursor.execute(UNFLUSHED)
         cursor.execute(f"SET LOCAL maintenance_work_mem = '{derived.INDEX_BUILD_MEMORY}'")
@@ -240,14 +270,7 @@ def _build(found: Shape, names: list[str], blocks: Iterator[bytes], backends: li
                 f"ALTER TABLE {side} ADD CONSTRAINT {temporary} {kind} USING INDEX {index}"
             )
         cursor.execute(f"SELECT count(*) FROM {side}")
-        (rows,) = cursor.fetchone()
-    logger.info(
-        "search documents beside: %d copied in %.2f s, keys and indexes built in %.2f s",
-        rows,
-        copied - started,
-        time.perf_counter() - copied,
-    )
-    return rows
+        return cursor.fetchone()[0]
 
 
 def _index_builds(found: Shape) -> list[str]:
