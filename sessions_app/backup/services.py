@@ -401,6 +401,11 @@ def _fill(
                 )
 
 
+def _spooled(work: Path, member: str) -> Path:
+    """Where a member is written in ``work`` before it goes into the archive."""
+    return work / member.replace("/", "_")
+
+
 def _copies_beside(
     manifest: dict[str, Any],
     *,
@@ -414,7 +419,7 @@ def _copies_beside(
     the backup's snapshot; None where there are none, or nothing for them to be beside."""
     if not (copied and manifest["portable"] and snapshot):
         return None
-    at = [(model, work / copied[model].replace("/", "_")) for model in found]
+    at = [(model, _spooled(work, copied[model])) for model in found]
     return copies.start(at, snapshot, compress)
 
 
@@ -432,7 +437,7 @@ def _add_copies(
         return
     for model, entry, columns in zip(found, manifest["models"], beside.result(), strict=True):
         entry["copy"]["columns"] = columns
-        writer.add(copied[model], work / copied[model].replace("/", "_"))
+        writer.add(copied[model], _spooled(work, copied[model]))
 
 
 def _ended(future: Future[Any] | None, what: str, reporter: Reporter) -> None:
@@ -466,13 +471,13 @@ def _write_rows(
     if manifest["portable"]:
         reporter.stage("export", sum(entry["rows"] for entry in manifest["models"]))
         for model in found:
-            local = work / members[model].replace("/", "_")
+            local = _spooled(work, members[model])
             portable.write_member(model, local, reporter.advance)
             writer.add(members[model], local)
     if copied:
         reporter.note("binary copies")
         for model, entry in zip(found, manifest["models"], strict=True):
-            local = work / copied[model].replace("/", "_")
+            local = _spooled(work, copied[model])
             entry["copy"]["columns"] = copies.write(model, local, compress)
             writer.add(copied[model], local)
 
