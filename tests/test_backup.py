@@ -420,6 +420,8 @@ def documents_table() -> dict[str, list[tuple]]:
         "ORDER BY indexname",
         "triggers": "SELECT tgname, pg_get_triggerdef(oid), tgenabled FROM pg_trigger "
         "WHERE tgrelid = %(t)s::regclass AND NOT tgisinternal ORDER BY tgname",
+        "statistics": "SELECT pg_get_statisticsobjdef(oid) FROM pg_statistic_ext "
+        "WHERE stxrelid = %(t)s::regclass ORDER BY stxname",
         "sequence": "SELECT pg_get_serial_sequence(%(t)s, 'id')",
         "grants": "SELECT grantee, privilege_type FROM information_schema.role_table_grants "
         "WHERE table_name = %(t)s ORDER BY 1, 2",
@@ -458,6 +460,7 @@ def test_a_restore_swaps_in_the_search_documents_with_every_name_and_grant(backu
         cursor.execute(f"GRANT SELECT ON {table} TO PUBLIC")  # a reporting role, say
     shape, oid, documents = documents_table(), documents_table_oid(), all_search_documents()
     assert ("PUBLIC", "SELECT") in shape["grants"] and shape["sequence"] != [(None,)]
+    assert shape["statistics"]  # the GIN index halves' (migration 0009_search_vector_halves)
     backup("create")
     change_data(seeded["ana"])
 

@@ -13,6 +13,7 @@ from unittest import mock
 
 import pytest
 from django.core.management import call_command
+from django.db import connection, transaction
 from django.test import AsyncClient
 from django.utils import timezone
 
@@ -670,3 +671,35 @@ def test_phrases_find_the_same_hits_whichever_plan(corpus, monkeypatch, plan):
     assert every_page('gizmo.py OR "there py"') == near
     both = [tab for i in reversed(range(5)) for tab in (f"far{i}", f"near{i}")]
     assert every_page('"gizmo.py" OR "here py"') == both
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="PostgreSQL's GIN index")
+@pytest.mark.parametrize(
+    "text, rank", [("quokka", False), ("quokka", True), ("quokka.py", False)], ids=str
+)
+def test_postgresql_reads_both_halves_of_the_gin_index(corpus, monkeypatch, text, rank):
+    """PostgreSQL's GIN index of the documents is two, over the documents whose id hashes even
+    and odd (migration 0009_search_vector_halves, so that a restore builds them side by side).
+    A search the index is to answer finds matches in both, through both: a match the halves
+    cannot answer would read every document instead (seconds at 100k sessions)."""
+    use_plan(monkeypatch, "sort")  # newest first from the index, not the walk
+    user, api = corpus["user"], corpus["projects"]["api"]
+    tabs, halves = set(), set()
+    while halves != {0, 1}:  # the hash decides: sessions until each half has a match
+        assert len(tabs) < 40
+        make_session(user, api, tab_name=f"q{len(tabs)}", output=b"run /srv/quokka.py\n")
+        tabs.add(f"q{len(tabs)}")
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"SELECT DISTINCT hashint8(id) & 1 FROM {compiler.DOC} WHERE body LIKE %s",
+                ["%quokka%"],
+            )
+            halves = {half for (half,) in cursor.fetchall()}
+    assert found(user, text, order="rank" if rank else "newest", limit=50) == tabs
+    # Everyone's documents (no other index applies): the halves, if the match lets them answer.
+    for sql, params in compiler.select_sql(parse(text), user_id=None, rank=rank):
+        with transaction.atomic(), connection.cursor() as cursor:
+            cursor.execute("SET LOCAL enable_seqscan = off")
+            cursor.execute(f"EXPLAIN {sql}", params)
+            plan = "\n".join(line for (line,) in cursor.fetchall())
+        assert "searchdoc_vector_0" in plan and "searchdoc_vector_1" in plan, plan

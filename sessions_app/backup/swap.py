@@ -6,17 +6,20 @@ restore's transaction that work can only come before or after the rows' load. So
 documents table allows it (``shape``), the restore loads them on a connection of its own into a
 new table shaped like it (``SIDE``: the same columns, defaults, identity, checks and storage),
 commits it, and builds its indexes and keys under temporary names: no one else uses it. The
-indexes build from two connections at once (``_build_indexes``): the GIN index of the vectors,
-most of the work, on one; the btree indexes on the other, those of the primary and unique keys
-among them, which are then added on them. Meanwhile the restore's transaction waits for its
+indexes build from two connections at once (``_build_indexes``): first the two halves of the
+GIN index of the vectors (migration 0009_search_vector_halves), most of the work, one on each;
+then the btree indexes, those of the primary and unique keys among them, which are then added
+on them. Meanwhile the restore's transaction waits for its
 safety backup and loads the rows. At its end (``swap_in``) it drops the documents table, gives
 the new one, its indexes, constraints and identity sequence the old names, and adds the old
-table's foreign keys, triggers and grants from their definitions: the schema is as it was and
+table's foreign keys, triggers, statistics objects and grants from their definitions (the
+statistics they gather come with the next ANALYZE, autovacuum's): the schema is as it was and
 migrations find every name. That commits or rolls back with the restore; whatever fails, the
 old table is left as it was and the new one dropped (``locked``).
 
 The swap is used only where it loses nothing: this role owns the table; no view, rule, policy,
-publication, statistics object or other table's foreign key depends on it; no column default
+publication or other table's foreign key depends on it, nor a statistics object with a target
+of its own; no column default
 needs a sequence besides the identity; it is neither partitioned nor inherited, has no storage
 parameters or column grants, and is in the first schema of the search path; its indexes are
 defined in the form copied here. Otherwise ``shape`` says what stands in the way and the
@@ -57,7 +60,7 @@ INDEX_BUILDERS = 2  # connections building the indexes, each one index at a time
 # restore drops the table.
 UNFLUSHED = "SET LOCAL synchronous_commit = off"
 # What a table may have that the swap re-creates (pg_depend's classid of each dependent).
-KEPT = ("pg_class", "pg_type", "pg_constraint", "pg_trigger", "pg_attrdef")
+KEPT = ("pg_class", "pg_type", "pg_constraint", "pg_trigger", "pg_attrdef", "pg_statistic_ext")
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +85,7 @@ class Shape:
     indexes: list[tuple[str, bool, str]] = field(default_factory=list)  # name, unique, USING …
     foreign_keys: list[tuple[str, str]] = field(default_factory=list)  # (name, definition)
     triggers: list[str] = field(default_factory=list)  # CREATE TRIGGER statements
+    statistics: list[str] = field(default_factory=list)  # CREATE STATISTICS statements
     sequences: list[tuple[str, str]] = field(default_factory=list)  # identity (column, name)
     grants: list[str] = field(default_factory=list)  # GRANT statements
 
@@ -193,6 +197,15 @@ def shape(table: str) -> Shape | str:
         )
         found.triggers = [definition for (definition,) in cursor.fetchall()]
         cursor.execute(
+            "SELECT pg_get_statisticsobjdef(oid), stxstattarget FROM pg_statistic_ext "
+            "WHERE stxrelid = %s::oid ORDER BY stxname",
+            [oid],
+        )
+        for definition, target in cursor.fetchall():
+            if target != -1:
+                return "a statistics object of it has a statistics target"
+            found.statistics.append(definition)
+        cursor.execute(
             "SELECT attname, pg_get_serial_sequence(%s, attname) FROM pg_attribute "
             "WHERE attrelid = %s::oid AND attidentity <> '' ORDER BY attnum",
             [quote(table), oid],
@@ -275,7 +288,7 @@ def _add_keys(found: Shape) -> int:
 
 def _index_builds(found: Shape) -> list[str]:
     """The ``CREATE INDEX`` statements of ``SIDE``'s indexes, those of its keys among them,
-    the costliest first: any but btree (the vectors' GIN) before the btrees."""
+    the costliest first: any but btree (the vectors' GIN halves) before the btrees."""
     quote = connection.ops.quote_name
     side = quote(SIDE)
     builds = [
@@ -298,7 +311,8 @@ def _index_builds(found: Shape) -> list[str]:
 def _build_indexes(found: Shape, backends: list[int]) -> None:
     """Build ``SIDE``'s indexes from this connection and others (``INDEX_BUILDERS`` in all),
     each index in a transaction of its own: ``CREATE INDEX`` lets others build beside it, and
-    the server builds a GIN index in one process (before PostgreSQL 18), the others meanwhile.
+    the server builds a GIN index in one process (before PostgreSQL 18): the GIN index's two
+    halves build side by side, then the others.
     After an error no build starts; it is raised once those under way have ended."""
     todo: queue.SimpleQueue[str] = queue.SimpleQueue()
     for statement in _index_builds(found):
@@ -375,7 +389,7 @@ def swap_in(found: Shape, model: Any) -> None:
             cursor.execute(f"ALTER INDEX {quote(found.temporary('i', n))} RENAME TO {quote(name)}")
         for name, definition in found.foreign_keys:
             cursor.execute(f"ALTER TABLE {table} ADD CONSTRAINT {quote(name)} {definition}")
-        for statement in found.triggers + found.grants:
+        for statement in found.triggers + found.statistics + found.grants:
             cursor.execute(statement)
         # The documents came with their ids: the next one takes an id past them.
         for statement in connection.ops.sequence_reset_sql(no_style(), [model]):

@@ -29,6 +29,11 @@ _PG_SPLIT = str.maketrans(PG_SPLIT_FROM, " " * len(PG_SPLIT_FROM))
 PG_FEW_MATCHES = 2000
 PG_WALK_DOCS = 10_000
 PG_SORT_MAX = 20_000
+# The documents' GIN index is two (migration 0009_search_vector_halves), over the documents whose
+# id hashes even and odd, built side by side by a restore. A match the index is to answer names
+# both, each by its condition as the migration wrote it.
+VECTOR_HALVES = 2  # by the hash's lowest bit, as PG_VECTOR_HALF reads it
+PG_VECTOR_HALF = "(hashint8(d.id) & 1) = {n}"
 # SQLite: the covering index a match is joined through (migration 0006_search_speed)
 SQLITE_JOIN_INDEX = "searchdoc_id_session"
 
@@ -105,6 +110,16 @@ def _pg_filters(query: Query, user_id: int | None, params: list[Any]) -> list[st
     return where
 
 
+def _pg_indexed(tsquery: str, params: list[Any]) -> tuple[str, list[Any]]:
+    """Return ``d.vector @@ tsquery`` as the GIN index's halves answer it, with its values:
+    a bitmap OR of the two, each arm implying its half's condition (where a plain match would
+    leave the planner no index to use)."""
+    arms = [
+        f"({PG_VECTOR_HALF.format(n=n)} AND d.vector @@ {tsquery})" for n in range(VECTOR_HALVES)
+    ]
+    return "(" + " OR ".join(arms) + ")", params * VECTOR_HALVES
+
+
 def _pg_estimate(match: str, params: list[Any]) -> float:
     """Return the planner's estimate of the documents ``match`` finds (filters left out)."""
     with connection.cursor() as db:
@@ -129,8 +144,8 @@ def _pg_select(query: Query, user_id: int | None, rank: bool, before: int | None
     if rank:
         # float8: a float4 read back as decimal text would not equal itself in the cursor
         score = f"ts_rank(d.vector, {exact})::float8"
-        sql = f"SELECT d.id AS id, {score} AS score FROM {DOC} d WHERE {match.where}"
-        return [(sql, [*exact_params, *match.params])]
+        sql = f"SELECT d.id AS id, {score} AS score FROM {DOC} d WHERE {match.indexed}"
+        return [(sql, [*exact_params, *match.indexed_params])]
     if _has_phrase(query.text):
         params: list[Any] = []
         relaxed = _pg_tsquery(query.text, params, relaxed=True)
@@ -174,6 +189,16 @@ class _Match:
         return [*self.exact_params, *self.filter_params]
 
     @property
+    def indexed(self) -> str:
+        """``where`` as the GIN index answers it (``_pg_indexed``), for its values
+        ``indexed_params``."""
+        return " AND ".join([_pg_indexed(self.exact, [])[0], *self.filters])
+
+    @property
+    def indexed_params(self) -> list[Any]:
+        return [*_pg_indexed(self.exact, self.exact_params)[1], *self.filter_params]
+
+    @property
     def relaxed(self) -> str:
         return self.relaxed_query or self.exact
 
@@ -204,16 +229,17 @@ def _pg_sorted(match: _Match, extra: str, extra_params: list[Any], before: int |
     candidate); the page's cursor goes inside too.
     """
     if match.relaxed_query is None:
-        sql = f"SELECT d.id + 0 AS id, 0.0 AS score FROM {DOC} d WHERE {match.where}{extra}"
-        return sql, [*match.params, *extra_params]
+        sql = f"SELECT d.id + 0 AS id, 0.0 AS score FROM {DOC} d WHERE {match.indexed}{extra}"
+        return sql, [*match.indexed_params, *extra_params]
     cursor, cursor_params = (" AND d.id < %s", [before]) if before is not None else ("", [])
-    candidates = " AND ".join([f"d.vector @@ {match.relaxed}", *match.filters]) + extra + cursor
+    relaxed, relaxed_params = _pg_indexed(match.relaxed, match.relaxed_params)
+    candidates = " AND ".join([relaxed, *match.filters]) + extra + cursor
     sql = (
         f"SELECT c.id AS id, 0.0 AS score FROM ("
         f"SELECT d.id + 0 AS id FROM {DOC} d WHERE {candidates} ORDER BY 1 DESC OFFSET 0"
         f") c WHERE (SELECT x.vector FROM {DOC} x WHERE x.id = c.id) @@ {match.exact}"
     )
-    params = [*match.relaxed_params, *match.filter_params, *extra_params, *cursor_params]
+    params = [*relaxed_params, *match.filter_params, *extra_params, *cursor_params]
     return sql, [*params, *match.exact_params]
 
 
