@@ -144,8 +144,9 @@ def _pg_select(query: Query, user_id: int | None, rank: bool, before: int | None
     if rank:
         # float8: a float4 read back as decimal text would not equal itself in the cursor
         score = f"ts_rank(d.vector, {exact})::float8"
-        sql = f"SELECT d.id AS id, {score} AS score FROM {DOC} d WHERE {match.indexed}"
-        return [(sql, [*exact_params, *match.indexed_params])]
+        where, where_params = match.indexed()
+        sql = f"SELECT d.id AS id, {score} AS score FROM {DOC} d WHERE {where}"
+        return [(sql, [*exact_params, *where_params])]
     if _has_phrase(query.text):
         params: list[Any] = []
         relaxed = _pg_tsquery(query.text, params, relaxed=True)
@@ -188,15 +189,10 @@ class _Match:
     def params(self) -> list[Any]:
         return [*self.exact_params, *self.filter_params]
 
-    @property
-    def indexed(self) -> str:
-        """``where`` as the GIN index answers it (``_pg_indexed``), for its values
-        ``indexed_params``."""
-        return " AND ".join([_pg_indexed(self.exact, [])[0], *self.filters])
-
-    @property
-    def indexed_params(self) -> list[Any]:
-        return [*_pg_indexed(self.exact, self.exact_params)[1], *self.filter_params]
+    def indexed(self) -> Part:
+        """``where`` as the GIN index answers it (``_pg_indexed``), with its values."""
+        match, params = _pg_indexed(self.exact, self.exact_params)
+        return " AND ".join([match, *self.filters]), [*params, *self.filter_params]
 
     @property
     def relaxed(self) -> str:
@@ -229,8 +225,9 @@ def _pg_sorted(match: _Match, extra: str, extra_params: list[Any], before: int |
     candidate); the page's cursor goes inside too.
     """
     if match.relaxed_query is None:
-        sql = f"SELECT d.id + 0 AS id, 0.0 AS score FROM {DOC} d WHERE {match.indexed}{extra}"
-        return sql, [*match.indexed_params, *extra_params]
+        where, where_params = match.indexed()
+        sql = f"SELECT d.id + 0 AS id, 0.0 AS score FROM {DOC} d WHERE {where}{extra}"
+        return sql, [*where_params, *extra_params]
     cursor, cursor_params = (" AND d.id < %s", [before]) if before is not None else ("", [])
     relaxed, relaxed_params = _pg_indexed(match.relaxed, match.relaxed_params)
     candidates = " AND ".join([relaxed, *match.filters]) + extra + cursor
